@@ -1,0 +1,111 @@
+"""The ``fedpeft`` command: ``run`` a scenario, ``list`` what is available."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+from fedpeft.config import ScenarioError, load_scenario
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    scenario = load_scenario(args.scenario, args.set)
+    from server.run import default_out_dir
+    from server.simulation import set_process_env
+
+    set_process_env()
+    out_dir = Path(args.out) if args.out else default_out_dir(scenario)
+    _preflight(scenario)
+    from server.simulation import simulate
+
+    try:
+        simulate(scenario, out_dir, verbose=args.verbose)
+    except ScenarioError:
+        raise
+    except Exception as err:  # noqa: BLE001 - report, keep the traceback in the run folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
+        cause = err.__cause__ or err
+        print(
+            f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {out_dir}/error.log)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
+    """Fail on a bad scenario before any Ray process starts (and warm this process's caches)."""
+    from fedpeft.data import load_task_data
+    from fedpeft.methods import get_method
+    from fedpeft.models import cached_peft_model, load_tokenizer
+    from strategies import build_strategy
+
+    get_method(scenario.peft.method)
+    build_strategy(scenario)
+    data = load_task_data(scenario.data)
+    load_tokenizer(scenario.model.name)
+    cached_peft_model(scenario.model, scenario.peft, data.num_labels, scenario.seed)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import scenarios
+    from fedpeft.data import BUNDLED
+    from fedpeft.methods import METHODS
+    from fedpeft.models import ALIASES
+    from strategies import STRATEGIES
+
+    print("PEFT methods:")
+    for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name)):
+        print(f"  {m.name:<16} [{m.family}] {m.description}")
+    print("strategies:")
+    for s in sorted(STRATEGIES.values(), key=lambda s: s.name):
+        print(f"  {s.name:<16} {s.description}")
+    print("scenarios:")
+    for name, path in scenarios.bundled().items():
+        print(f"  {name:<16} {scenarios.describe(path)}")
+    print("data sets:")
+    for name, text in BUNDLED.items():
+        print(f"  {name:<20} {text}")
+    print("model aliases:")
+    for name, (_, _, text) in ALIASES.items():
+        print(f"  {name:<16} {text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedpeft`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="fedpeft", description="Federated parameter-efficient fine-tuning on Flower."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a scenario in Flower's Simulation Engine")
+    run.add_argument("scenario", nargs="?", default="quickstart",
+                     help="scenario TOML path or bundled name (default: quickstart)")  # fmt: skip
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key; VALUE is a TOML value (repeatable)")  # fmt: skip
+    run.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.set_defaults(func=_cmd_run)
+    lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
+    lst.set_defaults(func=_cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fedpeft`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ScenarioError as err:
+        print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedpeft: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

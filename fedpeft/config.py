@@ -1,0 +1,382 @@
+"""Scenario dataclasses, TOML loading, ``--set`` overrides and validation.
+
+A scenario is a flat recipe (see ``scenarios/*.toml``). Every key has a default and a
+one-line help text; an unknown key, a value of the wrong type or out of range raises
+:class:`ScenarioError` with one sentence that names the key and what is accepted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+
+class ScenarioError(ValueError):
+    """A user mistake in a scenario: the message is one line meant for the user."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """Declare a dataclass field with a default and a one-line help text."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _need(ok: bool, key: str, accepted: str, value: Any) -> None:
+    if not ok:
+        raise ScenarioError(f"invalid value {value!r} for '{key}': expected {accepted}")
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to fine-tune, and for which task."""
+
+    name: str = _f("minilm", "bundled alias (minilm, tiny-bert, tiny-llama), hub id or local path")
+    task: Literal["seq-cls"] = _f("seq-cls", "task head: seq-cls (more tasks come later)")
+    device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def __post_init__(self) -> None:
+        _need(bool(self.name), "model.name", "a model alias, hub id or path", self.name)
+        _need(
+            self.device == "auto" or self.device.split(":")[0] in {"cpu", "cuda", "mps"},
+            "model.device",
+            "auto, cpu, cuda, cuda:N or mps",
+            self.device,
+        )
+
+
+@dataclass
+class PeftSection:
+    """Which parameter-efficient method to train, and its hyper-parameters."""
+
+    method: str = _f("lora", "PEFT method name (see `fedpeft list`)")
+    r: int = _f(8, "LoRA rank")
+    alpha: float = _f(16.0, "LoRA scaling numerator (scaling = alpha / r)")
+    dropout: float = _f(0.0, "dropout on the LoRA input")
+    target_modules: list[str] = _f([], "module names to adapt; empty = peft's default for the model")
+
+    def __post_init__(self) -> None:
+        _need(self.r >= 1, "peft.r", "an integer >= 1", self.r)
+        _need(self.alpha > 0, "peft.alpha", "a number > 0", self.alpha)
+        _need(0.0 <= self.dropout < 1.0, "peft.dropout", "a number in [0, 1)", self.dropout)
+
+
+@dataclass
+class DataConfig:
+    """Which data set, and how it is split over the clients."""
+
+    name: str = _f("wordnet-supersense", "bundled data set, hub id, or local csv/jsonl/parquet file")
+    text_column: str = _f("text", "text column of a local or hub data set")
+    label_column: str = _f("label", "label column of a local or hub data set")
+    test_fraction: float = _f(0.1, "held-out share for sets without a test split (fixed seed)")
+    eval_examples: int = _f(0, "evaluate on the first N held-out examples; 0 = all of them")
+    max_length: int = _f(64, "tokens kept per example")
+    partitioner: Literal["iid", "dirichlet", "pathological"] = _f(
+        "iid", "how the training split is divided among clients"
+    )
+    alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)")
+    classes_per_client: int = _f(2, "classes per client for the pathological partitioner")
+    num_clients: int = _f(10, "number of clients (virtual SuperNodes in simulation)")
+
+    def __post_init__(self) -> None:
+        _need(bool(self.name), "data.name", "a data set name or path", self.name)
+        _need(self.num_clients >= 1, "data.num_clients", "an integer >= 1", self.num_clients)
+        _need(self.alpha > 0, "data.alpha", "a number > 0", self.alpha)
+        _need(
+            self.classes_per_client >= 1,
+            "data.classes_per_client",
+            "an integer >= 1",
+            self.classes_per_client,
+        )
+        _need(
+            0 < self.test_fraction < 1, "data.test_fraction", "a number in (0, 1)", self.test_fraction
+        )
+        _need(self.eval_examples >= 0, "data.eval_examples", "an integer >= 0", self.eval_examples)
+        _need(self.max_length >= 4, "data.max_length", "an integer >= 4", self.max_length)
+
+
+@dataclass
+class FederationConfig:
+    """How many rounds, and how many clients take part in each."""
+
+    rounds: int = _f(5, "federated rounds")
+    clients_per_round: int = _f(5, "clients sampled for training each round")
+    round_timeout: float = _f(3600.0, "seconds to wait for client replies in a round")
+
+    def __post_init__(self) -> None:
+        _need(self.rounds >= 1, "federation.rounds", "an integer >= 1", self.rounds)
+        _need(
+            self.clients_per_round >= 1,
+            "federation.clients_per_round",
+            "an integer >= 1",
+            self.clients_per_round,
+        )
+        _need(self.round_timeout > 0, "federation.round_timeout", "seconds > 0", self.round_timeout)
+
+
+@dataclass
+class StrategySection:
+    """Server-side aggregation strategy and its knobs."""
+
+    name: str = _f("fedavg", "aggregation strategy (see `fedpeft list`)")
+    proximal_mu: float = _f(0.01, "FedProx proximal weight mu")
+    server_lr: float = _f(1e-2, "server learning rate eta (FedAdam, FedYogi, FedAdagrad)")
+    momentum_lr: float = _f(1.0, "server learning rate of FedAvgM (1.0 = plain averaged step)")
+    server_momentum: float = _f(0.9, "server momentum (FedAvgM)")
+    beta_1: float = _f(0.9, "first-moment decay (FedAdam, FedYogi)")
+    beta_2: float = _f(0.99, "second-moment decay (FedAdam, FedYogi)")
+    tau: float = _f(1e-3, "adaptivity epsilon (FedAdam, FedYogi, FedAdagrad)")
+
+    def __post_init__(self) -> None:
+        _need(self.proximal_mu >= 0, "strategy.proximal_mu", "a number >= 0", self.proximal_mu)
+        _need(self.server_lr > 0, "strategy.server_lr", "a number > 0", self.server_lr)
+        _need(self.momentum_lr > 0, "strategy.momentum_lr", "a number > 0", self.momentum_lr)
+        for key in ("server_momentum", "beta_1", "beta_2"):
+            value = getattr(self, key)
+            _need(0 <= value < 1, f"strategy.{key}", "a number in [0, 1)", value)
+        _need(self.tau > 0, "strategy.tau", "a number > 0", self.tau)
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client, and central evaluation on the server."""
+
+    local_steps: int = _f(10, "optimizer steps per client per round")
+    batch_size: int = _f(16, "training batch size")
+    lr: float = _f(2e-3, "AdamW learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(0.0, "clip gradients to this norm; 0 = no clipping")
+    eval_batch_size: int = _f(64, "batch size for evaluation")
+
+    def __post_init__(self) -> None:
+        _need(self.local_steps >= 1, "train.local_steps", "an integer >= 1", self.local_steps)
+        _need(self.batch_size >= 1, "train.batch_size", "an integer >= 1", self.batch_size)
+        _need(self.lr > 0, "train.lr", "a number > 0", self.lr)
+        _need(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
+        _need(self.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0", self.max_grad_norm)
+        _need(
+            self.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", self.eval_batch_size
+        )
+
+
+@dataclass
+class SimulationConfig:
+    """Resources of each virtual client in Flower's Simulation Engine (Ray)."""
+
+    cpus_per_client: int = _f(1, "CPU cores reserved per virtual client (integer, as in Flower)")
+    gpus_per_client: float = _f(0.0, "GPU share per virtual client; fractions share one card")
+
+    def __post_init__(self) -> None:
+        _need(
+            self.cpus_per_client >= 1,
+            "simulation.cpus_per_client",
+            "an integer >= 1",
+            self.cpus_per_client,
+        )
+        _need(
+            self.gpus_per_client >= 0,
+            "simulation.gpus_per_client",
+            "a number >= 0",
+            self.gpus_per_client,
+        )
+
+
+@dataclass
+class Scenario:
+    """One federated fine-tuning experiment, fully resolved."""
+
+    name: str = _f("scenario", "short name, used in the output folder")
+    seed: int = _f(0, "seed for data split, initial adapter, sampling and local training")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftSection = field(default_factory=PeftSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategySection = field(default_factory=StrategySection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+    def __post_init__(self) -> None:
+        _need(
+            self.federation.clients_per_round <= self.data.num_clients,
+            "federation.clients_per_round",
+            f"at most data.num_clients ({self.data.num_clients})",
+            self.federation.clients_per_round,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the scenario as plain nested dicts (TOML/JSON friendly)."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """Return the scenario as one JSON string (travels in Flower run-config and messages)."""
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Scenario:
+        """Build and validate a scenario from nested dicts; raise ScenarioError on mistakes."""
+        return typing.cast(Scenario, _build(cls, raw, prefix=""))
+
+    @classmethod
+    def from_json(cls, text: str) -> Scenario:
+        """Inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    origin = get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (ints widen to floats)."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+    elif origin in (typing.Union, types.UnionType):
+        for option in get_args(tp):
+            try:
+                return _coerce(key, value, option)
+            except ScenarioError:
+                continue
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", v, get_args(tp)[0]) for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return value
+    raise ScenarioError(f"invalid value {value!r} for '{key}': expected {_type_name(tp)}")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    section = prefix.rstrip(".") or "scenario"
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"'{section}' must be a table of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ScenarioError(
+            f"unknown key '{prefix}{unknown[0]}'; accepted keys in [{section}]: "
+            + ", ".join(sorted(fields))
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(typing.cast(type, tp), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{prefix}{name}", value, tp)
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``--set KEY=VALUE``; VALUE is a TOML value, else a plain string."""
+    if "=" not in item:
+        raise ScenarioError(f"--set expects KEY=VALUE (e.g. train.lr=1e-3), got {item!r}")
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ScenarioError(f"--set has an empty key in {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with every ``KEY=VALUE`` override applied."""
+    raw = json.loads(json.dumps(raw))
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ScenarioError(f"--set {'.'.join(path)}: '{part}' is not a table")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a scenario file; a missing or malformed file raises ScenarioError."""
+    if not path.is_file():
+        raise ScenarioError(f"scenario file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path} is not valid TOML: {err}") from None
+
+
+def resolve_scenario_path(name_or_path: str) -> Path:
+    """Map a scenario argument to a file: a path that exists, or a bundled scenario name."""
+    import scenarios  # bundled recipes live in the top-level `scenarios` package
+
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or "/" in name_or_path:
+        if not path.is_file():
+            raise ScenarioError(f"scenario file not found: {name_or_path}")
+        return path
+    bundled = scenarios.bundled()
+    if name_or_path in bundled:
+        return bundled[name_or_path]
+    raise ScenarioError(
+        f"unknown scenario {name_or_path!r}: not a .toml file and not a bundled scenario "
+        f"(bundled: {', '.join(sorted(bundled))})"
+    )
+
+
+def load_scenario(name_or_path: str, overrides: list[str] | None = None) -> Scenario:
+    """Load a scenario file or bundled name, apply ``--set`` overrides and validate."""
+    path = resolve_scenario_path(name_or_path)
+    raw = apply_overrides(read_toml(path), overrides or [])
+    raw.setdefault("name", path.stem)
+    return Scenario.from_dict(raw)
+
+
+def help_lines(cls: type = Scenario, prefix: str = "") -> list[str]:
+    """Return ``key = default  # help`` lines for every scenario key (used by docs)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.extend(help_lines(typing.cast(type, tp), f"{prefix}{f.name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return lines

@@ -1,0 +1,25 @@
+"""Keys of the Flower records exchanged between ServerApp and ClientApp, in one place."""
+
+ARRAYS = "arrays"  # ArrayRecord: the adapter tensors (Flower strategies' default key)
+CONFIG = "config"  # ConfigRecord sent with each instruction
+METRICS = "metrics"  # MetricRecord in each reply
+
+# ConfigRecord keys
+SERVER_ROUND = "server-round"  # set by Flower strategies
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+SCENARIO = "scenario-json"  # the resolved scenario; the server is its single source of truth
+
+# MetricRecord keys
+NUM_EXAMPLES = "num-examples"  # Flower strategies' weighting key
+TRAIN_LOSS = "train_loss"
+PARTITION_ID = "partition-id"
+TRAIN_SECONDS = "train_seconds"
+
+# Node-config keys (set by Flower's simulation engine, or by `flower-supernode --node-config`)
+NODE_PARTITION_ID = "partition-id"
+NODE_NUM_PARTITIONS = "num-partitions"
+
+# Run-config keys (pyproject's [tool.flwr.app.config])
+RUN_SCENARIO = "scenario"
+RUN_SCENARIO_JSON = "scenario-json"
+RUN_OUT_DIR = "out-dir"

@@ -1,0 +1,123 @@
+"""Run outputs: ``metrics.jsonl`` (one line per round), ``summary.json`` and ``plots/``."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+PLOTS_DIR = "plots"
+
+console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON to ``path`` through a temporary file, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """Read the per-round records of a run folder."""
+    path = out_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+class RoundLog:
+    """Appends one JSON object per round to ``metrics.jsonl`` and prints progress with an ETA."""
+
+    def __init__(self, out_dir: Path, total_rounds: int, metric: str = "eval_accuracy") -> None:
+        self.path = out_dir / METRICS_FILE
+        self.total_rounds = total_rounds
+        self.metric = metric
+        self.started = time.perf_counter()
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: dict[str, Any]) -> None:
+        """Record one finished round (flushed to disk at once) and print a progress line."""
+        self.rows.append(row)
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        done = row["round"]
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / done * (self.total_rounds - done)
+        console.print(
+            f"round {done}/{self.total_rounds}  {self.metric} {row.get(self.metric, float('nan')):.4f}"
+            f"  eval_loss {row.get('eval_loss', float('nan')):.4f}"
+            f"  train_loss {_fmt(row.get('train_loss'))}"
+            f"  clients {row['clients_sampled'] - row['clients_failed']}/{row['clients_sampled']}"
+            f"  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB"
+            f"  {row['round_seconds']:.1f}s  ETA {_clock(eta)}"
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def plot_run(out_dir: Path, rows: Sequence[dict[str, Any]], initial: dict[str, Any] | None) -> list[Path]:
+    """Write PNG plots of the run's metrics against rounds and against cumulative megabytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots = out_dir / PLOTS_DIR
+    plots.mkdir(exist_ok=True)
+    if not rows:
+        return []
+    rounds = [0] + [r["round"] for r in rows] if initial else [r["round"] for r in rows]
+    written = []
+
+    def series(key: str) -> list[float]:
+        head = [initial[key]] if initial and key in initial else []
+        return head + [r.get(key) for r in rows]
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    axes[0].plot(rounds, series("eval_accuracy"), marker="o")
+    axes[0].set(xlabel="round", ylabel="eval_accuracy", title="held-out accuracy")
+    axes[1].plot(rounds, series("eval_loss"), marker="o", label="eval_loss")
+    train_rounds = [r["round"] for r in rows if r.get("train_loss") is not None]
+    axes[1].plot(train_rounds, [r["train_loss"] for r in rows if r.get("train_loss") is not None],
+                 marker="s", label="train_loss")  # fmt: skip
+    axes[1].set(xlabel="round", ylabel="loss", title="loss")
+    axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(plots / "metrics_vs_round.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+
+    cumulative, total = [], 0
+    for r in rows:
+        total += r["bytes_up"] + r["bytes_down"]
+        cumulative.append(total / 1e6)
+    fig, ax = plt.subplots(figsize=(5, 4))
+    xs = ([0.0] + cumulative) if initial else cumulative
+    ax.plot(xs, series("eval_accuracy"), marker="o")
+    ax.set(xlabel="cumulative MB (up + down, all clients)", ylabel="eval_accuracy",
+           title="accuracy vs communication")  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(plots / "accuracy_vs_megabytes.png")
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
+    return written

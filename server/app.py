@@ -1,0 +1,30 @@
+"""Flower ServerApp: build the scenario's strategy and run its rounds (``flwr run .``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeft import records
+from fedpeft.config import Scenario, load_scenario
+from server.run import default_out_dir, run_federation
+
+app = ServerApp()
+
+
+def scenario_from_run_config(run_config: dict) -> Scenario:
+    """The resolved scenario JSON when given (``fedpeft run``), else the named scenario."""
+    if text := str(run_config.get(records.RUN_SCENARIO_JSON, "") or ""):
+        return Scenario.from_json(text)
+    return load_scenario(str(run_config.get(records.RUN_SCENARIO, "quickstart")))
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run-config's scenario."""
+    scenario = scenario_from_run_config(dict(context.run_config))
+    out = str(context.run_config.get(records.RUN_OUT_DIR, "") or "")
+    engine = str(context.run_config.get("engine", "simulation"))
+    run_federation(grid, scenario, Path(out) if out else default_out_dir(scenario), engine)

@@ -1,0 +1,96 @@
+"""A Grid wrapper that counts what really crosses the wire, per round."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from fedpeft import records
+from fedpeft.codecs import payload_nbytes
+
+
+@dataclass
+class RoundTraffic:
+    """Traffic and replies of one round's training exchange."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    clients_sampled: int = 0
+    clients_failed: int = 0
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (loss, weight)
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def train_loss(self) -> float | None:
+        """Example-weighted mean of the clients' local training losses."""
+        total = sum(w for _, w in self.losses)
+        return sum(loss * w for loss, w in self.losses) / total if total else None
+
+
+class CountingGrid(Grid):
+    """Delegates to a real Grid and records the serialized size of every message content.
+
+    Each instruction's content is counted once per destination node (every node receives
+    its own copy); each reply's content once. Evaluation traffic counts too.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.current = RoundTraffic()
+
+    def take(self) -> RoundTraffic:
+        """Return the traffic since the last call and start a new tally."""
+        current, self.current = self.current, RoundTraffic()
+        return current
+
+    # --- counted -----------------------------------------------------------------------
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send, wait for replies (or the timeout), and count both directions."""
+        messages = list(messages)
+        tally = self.current
+        for msg in messages:
+            tally.bytes_down += payload_nbytes(msg.content)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        is_train = bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
+        ok = 0
+        for reply in replies:
+            if reply.has_error():
+                tally.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                continue
+            ok += 1
+            tally.bytes_up += payload_nbytes(reply.content)
+            if is_train and records.METRICS in reply.content.metric_records:
+                m = reply.content.metric_records[records.METRICS]
+                if records.TRAIN_LOSS in m:
+                    tally.losses.append(
+                        (float(m[records.TRAIN_LOSS]), float(m.get(records.NUM_EXAMPLES, 1)))
+                    )
+        if is_train:
+            tally.clients_sampled += len(messages)
+            tally.clients_failed += len(messages) - ok
+        return replies
+
+    # --- delegated ---------------------------------------------------------------------
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self._grid.pull_messages(message_ids)

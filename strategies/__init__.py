@@ -1,0 +1,73 @@
+"""Registry of aggregation strategies, built by name from a scenario.
+
+Each strategy module registers a builder with :func:`register_strategy`; the server builds
+its strategy with :func:`build_strategy`. Generic strategies reuse Flower's own classes
+(``flwr.serverapp.strategy``); PEFT-aware ones subclass them and keep their maths in plain
+functions on tensors.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.config import Scenario, ScenarioError
+
+Builder = Callable[[Scenario, dict[str, Any]], Strategy]
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: name, one-line description and builder."""
+
+    name: str
+    description: str
+    build: Builder
+
+
+STRATEGIES: dict[str, StrategySpec] = {}
+
+
+def register_strategy(name: str, description: str, build: Builder) -> StrategySpec:
+    """Register a strategy builder; a duplicate or malformed name fails loudly."""
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"malformed strategy name {name!r}: use lower_snake_case")
+    if name in STRATEGIES:
+        raise ValueError(f"strategy {name!r} is registered twice")
+    STRATEGIES[name] = spec = StrategySpec(name, description, build)
+    return spec
+
+
+def get_strategy(name: str) -> StrategySpec:
+    """Look a strategy up by name; an unknown name raises a one-line ScenarioError."""
+    if name not in STRATEGIES:
+        raise ScenarioError(
+            f"unknown strategy.name {name!r}; accepted: {', '.join(sorted(STRATEGIES))}"
+        )
+    return STRATEGIES[name]
+
+
+def sampling_kwargs(scenario: Scenario) -> dict[str, Any]:
+    """Flower sampling arguments: exactly ``clients_per_round`` of ``num_clients`` train."""
+    n, k = scenario.data.num_clients, scenario.federation.clients_per_round
+    return {
+        "fraction_train": k / n,
+        "min_train_nodes": k,  # guards against float rounding in fraction * n
+        "fraction_evaluate": 0.0,  # evaluation is central, on the held-out split
+        "min_evaluate_nodes": 0,
+        "min_available_nodes": n,
+    }
+
+
+def build_strategy(scenario: Scenario) -> Strategy:
+    """Build the scenario's strategy by registry lookup."""
+    spec = get_strategy(scenario.strategy.name)
+    return spec.build(scenario, sampling_kwargs(scenario))
+
+
+# Strategy modules register themselves on import.
+from strategies import fedavg, fedopt  # noqa: E402,F401
