@@ -41,6 +41,20 @@ def default_out_dir(scenario: Scenario) -> Path:
     return Path("runs") / f"{scenario.name}-{stamp}"
 
 
+def eval_data_record(scenario: Scenario, examples: int) -> dict[str, Any]:
+    """Where the held-out examples come from, so a user can re-evaluate without fedpeft."""
+    from fedpeft.data import BUNDLED, bundled_path
+
+    path = str(bundled_path(scenario.data.name)) if scenario.data.name in BUNDLED else None
+    return {
+        "name": scenario.data.name,
+        "path": path,  # datasets.load_from_disk(path)[split]
+        "split": "test",
+        "examples": examples,  # the first N examples of that split
+        "max_length": scenario.data.max_length,
+    }
+
+
 def seed_everything(seed: int) -> None:
     """Seed the RNGs the server uses (Flower samples clients with ``random``)."""
     random.seed(seed)
@@ -147,7 +161,7 @@ def run_federation(
         "bytes_up_per_client_round": per_client_up,
         "saving_vs_full": full_model_bytes / per_client_up if per_client_up else None,
         "clients": partition_summary(scenario.data, scenario.seed),
-        "eval_examples": len(test),
+        "eval_data": eval_data_record(scenario, len(test)),
         "label_names": data.label_names,
     }
     write_json_atomic(out_dir / SUMMARY_FILE, summary)

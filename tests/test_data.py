@@ -1,0 +1,72 @@
+from collections import Counter
+
+import pytest
+
+from fedpeft.config import DataConfig, ScenarioError
+from fedpeft.data import client_partition, load_task_data, partition_summary
+from fedpeft.data import wordnet
+
+
+def test_wordnet_supersense_is_built_from_the_real_files():
+    texts, labels = wordnet.read_noun_glosses()
+    assert len(texts) == 82115
+    assert set(labels) == set(range(26))
+    data = load_task_data(DataConfig())
+    assert data.num_labels == 26 and data.label_names[2] == "noun.animal"
+    assert len(data.train) + len(data.test) == 82115
+    # The "animal" gloss of "dog" is in there with its supersense.
+    idx = texts.index(next(t for t in texts if t.startswith("a member of the genus Canis")))
+    assert data.label_names[labels[idx]] == "noun.animal"
+
+
+def test_missing_wordnet_is_one_line_with_install_hint(tmp_path):
+    with pytest.raises(ScenarioError, match="apt-get install wordnet-base"):
+        wordnet.read_noun_glosses(tmp_path)
+
+
+def test_held_out_split_is_fixed():
+    a = load_task_data(DataConfig()).test
+    from fedpeft import data as data_module
+
+    data_module._CACHE.clear()
+    b = load_task_data(DataConfig()).test
+    assert a["text"] == b["text"] and a["label"] == b["label"]
+
+
+@pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
+def test_partitions_are_a_pure_function_of_the_seed(partitioner):
+    from fedpeft import data as data_module
+
+    cfg = DataConfig(partitioner=partitioner, num_clients=5, classes_per_client=3)
+    first = [client_partition(cfg, 7, i)["text"] for i in range(5)]
+    data_module._CACHE.clear()
+    again = [client_partition(cfg, 7, i)["text"] for i in range(5)]
+    other = [client_partition(cfg, 8, i)["text"] for i in range(5)]
+    assert first == again
+    assert first != other
+    if partitioner != "pathological":  # these two hand out every training example once
+        flat = Counter(t for part in first for t in part)
+        assert flat == Counter(load_task_data(cfg).train["text"])
+
+
+def test_iid_covers_the_train_split_and_pathological_limits_classes():
+    iid = DataConfig(partitioner="iid", num_clients=4)
+    sizes = [row["size"] for row in partition_summary(iid, 0)]
+    assert sum(sizes) == len(load_task_data(iid).train)
+    assert max(sizes) - min(sizes) <= 1
+    patho = DataConfig(partitioner="pathological", num_clients=6, classes_per_client=2)
+    for pid in range(6):
+        assert len(Counter(client_partition(patho, 0, pid)["label"])) <= 2
+
+
+def test_local_csv_file(tmp_path):
+    path = tmp_path / "reviews.csv"
+    rows = ["body,stars"] + [f"review number {i},{'good' if i % 2 else 'bad'}" for i in range(50)]
+    path.write_text("\n".join(rows) + "\n")
+    cfg = DataConfig(name=str(path), text_column="body", label_column="stars", num_clients=2)
+    data = load_task_data(cfg)
+    assert data.label_names == ["bad", "good"]
+    assert len(data.train) + len(data.test) == 50
+    assert set(data.train.column_names) == {"text", "label"}
+    with pytest.raises(ScenarioError, match="data.text_column='review'"):
+        load_task_data(DataConfig(name=str(path), text_column="review", label_column="stars"))

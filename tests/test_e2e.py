@@ -1,0 +1,114 @@
+"""End to end through the real entry point: `fedpeft run` in a subprocess, then its outputs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONTRACT_ROW_KEYS = {
+    "round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "clients_sampled",
+    "clients_failed", "bytes_up", "bytes_down", "round_seconds",
+}  # fmt: skip
+SUMMARY_KEYS = {
+    "scenario", "final", "bytes_up_total", "bytes_down_total", "wall_seconds",
+    "trainable_params", "total_params", "full_model_bytes", "engine", "clients",
+}  # fmt: skip
+
+
+def _ray_like_pids() -> set[int]:
+    pids = set()
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if any(s in cmd for s in ("ray::", "raylet", "gcs_server", "ray/_private", "superlink")):
+            pids.add(p.info["pid"])
+    return pids
+
+
+def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the console script in a fresh process; stop only the processes it left behind."""
+    before = _ray_like_pids()
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    leftovers = _ray_like_pids() - before
+    for pid in leftovers:  # started by this run, so ours to stop; the test still fails
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not leftovers, f"processes left behind by the run: {sorted(leftovers)}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def minilm_run(tmp_path_factory):
+    """`smoke` on the real pretrained MiniLM, run from an unrelated folder."""
+    cwd = tmp_path_factory.mktemp("elsewhere")
+    out = cwd / "out"
+    proc = run_fedpeft("run", "smoke", "--set", "model.name=minilm", "--out", str(out), cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc
+
+
+def test_run_writes_the_contract_files(minilm_run):
+    out, proc = minilm_run
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert CONTRACT_ROW_KEYS <= set(row)
+        assert row["clients_sampled"] == 2 and row["clients_failed"] == 0
+        assert 0.0 <= row["eval_accuracy"] <= 1.0
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["engine"] == "simulation"
+    assert summary["bytes_up_total"] == sum(r["bytes_up"] for r in rows)
+    assert summary["final"]["eval_accuracy"] == rows[-1]["eval_accuracy"]
+    assert sum(c["size"] for c in summary["clients"]) == 80115
+    # LoRA r=4 on query/value + the 26-way head: a few hundred times less than full FT
+    assert summary["full_model_bytes"] > 90e6
+    assert summary["full_model_bytes"] / summary["bytes_up_per_client_round"] > 200
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    for png in ("metrics_vs_round.png", "accuracy_vs_megabytes.png"):
+        assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "round 2/2" in proc.stderr and "ETA" in proc.stderr
+
+
+def test_adapter_loads_without_fedpeft_and_reproduces_the_accuracy(minilm_run):
+    out, _ = minilm_run
+    script = REPO / "docs" / "verify_adapter.py"
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=out,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    ours = {m for m in imported if m.split(".")[0] in {"fedpeft", "clients", "server", "strategies"}}
+    assert not ours, f"the check imported {sorted(ours)}"
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["accuracy"] == result["reported"]
+
+
+@pytest.mark.parametrize("strategy", ["fedadam", "fedprox"])
+def test_smoke_runs_with_other_strategies(strategy, tmp_path):
+    proc = run_fedpeft(
+        "run", "smoke", "--set", f"strategy.name={strategy}", "--out", str(tmp_path / "o"), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["scenario"]["strategy"]["name"] == strategy
+    assert summary["rounds_completed"] == 2
