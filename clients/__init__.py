@@ -1,0 +1,1 @@
+"""fedpeft's Flower ClientApp (``clients.app:app``)."""

@@ -24,13 +24,27 @@ def _prepare(msg: Message) -> tuple[Scenario, torch.nn.Module, torch.device]:
     """Scenario from the message, this process's cached model with the global adapter in it."""
     if threads := os.environ.get("FEDPEFT_THREADS_PER_CLIENT"):
         torch.set_num_threads(int(threads))
-    scenario = Scenario.from_json(str(msg.content[records.CONFIG][records.SCENARIO]))
+    scenario = Scenario.from_json(str(msg.content.config_records[records.CONFIG][records.SCENARIO]))
     num_labels = load_task_data(scenario.data).num_labels
     model = cached_peft_model(scenario.model, scenario.peft, num_labels, scenario.seed)
     device = resolve_device(scenario.model.device)
     model.to(device)
-    set_adapter_state(model, arrayrecord_to_state(msg.content[records.ARRAYS]))
+    set_adapter_state(model, arrayrecord_to_state(msg.content.array_records[records.ARRAYS]))
     return scenario, model, device
+
+
+def _partition_id(context: Context, scenario: Scenario) -> int:
+    """Return the node's partition, checked against the scenario's number of clients."""
+    node = context.node_config
+    partition_id = int(str(node[records.NODE_PARTITION_ID]))
+    num_partitions = int(str(node.get(records.NODE_NUM_PARTITIONS, scenario.data.num_clients)))
+    if num_partitions != scenario.data.num_clients:
+        raise ValueError(
+            f"this node is partition {partition_id} of {num_partitions}, but the scenario "
+            f"splits its data among data.num_clients={scenario.data.num_clients}; make them "
+            "equal (Flower's num-supernodes, or --set data.num_clients=N)"
+        )
+    return partition_id
 
 
 @app.train()
@@ -38,9 +52,9 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received adapter on this client's partition; reply with the new adapter."""
     started = time.perf_counter()
     scenario, model, device = _prepare(msg)
-    config = msg.content[records.CONFIG]
-    partition_id = int(context.node_config[records.NODE_PARTITION_ID])
-    server_round = int(config.get(records.SERVER_ROUND, 0))
+    config = msg.content.config_records[records.CONFIG]
+    partition_id = _partition_id(context, scenario)
+    server_round = int(str(config.get(records.SERVER_ROUND, 0)))
     data = client_partition(scenario.data, scenario.seed, partition_id)
     t = scenario.train
     result = train_steps(
@@ -55,7 +69,7 @@ def train(msg: Message, context: Context) -> Message:
         seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + partition_id,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        proximal_mu=float(config.get(records.PROXIMAL_MU, 0.0)),
+        proximal_mu=float(str(config.get(records.PROXIMAL_MU, 0.0))),
         device=device,
     )
     metrics = MetricRecord(

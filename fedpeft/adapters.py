@@ -8,6 +8,8 @@ into a raw ``state_dict()``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -50,8 +52,16 @@ def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
     """Load ``state`` into the model's active adapter, checking that nothing is off."""
     check_adapter_state(model, state)
     result = set_peft_model_state_dict(model, state)
-    if result.unexpected_keys:
-        raise AdapterMismatchError(f"peft did not use adapter keys {result.unexpected_keys[:3]}")
+    unexpected = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
+        raise AdapterMismatchError(f"peft did not use adapter keys {unexpected[:3]}")
+
+
+def save_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """Write the adapter in Hugging Face peft format (``PeftModel.from_pretrained`` reads it)."""
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"cannot save {type(model).__name__} as a peft adapter")
+    model.save_pretrained(str(directory))
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -28,10 +28,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         cause = err.__cause__ or err
-        print(
-            f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {out_dir}/error.log)",
-            file=sys.stderr,
-        )
+        where = out_dir / "error.log"
+        print(f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {where})",
+              file=sys.stderr)  # fmt: skip
         return 1
     return 0
 
@@ -51,6 +50,11 @@ def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
+    if args.keys:
+        from fedpeft.config import help_lines
+
+        print("\n".join(help_lines()))
+        return 0
     import scenarios
     from fedpeft.data import BUNDLED
     from fedpeft.methods import METHODS
@@ -85,11 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("scenario", nargs="?", default="quickstart",
                      help="scenario TOML path or bundled name (default: quickstart)")  # fmt: skip
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a scenario key; VALUE is a TOML value (repeatable)")  # fmt: skip
+                     help="override a scenario key; VALUE is a TOML value")  # fmt: skip
     run.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=_cmd_run)
     lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
+    lst.add_argument("--keys", action="store_true", help="list every scenario key instead")
     lst.set_defaults(func=_cmd_list)
     return parser
 

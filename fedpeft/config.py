@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+
+import tomllib
 
 
 class ScenarioError(ValueError):
@@ -59,7 +60,9 @@ class PeftSection:
     r: int = _f(8, "LoRA rank")
     alpha: float = _f(16.0, "LoRA scaling numerator (scaling = alpha / r)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
-    target_modules: list[str] = _f([], "module names to adapt; empty = peft's default for the model")
+    target_modules: list[str] = _f(
+        [], "module names to adapt; empty = peft's default for the model"
+    )
 
     def __post_init__(self) -> None:
         _need(self.r >= 1, "peft.r", "an integer >= 1", self.r)
@@ -71,7 +74,9 @@ class PeftSection:
 class DataConfig:
     """Which data set, and how it is split over the clients."""
 
-    name: str = _f("wordnet-supersense", "bundled data set, hub id, or local csv/jsonl/parquet file")
+    name: str = _f(
+        "wordnet-supersense", "bundled data set, hub id, or local csv/jsonl/parquet file"
+    )
     text_column: str = _f("text", "text column of a local or hub data set")
     label_column: str = _f("label", "label column of a local or hub data set")
     test_fraction: float = _f(0.1, "held-out share for sets without a test split (fixed seed)")
@@ -95,7 +100,10 @@ class DataConfig:
             self.classes_per_client,
         )
         _need(
-            0 < self.test_fraction < 1, "data.test_fraction", "a number in (0, 1)", self.test_fraction
+            0 < self.test_fraction < 1,
+            "data.test_fraction",
+            "a number in (0, 1)",
+            self.test_fraction,
         )
         _need(self.eval_examples >= 0, "data.eval_examples", "an integer >= 0", self.eval_examples)
         _need(self.max_length >= 4, "data.max_length", "an integer >= 4", self.max_length)
@@ -161,7 +169,10 @@ class TrainConfig:
         _need(self.weight_decay >= 0, "train.weight_decay", "a number >= 0", self.weight_decay)
         _need(self.max_grad_norm >= 0, "train.max_grad_norm", "a number >= 0", self.max_grad_norm)
         _need(
-            self.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", self.eval_batch_size
+            self.eval_batch_size >= 1,
+            "train.eval_batch_size",
+            "an integer >= 1",
+            self.eval_batch_size,
         )
 
 
@@ -377,6 +388,7 @@ def help_lines(cls: type = Scenario, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(tp):
             lines.extend(help_lines(typing.cast(type, tp), f"{prefix}{f.name}."))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            factory = typing.cast(Any, f.default_factory)
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('help', '')}")
     return lines

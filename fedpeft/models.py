@@ -46,8 +46,8 @@ def _tiny_bert(num_labels: int) -> PreTrainedModel:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
-        num_labels=num_labels,
     )
+    config.num_labels = num_labels
     return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -61,8 +61,8 @@ def _tiny_llama(num_labels: int) -> PreTrainedModel:
         intermediate_size=64,
         max_position_embeddings=128,
         pad_token_id=0,  # [PAD] of the shared tokenizer; needed by the classification head
-        num_labels=num_labels,
     )
+    config.num_labels = num_labels
     return AutoModelForSequenceClassification.from_config(config)
 
 
@@ -146,4 +146,3 @@ def cached_peft_model(
         base = load_base_model(model_cfg, num_labels)
         _CACHE[key] = build_peft_model(base, peft_cfg, model_cfg.task, seed)
     return _CACHE[key]  # type: ignore[no-any-return]
-

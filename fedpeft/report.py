@@ -53,8 +53,9 @@ class RoundLog:
         done = row["round"]
         elapsed = time.perf_counter() - self.started
         eta = elapsed / done * (self.total_rounds - done)
+        value = row.get(self.metric, float("nan"))
         console.print(
-            f"round {done}/{self.total_rounds}  {self.metric} {row.get(self.metric, float('nan')):.4f}"
+            f"round {done}/{self.total_rounds}  {self.metric} {value:.4f}"
             f"  eval_loss {row.get('eval_loss', float('nan')):.4f}"
             f"  train_loss {_fmt(row.get('train_loss'))}"
             f"  clients {row['clients_sampled'] - row['clients_failed']}/{row['clients_sampled']}"
@@ -72,7 +73,9 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def plot_run(out_dir: Path, rows: Sequence[dict[str, Any]], initial: dict[str, Any] | None) -> list[Path]:
+def plot_run(
+    out_dir: Path, rows: Sequence[dict[str, Any]], initial: dict[str, Any] | None
+) -> list[Path]:
     """Write PNG plots of the run's metrics against rounds and against cumulative megabytes."""
     import matplotlib
 

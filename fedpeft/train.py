@@ -33,9 +33,7 @@ def collate(
     return batch
 
 
-def batches(
-    data: datasets.Dataset, batch_size: int, seed: int
-) -> Iterator[dict[str, list]]:
+def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict[str, list]]:
     """Endless shuffled mini-batches; each pass over the data reshuffles (seeded)."""
     if len(data) == 0:
         raise ValueError("cannot train on an empty partition")
@@ -69,6 +67,7 @@ def train_steps(
     where ``w_global`` are the trainable values at the start of the call.
     """
     device = device or next(model.parameters()).device
+    torch.manual_seed(seed)  # dropout and friends: the same seed gives the same update
     params = trainable_parameters(model)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

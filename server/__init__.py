@@ -1,0 +1,1 @@
+"""fedpeft's Flower ServerApp (``server.app:app``), round driver and simulation launcher."""

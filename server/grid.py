@@ -30,6 +30,15 @@ class RoundTraffic:
         return sum(loss * w for loss, w in self.losses) / total if total else None
 
 
+def _short(reason: str | None, limit: int = 300) -> str:
+    """The informative tail of an error reason (Ray wraps the real error in a long preamble)."""
+    text = " ".join((reason or "unknown error").split())
+    marker = "ClientAppException"
+    if marker in text:
+        text = text[text.rfind(marker) :]
+    return text[:limit]
+
+
 class CountingGrid(Grid):
     """Delegates to a real Grid and records the serialized size of every message content.
 
@@ -60,7 +69,9 @@ class CountingGrid(Grid):
         ok = 0
         for reply in replies:
             if reply.has_error():
-                tally.failures.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                tally.failures.append(
+                    f"node {reply.metadata.src_node_id}: {_short(reply.error.reason)}"
+                )
                 continue
             ok += 1
             tally.bytes_up += payload_nbytes(reply.content)
@@ -68,7 +79,10 @@ class CountingGrid(Grid):
                 m = reply.content.metric_records[records.METRICS]
                 if records.TRAIN_LOSS in m:
                     tally.losses.append(
-                        (float(m[records.TRAIN_LOSS]), float(m.get(records.NUM_EXAMPLES, 1)))
+                        (
+                            float(str(m[records.TRAIN_LOSS])),
+                            float(str(m.get(records.NUM_EXAMPLES, 1))),
+                        )
                     )
         if is_train:
             tally.clients_sampled += len(messages)

@@ -19,10 +19,16 @@ from fedpeft.adapters import (
     base_model_tensors,
     count_trainable,
     get_adapter_state,
+    save_adapter,
     set_adapter_state,
 )
-from fedpeft.codecs import arrayrecord_to_state, payload_nbytes, state_to_arrayrecord, tensors_nbytes
-from fedpeft.config import Scenario
+from fedpeft.codecs import (
+    arrayrecord_to_state,
+    payload_nbytes,
+    state_to_arrayrecord,
+    tensors_nbytes,
+)
+from fedpeft.config import Scenario, ScenarioError
 from fedpeft.data import eval_split, load_task_data, partition_summary
 from fedpeft.models import cached_peft_model, load_tokenizer, resolve_device, total_params
 from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json_atomic
@@ -55,6 +61,17 @@ def eval_data_record(scenario: Scenario, examples: int) -> dict[str, Any]:
     }
 
 
+def check_node_count(grid: Grid, scenario: Scenario) -> None:
+    """In simulation every virtual node exists from the start: it must match the data split."""
+    nodes = len(list(grid.get_node_ids()))
+    if nodes and nodes != scenario.data.num_clients:
+        raise ScenarioError(
+            f"the federation has {nodes} virtual SuperNodes but data.num_clients="
+            f"{scenario.data.num_clients}; make them equal (options.num-supernodes of the "
+            f"Flower connection, or --run-config / --set data.num_clients={nodes})"
+        )
+
+
 def seed_everything(seed: int) -> None:
     """Seed the RNGs the server uses (Flower samples clients with ``random``)."""
     random.seed(seed)
@@ -82,6 +99,8 @@ def run_federation(
     full_model_bytes = tensors_nbytes(base_model_tensors(model))
 
     strategy = build_strategy(scenario)
+    if engine == "simulation":
+        check_node_count(grid, scenario)
     counting = CountingGrid(grid)
     log = RoundLog(out_dir, scenario.federation.rounds)
     initial_metrics: dict[str, float] = {}
@@ -104,7 +123,9 @@ def run_federation(
         )
         if server_round == 0:
             initial_metrics.update(metrics)
-            console.print(f"round 0  eval_accuracy {metrics['eval_accuracy']:.4f} (initial adapter)")
+            console.print(
+                f"round 0  eval_accuracy {metrics['eval_accuracy']:.4f} (initial adapter)"
+            )
         else:
             traffic = counting.take()
             now = time.perf_counter()
@@ -123,7 +144,7 @@ def run_federation(
                 }
             )
             round_clock[0] = now
-        return MetricRecord(metrics)
+        return MetricRecord(dict(metrics.items()))
 
     train_config = ConfigRecord({records.SCENARIO: scenario.to_json()})
     round_clock[0] = time.perf_counter()
@@ -138,7 +159,7 @@ def run_federation(
 
     final = result.arrays if len(result.arrays) else initial
     set_adapter_state(model, arrayrecord_to_state(final))
-    model.save_pretrained(str(out_dir / ADAPTER_DIR))
+    save_adapter(model, out_dir / ADAPTER_DIR)
     rows = log.rows
     up_total = sum(r["bytes_up"] for r in rows)
     down_total = sum(r["bytes_down"] for r in rows)

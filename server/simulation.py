@@ -49,7 +49,7 @@ def simulate(scenario: Scenario, out_dir: Path, verbose: bool = False) -> None:
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_config = {
+    run_config: dict[str, bool | float | int | str] = {
         records.RUN_SCENARIO: scenario.name,
         records.RUN_SCENARIO_JSON: scenario.to_json(),
         records.RUN_OUT_DIR: str(out_dir),

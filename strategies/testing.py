@@ -85,8 +85,12 @@ def aggregate_with(
     current = current if current is not None else states[0]
     grid = StaticGrid(range(1, len(states) + 1))
     _ensure_task_identity()
-    list(strategy.configure_train(server_round, state_to_arrayrecord(current), ConfigRecord(), grid))
-    replies = [train_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, weights, strict=True))]
+    list(
+        strategy.configure_train(server_round, state_to_arrayrecord(current), ConfigRecord(), grid)
+    )
+    replies = [
+        train_reply(s, n, i + 1) for i, (s, n) in enumerate(zip(states, weights, strict=True))
+    ]
     arrays, _ = strategy.aggregate_train(server_round, replies)
     assert arrays is not None, "strategy returned no aggregate"
     return {k: v.to(torch.float64) for k, v in arrayrecord_to_state(arrays).items()}

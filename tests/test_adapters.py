@@ -9,17 +9,22 @@ from fedpeft.adapters import (
     get_adapter_state,
     set_adapter_state,
 )
-from fedpeft.codecs import arrayrecord_to_state, payload_nbytes, state_to_arrayrecord, tensors_nbytes
+from fedpeft.codecs import (
+    arrayrecord_to_state,
+    payload_nbytes,
+    state_to_arrayrecord,
+    tensors_nbytes,
+)
 from fedpeft.config import ModelConfig, PeftSection, ScenarioError
 from fedpeft.methods import build_peft_model
 from fedpeft.models import load_base_model
 
 TEST_CASES = [
     # (case id, model alias, peft section)
-    ("lora-tiny-bert", "tiny-bert", PeftSection(method="lora", r=4, target_modules=["query", "value"])),
-    ("lora-tiny-llama", "tiny-llama", PeftSection(method="lora", r=2, target_modules=["q_proj", "v_proj"])),
-    ("lora-default-targets", "tiny-bert", PeftSection(method="lora", r=2)),
-]  # fmt: skip
+    ("lora-tiny-bert", "tiny-bert", PeftSection(r=4, target_modules=["query", "value"])),
+    ("lora-tiny-llama", "tiny-llama", PeftSection(r=2, target_modules=["q_proj", "v_proj"])),
+    ("lora-default-targets", "tiny-bert", PeftSection(r=2)),
+]
 
 
 def _model(alias, peft, seed=0):

@@ -89,3 +89,13 @@ def test_bad_toml_file_is_one_line(tmp_path):
     bad.write_text("name = \n")
     with pytest.raises(ScenarioError, match="not valid TOML"):
         load_scenario(str(bad))
+
+
+def test_docs_list_every_scenario_key():
+    from pathlib import Path
+
+    from fedpeft.config import help_lines
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "scenarios.md").read_text()
+    for line in help_lines():
+        assert line in doc, f"docs/scenarios.md is out of date: {line}"

@@ -3,8 +3,7 @@ from collections import Counter
 import pytest
 
 from fedpeft.config import DataConfig, ScenarioError
-from fedpeft.data import client_partition, load_task_data, partition_summary
-from fedpeft.data import wordnet
+from fedpeft.data import client_partition, load_task_data, partition_summary, wordnet
 
 
 def test_wordnet_supersense_is_built_from_the_real_files():

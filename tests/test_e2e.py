@@ -97,7 +97,9 @@ def test_adapter_loads_without_fedpeft_and_reproduces_the_accuracy(minilm_run):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
-    ours = {m for m in imported if m.split(".")[0] in {"fedpeft", "clients", "server", "strategies"}}
+    ours = {
+        m for m in imported if m.split(".")[0] in {"fedpeft", "clients", "server", "strategies"}
+    }
     assert not ours, f"the check imported {sorted(ours)}"
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["accuracy"] == result["reported"]
@@ -106,7 +108,13 @@ def test_adapter_loads_without_fedpeft_and_reproduces_the_accuracy(minilm_run):
 @pytest.mark.parametrize("strategy", ["fedadam", "fedprox"])
 def test_smoke_runs_with_other_strategies(strategy, tmp_path):
     proc = run_fedpeft(
-        "run", "smoke", "--set", f"strategy.name={strategy}", "--out", str(tmp_path / "o"), cwd=tmp_path
+        "run",
+        "smoke",
+        "--set",
+        f"strategy.name={strategy}",
+        "--out",
+        str(tmp_path / "o"),
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())

@@ -32,7 +32,8 @@ def test_fedprox_aggregates_like_fedavg_and_sends_mu():
 
 def test_fedavgm_first_round_is_lr_times_the_average_step():
     scenario = load_scenario(
-        "smoke", ["strategy.name='fedavgm'", "strategy.momentum_lr=0.5", "strategy.server_momentum=0.9"]
+        "smoke",
+        ["strategy.name='fedavgm'", "strategy.momentum_lr=0.5", "strategy.server_momentum=0.9"],
     )
     current = {"lora_A": torch.zeros(2, 2), "head": torch.zeros(2)}
     out = aggregate_with("fedavgm", [A1, A2], [1, 3], current=current, scenario=scenario)
@@ -70,7 +71,9 @@ def test_identical_updates_at_the_current_point_stay_put(name):
 
 
 def test_sampling_follows_clients_per_round():
-    scenario = load_scenario("quickstart", ["data.num_clients=100", "federation.clients_per_round=29"])
+    scenario = load_scenario(
+        "quickstart", ["data.num_clients=100", "federation.clients_per_round=29"]
+    )
     strategy = build_strategy(scenario)
     n = math.floor(100 * strategy.fraction_train)
     assert max(n, strategy.min_train_nodes) == 29

@@ -63,7 +63,10 @@ def bundled_path(name: str) -> Path:
 def _build_wordnet_supersense(target: Path) -> None:
     texts, labels = wordnet.read_noun_glosses()
     features = datasets.Features(
-        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=wordnet.NOUN_SUPERSENSES)}
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=wordnet.NOUN_SUPERSENSES),
+        }
     )
     full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
     splits = full.train_test_split(
@@ -92,7 +95,10 @@ def _normalise(dd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDic
         first = next(iter(dd))
         dd = datasets.DatasetDict({"train": dd[first]})
     columns = dd["train"].column_names
-    for key, column in (("data.text_column", cfg.text_column), ("data.label_column", cfg.label_column)):
+    for key, column in (
+        ("data.text_column", cfg.text_column),
+        ("data.label_column", cfg.label_column),
+    ):
         if column not in columns:
             raise ScenarioError(
                 f"{key}={column!r} is not a column of data set {cfg.name!r}; columns: {columns}"

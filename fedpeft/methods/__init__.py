@@ -48,9 +48,7 @@ def register_method(name: str, family: str, description: str, build: Builder) ->
 def get_method(name: str) -> MethodSpec:
     """Look a method up by name; an unknown name raises a one-line ScenarioError."""
     if name not in METHODS:
-        raise ScenarioError(
-            f"unknown peft.method {name!r}; accepted: {', '.join(sorted(METHODS))}"
-        )
+        raise ScenarioError(f"unknown peft.method {name!r}; accepted: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 

@@ -20,7 +20,7 @@ def build_lora(base: PreTrainedModel, cfg: PeftSection, task: str) -> torch.nn.M
     """
     config = LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) or None,
         task_type=TASK_TYPES[task],
