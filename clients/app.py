@@ -9,7 +9,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeft import records
+from fedpeft import models, records
 from fedpeft.adapters import get_adapter_state, set_adapter_state
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
@@ -78,6 +78,7 @@ def train(msg: Message, context: Context) -> Message:
             records.NUM_EXAMPLES: result.num_examples,
             records.PARTITION_ID: partition_id,
             records.TRAIN_SECONDS: time.perf_counter() - started,
+            records.MODEL_LOADS: models.LOADS["base_model"],
         }
     )
     arrays: ArrayRecord = state_to_arrayrecord(get_adapter_state(model))

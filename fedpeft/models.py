@@ -129,6 +129,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 _CACHE: dict[str, Any] = {}
+LOADS = {"base_model": 0}  # how often this process really built a model (for tests and logs)
 
 
 def cached_peft_model(
@@ -145,4 +146,5 @@ def cached_peft_model(
     if key not in _CACHE:
         base = load_base_model(model_cfg, num_labels)
         _CACHE[key] = build_peft_model(base, peft_cfg, model_cfg.task, seed)
+        LOADS["base_model"] += 1
     return _CACHE[key]  # type: ignore[no-any-return]

@@ -14,6 +14,7 @@ NUM_EXAMPLES = "num-examples"  # Flower strategies' weighting key
 TRAIN_LOSS = "train_loss"
 PARTITION_ID = "partition-id"
 TRAIN_SECONDS = "train_seconds"
+MODEL_LOADS = "model_loads"  # times this client process built its base model so far
 
 # Node-config keys (set by Flower's simulation engine, or by `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"

@@ -62,6 +62,8 @@ class RoundLog:
             f"  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB"
             f"  {row['round_seconds']:.1f}s  ETA {_clock(eta)}"
         )
+        if row.get("failures"):
+            console.print(f"  [yellow]{len(row['failures'])} failed:[/] {row['failures'][0]}")
 
 
 def _fmt(value: float | None) -> str:
@@ -74,7 +76,7 @@ def _clock(seconds: float) -> str:
 
 
 def plot_run(
-    out_dir: Path, rows: Sequence[dict[str, Any]], initial: dict[str, Any] | None
+    out_dir: Path, rows: Sequence[dict[str, Any]], initial: dict[str, Any] | None, title: str = ""
 ) -> list[Path]:
     """Write PNG plots of the run's metrics against rounds and against cumulative megabytes."""
     import matplotlib
@@ -104,6 +106,8 @@ def plot_run(
     axes[1].legend()
     for ax in axes:
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     written.append(plots / "metrics_vs_round.png")
     fig.savefig(written[-1], dpi=100)
@@ -116,8 +120,8 @@ def plot_run(
     fig, ax = plt.subplots(figsize=(5, 4))
     xs = ([0.0] + cumulative) if initial else cumulative
     ax.plot(xs, series("eval_accuracy"), marker="o")
-    ax.set(xlabel="cumulative MB (up + down, all clients)", ylabel="eval_accuracy",
-           title="accuracy vs communication")  # fmt: skip
+    heading = f"{title}\naccuracy vs communication" if title else "accuracy vs communication"
+    ax.set(xlabel="cumulative MB (up + down, all clients)", ylabel="eval_accuracy", title=heading)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(plots / "accuracy_vs_megabytes.png")

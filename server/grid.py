@@ -21,6 +21,7 @@ class RoundTraffic:
     clients_sampled: int = 0
     clients_failed: int = 0
     losses: list[tuple[float, float]] = field(default_factory=list)  # (loss, weight)
+    clients: list[dict[str, float]] = field(default_factory=list)  # each reply's metrics
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -77,6 +78,7 @@ class CountingGrid(Grid):
             tally.bytes_up += payload_nbytes(reply.content)
             if is_train and records.METRICS in reply.content.metric_records:
                 m = reply.content.metric_records[records.METRICS]
+                tally.clients.append({k: v for k, v in m.items() if isinstance(v, int | float)})
                 if records.TRAIN_LOSS in m:
                     tally.losses.append(
                         (

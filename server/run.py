@@ -141,6 +141,7 @@ def run_federation(
                     "bytes_up": traffic.bytes_up,
                     "bytes_down": traffic.bytes_down,
                     "round_seconds": now - round_clock[0],
+                    "client_metrics": traffic.clients,
                 }
             )
             round_clock[0] = now
@@ -186,7 +187,8 @@ def run_federation(
         "label_names": data.label_names,
     }
     write_json_atomic(out_dir / SUMMARY_FILE, summary)
-    plot_run(out_dir, rows, initial_metrics or None)
+    title = f"{scenario.name}: {scenario.peft.method} + {scenario.strategy.name}"
+    plot_run(out_dir, rows, initial_metrics or None, title)
     console.print(
         f"[bold]done[/] in {summary['wall_seconds']:.0f}s: eval_accuracy "
         f"{final_metrics.get('eval_accuracy', float('nan')):.4f}; each client sent "

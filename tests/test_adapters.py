@@ -81,6 +81,11 @@ def test_target_modules_that_do_not_exist_are_a_scenario_error():
         _model("tiny-bert", PeftSection(target_modules=["q_proj"]))
 
 
+def test_unreachable_hub_model_is_a_scenario_error():
+    with pytest.raises(ScenarioError, match="cannot load model.name='nobody/no-such-model'"):
+        load_base_model(ModelConfig(name="nobody/no-such-model"), 2)
+
+
 def test_tiny_random_models_are_identical_in_every_process():
     a = load_base_model(ModelConfig(name="tiny-bert"), 5)
     torch.manual_seed(999)

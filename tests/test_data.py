@@ -58,6 +58,11 @@ def test_iid_covers_the_train_split_and_pathological_limits_classes():
         assert len(Counter(client_partition(patho, 0, pid)["label"])) <= 2
 
 
+def test_unreachable_hub_data_set_is_a_scenario_error():
+    with pytest.raises(ScenarioError, match="cannot load data.name='nobody/no-such-set'"):
+        load_task_data(DataConfig(name="nobody/no-such-set"))
+
+
 def test_local_csv_file(tmp_path):
     path = tmp_path / "reviews.csv"
     rows = ["body,stars"] + [f"review number {i},{'good' if i % 2 else 'bad'}" for i in range(50)]

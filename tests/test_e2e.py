@@ -69,6 +69,9 @@ def test_run_writes_the_contract_files(minilm_run):
         assert row["clients_sampled"] == 2 and row["clients_failed"] == 0
         assert 0.0 <= row["eval_accuracy"] <= 1.0
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+    # each client process built its base model once and reused it in round 2
+    loads = {c["partition-id"]: c["model_loads"] for c in rows[1]["client_metrics"]}
+    assert sorted(loads) == [0, 1] and set(loads.values()) == {1}
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["engine"] == "simulation"
