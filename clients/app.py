@@ -1,36 +1,59 @@
-"""Flower ClientApp: unpack the message, call fedpeft, pack the reply."""
+"""Flower ClientApp: unpack the message, call fedpeft, pack the reply.
+
+What a client trains, sends and keeps is not hard-coded per strategy: the server's
+instructions in the ConfigRecord name the factors (``lora_A``, ``lora_B``, ``head``) for
+each, and per-client state (a personal B, a pruned rank) lives in a state store on disk.
+"""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import models, records
-from fedpeft.adapters import get_adapter_state, set_adapter_state
+from fedpeft.adapters import (
+    AdapterState,
+    adapter_parameters,
+    factor_of,
+    get_adapter_state,
+    lora_pairs,
+    set_adapter_state,
+    set_trainable,
+)
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
-from fedpeft.data import client_partition, eval_split, load_task_data
-from fedpeft.models import cached_peft_model, load_tokenizer, resolve_device
+from fedpeft.data import client_split, load_task_data
+from fedpeft.models import cached_peft_model, initial_adapter_state, load_tokenizer, resolve_device
+from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, train_steps
+from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
 
 app = ClientApp()
 
+RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store
 
-def _prepare(msg: Message) -> tuple[Scenario, torch.nn.Module, torch.device]:
-    """Scenario from the message, this process's cached model with the global adapter in it."""
-    if threads := os.environ.get("FEDPEFT_THREADS_PER_CLIENT"):
-        torch.set_num_threads(int(threads))
-    scenario = Scenario.from_json(str(msg.content.config_records[records.CONFIG][records.SCENARIO]))
-    num_labels = load_task_data(scenario.data).num_labels
-    model = cached_peft_model(scenario.model, scenario.peft, num_labels, scenario.seed)
-    device = resolve_device(scenario.model.device)
-    model.to(device)
-    set_adapter_state(model, arrayrecord_to_state(msg.content.array_records[records.ARRAYS]))
-    return scenario, model, device
+
+@dataclass
+class Job:
+    """Everything one message asks of this client."""
+
+    scenario: Scenario
+    config: ConfigRecord
+    partition_id: int
+    rank: int
+    model: torch.nn.Module
+    device: torch.device
+    store: ClientStateStore | None
+
+    def factors(self, key: str) -> set[str]:
+        """A comma-separated factor list from the instructions."""
+        return {f for f in str(self.config.get(key, "")).split(",") if f}
 
 
 def _partition_id(context: Context, scenario: Scenario) -> int:
@@ -47,56 +70,175 @@ def _partition_id(context: Context, scenario: Scenario) -> int:
     return partition_id
 
 
+def fit_rank(received: AdapterState, like: AdapterState) -> AdapterState:
+    """Cut (or zero-pad) received LoRA factors to this client's rank.
+
+    Keeping the leading components is the rank-r truncation for SVD-ordered (FlexLoRA)
+    and HetLoRA factors.
+    """
+    out = {}
+    for key, value in received.items():
+        target = like[key].shape
+        if value.shape == target:
+            out[key] = value
+            continue
+        fitted = torch.zeros(target, dtype=value.dtype)
+        rows, cols = min(value.shape[0], target[0]), min(value.shape[1], target[1])
+        fitted[:rows, :cols] = value[:rows, :cols]
+        out[key] = fitted
+    return out
+
+
+def _prepare(msg: Message, context: Context) -> Job:
+    """Model with the global adapter, this client's personal part and its rank applied."""
+    if threads := os.environ.get("FEDPEFT_THREADS_PER_CLIENT"):
+        torch.set_num_threads(int(threads))
+    config = msg.content.config_records[records.CONFIG]
+    scenario = Scenario.from_json(str(config[records.SCENARIO]))
+    partition_id = _partition_id(context, scenario)
+    state_dir = str(context.node_config.get(records.STATE_DIR, config.get(records.STATE_DIR, "")))
+    store = ClientStateStore(state_dir) if state_dir else None
+    personal = store.load(partition_id) if store else {}
+    shared_scaling = str(config.get(records.ALPHA_MODE, "per-rank")) == "shared-scaling"
+    rank = scenario.rank_of(partition_id)
+    peft_cfg = scenario.peft_for_rank(rank, shared_scaling)
+    num_labels = load_task_data(scenario.data).num_labels
+    model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed)
+    device = resolve_device(scenario.model.device)
+    model.to(device)
+    job = Job(scenario, config, partition_id, rank, model, device, store)
+
+    # initial adapter (same seed everywhere) <- global tensors <- this client's own tensors
+    initial = initial_adapter_state(scenario.model, peft_cfg, num_labels, scenario.seed)
+    received = fit_rank(arrayrecord_to_state(msg.content.array_records[records.ARRAYS]), initial)
+    keep = job.factors(records.PERSONAL_FACTORS)
+    mine = {k: v for k, v in personal.items() if k in initial and factor_of(k) in keep}
+    state = {**initial, **received, **mine}
+    if RANK_KEY in personal:  # HetLoRA: components past the self-pruned rank stay zero
+        state = _zero_tail(state, int(personal[RANK_KEY].item()))
+    set_adapter_state(model, state)
+    return job
+
+
+def _zero_tail(state: AdapterState, rank: int) -> AdapterState:
+    out = dict(state)
+    for a_key, b_key in lora_pairs(list(state)).values():
+        out[a_key] = state[a_key].clone()
+        out[a_key][rank:, :] = 0
+        out[b_key] = state[b_key].clone()
+        out[b_key][:, rank:] = 0
+    return out
+
+
+def _pruning_penalty(job: Job) -> Callable[[], torch.Tensor] | None:
+    """HetLoRA's rank self-pruning regulariser on this client's live factors, if asked."""
+    gamma = float(str(job.config.get(records.PRUNE_GAMMA, 0.0)))
+    if gamma <= 0:
+        return None
+    live = adapter_parameters(job.model)
+    pairs = [(live[a], live[b]) for a, b in lora_pairs(list(live)).values()]
+
+    def penalty() -> torch.Tensor:
+        return sum(
+            (hetlora_self_pruning_penalty(b, a, job.rank, gamma) for a, b in pairs),
+            torch.zeros((), device=job.device),
+        )
+
+    return penalty
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the received adapter on this client's partition; reply with the new adapter."""
+    """Train as instructed on this client's partition; reply with the factors to send."""
     started = time.perf_counter()
-    scenario, model, device = _prepare(msg)
-    config = msg.content.config_records[records.CONFIG]
-    partition_id = _partition_id(context, scenario)
+    job = _prepare(msg, context)
+    scenario, config = job.scenario, job.config
     server_round = int(str(config.get(records.SERVER_ROUND, 0)))
-    data = client_partition(scenario.data, scenario.seed, partition_id)
+    set_trainable(job.model, job.factors(records.TRAIN_FACTORS) or None)
+    train_part, _ = client_split(scenario.data, scenario.seed, job.partition_id)
     t = scenario.train
     result = train_steps(
-        model,
+        job.model,
         load_tokenizer(scenario.model.name),
-        data,
+        train_part,
         steps=t.local_steps,
         batch_size=t.batch_size,
         lr=t.lr,
         max_length=scenario.data.max_length,
         # distinct, reproducible batch order per (seed, round, client)
-        seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + partition_id,
+        seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + job.partition_id,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
         proximal_mu=float(str(config.get(records.PROXIMAL_MU, 0.0))),
-        device=device,
+        regulariser=_pruning_penalty(job),
+        device=job.device,
     )
+    set_trainable(job.model, None)
+    state = get_adapter_state(job.model)
+    sent_rank = job.rank
+    threshold = float(str(config.get(records.PRUNE_THRESHOLD, 0.0)))
+    if float(str(config.get(records.PRUNE_GAMMA, 0.0))) > 0 and threshold > 0:
+        sent_rank = _self_prune(job, state, threshold)
+    send = job.factors(records.SEND_FACTORS)
+    sent = {k: v for k, v in state.items() if factor_of(k) in send} if send else state
+    sent = _truncate(sent, sent_rank)
+    keep = job.factors(records.PERSONAL_FACTORS)
+    if job.store is not None and (keep or sent_rank != job.rank):
+        own = {k: v for k, v in state.items() if factor_of(k) in keep}
+        if sent_rank != job.rank:
+            own[RANK_KEY] = scalar(sent_rank)
+        job.store.save(job.partition_id, own)
     metrics = MetricRecord(
         {
             records.TRAIN_LOSS: result.train_loss,
             records.NUM_EXAMPLES: result.num_examples,
-            records.PARTITION_ID: partition_id,
+            records.PARTITION_ID: job.partition_id,
+            records.CLIENT_RANK: sent_rank,
             records.TRAIN_SECONDS: time.perf_counter() - started,
             records.MODEL_LOADS: models.LOADS["base_model"],
         }
     )
-    arrays: ArrayRecord = state_to_arrayrecord(get_adapter_state(model))
-    return Message(RecordDict({records.ARRAYS: arrays, records.METRICS: metrics}), reply_to=msg)
+    content = RecordDict({records.ARRAYS: state_to_arrayrecord(sent), records.METRICS: metrics})
+    return Message(content, reply_to=msg)
+
+
+def _self_prune(job: Job, state: AdapterState, threshold: float) -> int:
+    """HetLoRA's local rank self-pruning: the smallest rank any module still needs."""
+    ranks = []
+    for a_key, b_key in lora_pairs(list(state)).values():
+        ranks.append(hetlora_prune_rank(state[b_key], state[a_key], job.rank, 0.5, threshold))
+    personal = job.store.load(job.partition_id) if job.store else {}
+    current = int(personal[RANK_KEY].item()) if RANK_KEY in personal else job.rank
+    return max(1, min(current, max(ranks) if ranks else job.rank))
+
+
+def _truncate(state: AdapterState, rank: int) -> AdapterState:
+    out = dict(state)
+    for a_key, b_key in lora_pairs(list(state)).values():
+        out[a_key], out[b_key] = state[a_key][:rank, :], state[b_key][:, :rank]
+    return out
 
 
 @app.evaluate()
-def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the received adapter on the held-out split (federated evaluation)."""
-    scenario, model, device = _prepare(msg)
-    data = eval_split(scenario.data)
+def evaluate_personal(msg: Message, context: Context) -> Message:
+    """Evaluate this client's model (global part + its own part) on its local held-out part."""
+    job = _prepare(msg, context)
+    scenario = job.scenario
+    _, holdout = client_split(scenario.data, scenario.seed, job.partition_id)
     result = evaluate(
-        model,
+        job.model,
         load_tokenizer(scenario.model.name),
-        data,
+        holdout,
         batch_size=scenario.train.eval_batch_size,
         max_length=scenario.data.max_length,
-        device=device,
+        device=job.device,
     )
-    metrics = MetricRecord({**result, records.NUM_EXAMPLES: len(data)})
+    metrics = MetricRecord(
+        {
+            records.PERSONAL_ACCURACY: result["eval_accuracy"],
+            records.PERSONAL_LOSS: result["eval_loss"],
+            records.NUM_EXAMPLES: len(holdout),
+            records.PARTITION_ID: job.partition_id,
+        }
+    )
     return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)

@@ -31,10 +31,14 @@ def adapter_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], tor
     return {k: (tuple(v.shape), v.dtype) for k, v in get_adapter_state(model).items()}
 
 
-def check_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
-    """Raise AdapterMismatchError unless ``state`` has exactly the model's keys and shapes."""
+def check_adapter_state(model: torch.nn.Module, state: AdapterState, partial: bool = False) -> None:
+    """Raise AdapterMismatchError unless ``state`` fits the model.
+
+    ``state`` must have the model's keys (all of them, or a subset when ``partial``) and
+    the model's shapes.
+    """
     expected = adapter_spec(model)
-    missing = sorted(set(expected) - set(state))
+    missing = [] if partial else sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise AdapterMismatchError(
@@ -42,15 +46,24 @@ def check_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
             f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})"
         )
     for key, (shape, _) in expected.items():
-        if tuple(state[key].shape) != shape:
+        if key in state and tuple(state[key].shape) != shape:
             raise AdapterMismatchError(
                 f"adapter tensor {key!r} has shape {tuple(state[key].shape)}, expected {shape}"
             )
 
 
-def set_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
-    """Load ``state`` into the model's active adapter, checking that nothing is off."""
-    check_adapter_state(model, state)
+def set_adapter_state(model: torch.nn.Module, state: AdapterState, partial: bool = False) -> None:
+    """Load ``state`` into the model's active adapter, checking that nothing is off.
+
+    With ``partial`` only the given tensors are replaced (e.g. B alone under FFA-LoRA).
+    """
+    check_adapter_state(model, state, partial)
+    if partial:
+        params = adapter_parameters(model)
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+        return
     result = set_peft_model_state_dict(model, state)
     unexpected = list(getattr(result, "unexpected_keys", []))
     if unexpected:
@@ -62,6 +75,50 @@ def save_adapter(model: torch.nn.Module, directory: Path) -> None:
     if not isinstance(model, PeftModel):
         raise TypeError(f"cannot save {type(model).__name__} as a peft adapter")
     model.save_pretrained(str(directory))
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Map each adapter-state key (as peft saves it) to the live parameter it names."""
+    if not isinstance(model, PeftModel):
+        return {}
+    name = model.active_adapter
+    params = {}
+    for param_name, param in model.named_parameters():
+        if f".{name}." not in param_name and not param_name.endswith(f".{name}"):
+            continue
+        key = param_name.replace(f".{name}", "").replace("modules_to_save.", "")
+        params[key] = param
+    keys = set(get_peft_model_state_dict(model))
+    if set(params) != keys:
+        raise AdapterMismatchError(
+            f"cannot map adapter keys to parameters: {sorted(keys ^ set(params))[:3]}"
+        )
+    return params
+
+
+def factor_of(key: str) -> str:
+    """Which part of the adapter a state key holds: ``lora_A``, ``lora_B`` or ``head``."""
+    for factor in ("lora_A", "lora_B"):
+        if f".{factor}." in key:
+            return factor
+    return "head"
+
+
+def lora_pairs(keys: list[str]) -> dict[str, tuple[str, str]]:
+    """Group LoRA keys by adapted module: ``{module: (A key, B key)}``."""
+    pairs: dict[str, dict[str, str]] = {}
+    for key in keys:
+        factor = factor_of(key)
+        if factor != "head":
+            module = key.split(f".{factor}.")[0]
+            pairs.setdefault(module, {})[factor] = key
+    return {m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items() if len(p) == 2}
+
+
+def set_trainable(model: torch.nn.Module, factors: set[str] | None = None) -> None:
+    """Train exactly the adapter tensors of the given factors (all of them when None)."""
+    for key, param in adapter_parameters(model).items():
+        param.requires_grad_(factors is None or factor_of(key) in factors)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -63,9 +63,16 @@ class PeftSection:
     target_modules: list[str] = _f(
         [], "module names to adapt; empty = peft's default for the model"
     )
+    client_ranks: list[int] = _f([], "LoRA rank per client, cycled over clients; empty = all use r")
 
     def __post_init__(self) -> None:
         _need(self.r >= 1, "peft.r", "an integer >= 1", self.r)
+        _need(
+            all(r >= 1 for r in self.client_ranks),
+            "peft.client_ranks",
+            "a list of integers >= 1",
+            self.client_ranks,
+        )
         _need(self.alpha > 0, "peft.alpha", "a number > 0", self.alpha)
         _need(0.0 <= self.dropout < 1.0, "peft.dropout", "a number in [0, 1)", self.dropout)
 
@@ -88,6 +95,9 @@ class DataConfig:
     alpha: float = _f(0.5, "Dirichlet concentration (smaller = more skewed)")
     classes_per_client: int = _f(2, "classes per client for the pathological partitioner")
     num_clients: int = _f(10, "number of clients (virtual SuperNodes in simulation)")
+    client_holdout: float = _f(
+        0.1, "share of each client's data kept for its personalised evaluation"
+    )
 
     def __post_init__(self) -> None:
         _need(bool(self.name), "data.name", "a data set name or path", self.name)
@@ -106,6 +116,12 @@ class DataConfig:
             self.test_fraction,
         )
         _need(self.eval_examples >= 0, "data.eval_examples", "an integer >= 0", self.eval_examples)
+        _need(
+            0 <= self.client_holdout < 1,
+            "data.client_holdout",
+            "a number in [0, 1)",
+            self.client_holdout,
+        )
         _need(self.max_length >= 4, "data.max_length", "an integer >= 4", self.max_length)
 
 
@@ -140,6 +156,10 @@ class StrategySection:
     beta_1: float = _f(0.9, "first-moment decay (FedAdam, FedYogi)")
     beta_2: float = _f(0.99, "second-moment decay (FedAdam, FedYogi)")
     tau: float = _f(1e-3, "adaptivity epsilon (FedAdam, FedYogi, FedAdagrad)")
+    hetlora_gamma: float = _f(1e-3, "HetLoRA rank self-pruning regulariser weight (0 = off)")
+    hetlora_prune_threshold: float = _f(
+        0.1, "HetLoRA: prune the rank tail when its norm is below this share of the head's"
+    )
 
     def __post_init__(self) -> None:
         _need(self.proximal_mu >= 0, "strategy.proximal_mu", "a number >= 0", self.proximal_mu)
@@ -149,6 +169,15 @@ class StrategySection:
             value = getattr(self, key)
             _need(0 <= value < 1, f"strategy.{key}", "a number in [0, 1)", value)
         _need(self.tau > 0, "strategy.tau", "a number > 0", self.tau)
+        _need(
+            self.hetlora_gamma >= 0, "strategy.hetlora_gamma", "a number >= 0", self.hetlora_gamma
+        )
+        _need(
+            self.hetlora_prune_threshold >= 0,
+            "strategy.hetlora_prune_threshold",
+            "a number >= 0",
+            self.hetlora_prune_threshold,
+        )
 
 
 @dataclass
@@ -219,6 +248,33 @@ class Scenario:
             f"at most data.num_clients ({self.data.num_clients})",
             self.federation.clients_per_round,
         )
+
+    def peft_for_rank(self, rank: int, shared_scaling: bool = False) -> PeftSection:
+        """The PEFT section of a client (or server model) of LoRA rank ``rank``.
+
+        By default peft's scaling is ``alpha / rank``; with ``shared_scaling`` every rank
+        gets ``alpha / max_rank``, so factors of different ranks add up in the same units.
+        """
+        alpha = self.peft.alpha * rank / self.max_rank if shared_scaling else self.peft.alpha
+        return dataclasses.replace(self.peft, r=rank, alpha=alpha, client_ranks=[])
+
+    def rank_of(self, partition_id: int) -> int:
+        """LoRA rank of client ``partition_id``: ``peft.client_ranks`` cycled, else ``peft.r``."""
+        ranks = self.peft.client_ranks
+        return ranks[partition_id % len(ranks)] if ranks else self.peft.r
+
+    @property
+    def heterogeneous_ranks(self) -> bool:
+        """Whether clients train adapters of different ranks."""
+        return (
+            any(r != self.peft.r for r in self.peft.client_ranks)
+            or len(set(self.peft.client_ranks)) > 1
+        )
+
+    @property
+    def max_rank(self) -> int:
+        """The largest client rank (the server's evaluation rank under heterogeneous ranks)."""
+        return max(self.peft.client_ranks or [self.peft.r])
 
     def to_dict(self) -> dict[str, Any]:
         """Return the scenario as plain nested dicts (TOML/JSON friendly)."""

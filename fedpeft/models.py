@@ -140,11 +140,25 @@ def cached_peft_model(
     The adapter's initial values depend on ``seed``; callers overwrite them with the
     global adapter before use, so only the server's copy keeps them.
     """
+    from fedpeft.adapters import get_adapter_state
     from fedpeft.methods import build_peft_model
 
     key = repr((model_cfg, peft_cfg, num_labels, seed))
     if key not in _CACHE:
         base = load_base_model(model_cfg, num_labels)
-        _CACHE[key] = build_peft_model(base, peft_cfg, model_cfg.task, seed)
+        model = build_peft_model(base, peft_cfg, model_cfg.task, seed)
+        _CACHE[key] = model
+        _CACHE["initial:" + key] = get_adapter_state(model)
         LOADS["base_model"] += 1
     return _CACHE[key]  # type: ignore[no-any-return]
+
+
+def initial_adapter_state(
+    model_cfg: ModelConfig, peft_cfg: PeftSection, num_labels: int, seed: int
+) -> dict[str, torch.Tensor]:
+    """The adapter exactly as :func:`cached_peft_model` first built it (same in every process)."""
+    cached_peft_model(model_cfg, peft_cfg, num_labels, seed)
+    state: dict[str, torch.Tensor] = _CACHE[
+        "initial:" + repr((model_cfg, peft_cfg, num_labels, seed))
+    ]
+    return state

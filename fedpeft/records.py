@@ -8,12 +8,22 @@ METRICS = "metrics"  # MetricRecord in each reply
 SERVER_ROUND = "server-round"  # set by Flower strategies
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 SCENARIO = "scenario-json"  # the resolved scenario; the server is its single source of truth
+TRAIN_FACTORS = "train-factors"  # comma-separated factors the client trains (lora_A, lora_B, head)
+SEND_FACTORS = "send-factors"  # factors the client sends back
+PERSONAL_FACTORS = "personal-factors"  # factors the client keeps locally across rounds
+ALPHA_MODE = "alpha-mode"  # "per-rank" (alpha / r_i) or "shared-scaling" (alpha / r_max for all)
+PRUNE_GAMMA = "prune-gamma"  # HetLoRA rank self-pruning regulariser weight
+PRUNE_THRESHOLD = "prune-threshold"
+STATE_DIR = "state-dir"  # where clients keep per-client state (simulation: under the run folder)
 
 # MetricRecord keys
 NUM_EXAMPLES = "num-examples"  # Flower strategies' weighting key
 TRAIN_LOSS = "train_loss"
 PARTITION_ID = "partition-id"
 TRAIN_SECONDS = "train_seconds"
+CLIENT_RANK = "rank"  # LoRA rank the client trained (and sent)
+PERSONAL_ACCURACY = "personal_accuracy"  # evaluation with the client's own local part
+PERSONAL_LOSS = "personal_loss"
 MODEL_LOADS = "model_loads"  # times this client process built its base model so far
 
 # Node-config keys (set by Flower's simulation engine, or by `flower-supernode --node-config`)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import datasets
@@ -59,12 +59,14 @@ def train_steps(
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
     proximal_mu: float = 0.0,
+    regulariser: Callable[[], torch.Tensor] | None = None,
     device: torch.device | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable (adapter) parameters of ``model``.
 
     With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_global||^2`` is added,
-    where ``w_global`` are the trainable values at the start of the call.
+    where ``w_global`` are the trainable values at the start of the call. ``regulariser``
+    adds a strategy's own penalty (e.g. HetLoRA's rank self-pruning term) to every step.
     """
     device = device or next(model.parameters()).device
     torch.manual_seed(seed)  # dropout and friends: the same seed gives the same update
@@ -81,6 +83,8 @@ def train_steps(
         if anchors:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
             loss = loss + 0.5 * proximal_mu * prox
+        if regulariser is not None:
+            loss = loss + regulariser()
         loss.backward()
         if max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)

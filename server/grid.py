@@ -22,6 +22,19 @@ class RoundTraffic:
     clients_failed: int = 0
     losses: list[tuple[float, float]] = field(default_factory=list)  # (loss, weight)
     clients: list[dict[str, float]] = field(default_factory=list)  # each reply's metrics
+    personal: list[tuple[float, float, float]] = field(default_factory=list)  # (acc, loss, n)
+
+    @property
+    def personal_metrics(self) -> dict[str, float]:
+        """Example-weighted personalised accuracy and loss, when clients evaluated."""
+        total = sum(n for _, _, n in self.personal)
+        if not total:
+            return {}
+        return {
+            "personal_accuracy": sum(a * n for a, _, n in self.personal) / total,
+            "personal_loss": sum(loss * n for _, loss, n in self.personal) / total,
+        }
+
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -76,6 +89,14 @@ class CountingGrid(Grid):
                 continue
             ok += 1
             tally.bytes_up += payload_nbytes(reply.content)
+            if not is_train and records.METRICS in reply.content.metric_records:
+                m = reply.content.metric_records[records.METRICS]
+                if records.PERSONAL_ACCURACY in m:
+                    tally.personal.append(
+                        (float(str(m[records.PERSONAL_ACCURACY])),
+                         float(str(m[records.PERSONAL_LOSS])),
+                         float(str(m.get(records.NUM_EXAMPLES, 1))))
+                    )  # fmt: skip
             if is_train and records.METRICS in reply.content.metric_records:
                 m = reply.content.metric_records[records.METRICS]
                 tally.clients.append({k: v for k, v in m.items() if isinstance(v, int | float)})

@@ -21,6 +21,7 @@ from fedpeft.adapters import (
     get_adapter_state,
     save_adapter,
     set_adapter_state,
+    set_trainable,
 )
 from fedpeft.codecs import (
     arrayrecord_to_state,
@@ -91,7 +92,10 @@ def run_federation(
     data = load_task_data(scenario.data)
     test = eval_split(scenario.data)
     device = resolve_device(scenario.model.device)
-    model = cached_peft_model(scenario.model, scenario.peft, data.num_labels, scenario.seed)
+    # Under heterogeneous ranks the server's model has the largest client rank.
+    server_peft = scenario.peft_for_rank(scenario.max_rank)
+    model = cached_peft_model(scenario.model, server_peft, data.num_labels, scenario.seed)
+    set_trainable(model, None)
     model.to(device)
     tokenizer = load_tokenizer(scenario.model.name)
     initial = state_to_arrayrecord(get_adapter_state(model))
@@ -135,6 +139,7 @@ def run_federation(
                     "strategy": scenario.strategy.name,
                     "train_loss": traffic.train_loss,
                     **metrics,
+                    **traffic.personal_metrics,
                     "clients_sampled": traffic.clients_sampled,
                     "clients_failed": traffic.clients_failed,
                     "failures": traffic.failures,
@@ -147,7 +152,10 @@ def run_federation(
             round_clock[0] = now
         return MetricRecord(dict(metrics.items()))
 
-    train_config = ConfigRecord({records.SCENARIO: scenario.to_json()})
+    state_dir = out_dir / "client_state"  # per-client state of this run (personal factors)
+    train_config = ConfigRecord(
+        {records.SCENARIO: scenario.to_json(), records.STATE_DIR: str(state_dir.resolve())}
+    )
     round_clock[0] = time.perf_counter()
     result = strategy.start(
         grid=counting,
@@ -155,6 +163,7 @@ def run_federation(
         num_rounds=scenario.federation.rounds,
         timeout=scenario.federation.round_timeout,
         train_config=train_config,
+        evaluate_config=ConfigRecord(dict(train_config)),
         evaluate_fn=evaluate_fn,
     )
 
@@ -166,7 +175,9 @@ def run_federation(
     down_total = sum(r["bytes_down"] for r in rows)
     sent = [r["bytes_up"] / max(r["clients_sampled"] - r["clients_failed"], 1) for r in rows]
     per_client_up = sum(sent) / max(len(sent), 1)
-    final_metrics = {k: v for k, v in rows[-1].items() if k.startswith(("eval_", "train_"))}
+    final_metrics = {
+        k: v for k, v in rows[-1].items() if k.startswith(("eval_", "train_", "personal_"))
+    }
     summary = {
         "scenario": scenario.to_dict(),
         "engine": engine,
@@ -182,7 +193,10 @@ def run_federation(
         "full_model_bytes": full_model_bytes,
         "bytes_up_per_client_round": per_client_up,
         "saving_vs_full": full_model_bytes / per_client_up if per_client_up else None,
-        "clients": partition_summary(scenario.data, scenario.seed),
+        "clients": [
+            {**row, "rank": scenario.rank_of(row["client"])}
+            for row in partition_summary(scenario.data, scenario.seed)
+        ],
         "eval_data": eval_data_record(scenario, len(test)),
         "label_names": data.label_names,
     }

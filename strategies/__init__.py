@@ -27,18 +27,28 @@ class StrategySpec:
     name: str
     description: str
     build: Builder
+    heterogeneous_ranks: bool = False  # accepts peft.client_ranks with different ranks
+    lora_only: bool = False  # its rule needs LoRA factors (peft.method = "lora")
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
+HETERO_HINT = "flora, flexlora or hetlora"
 
 
-def register_strategy(name: str, description: str, build: Builder) -> StrategySpec:
+def register_strategy(
+    name: str,
+    description: str,
+    build: Builder,
+    heterogeneous_ranks: bool = False,
+    lora_only: bool = False,
+) -> StrategySpec:
     """Register a strategy builder; a duplicate or malformed name fails loudly."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"malformed strategy name {name!r}: use lower_snake_case")
     if name in STRATEGIES:
         raise ValueError(f"strategy {name!r} is registered twice")
-    STRATEGIES[name] = spec = StrategySpec(name, description, build)
+    spec = StrategySpec(name, description, build, heterogeneous_ranks, lora_only)
+    STRATEGIES[name] = spec
     return spec
 
 
@@ -66,8 +76,33 @@ def sampling_kwargs(scenario: Scenario) -> dict[str, Any]:
 def build_strategy(scenario: Scenario) -> Strategy:
     """Build the scenario's strategy by registry lookup."""
     spec = get_strategy(scenario.strategy.name)
+    check_compatible(spec, scenario)
     return spec.build(scenario, sampling_kwargs(scenario))
 
 
+def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
+    """Refuse, in one line, a scenario the strategy cannot aggregate."""
+    if scenario.heterogeneous_ranks and not spec.heterogeneous_ranks:
+        raise ScenarioError(
+            f"strategy.name={spec.name!r} cannot aggregate heterogeneous ranks "
+            f"(peft.client_ranks={scenario.peft.client_ranks}); use {HETERO_HINT}, "
+            "or give every client the same rank"
+        )
+    if spec.lora_only and scenario.peft.method != "lora":
+        raise ScenarioError(
+            f"strategy.name={spec.name!r} aggregates LoRA factors and needs "
+            f"peft.method='lora', not {scenario.peft.method!r}"
+        )
+
+
 # Strategy modules register themselves on import.
-from strategies import fedavg, fedopt  # noqa: E402,F401
+from strategies import (  # noqa: E402,F401
+    fedavg,
+    fedit,
+    fedopt,
+    fedsa_lora,
+    ffa_lora,
+    flexlora,
+    hetlora,
+    rolora,
+)

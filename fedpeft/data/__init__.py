@@ -190,6 +190,21 @@ def client_partition(cfg: DataConfig, seed: int, partition_id: int) -> datasets.
     return build_partitioner(cfg, seed).load_partition(partition_id)
 
 
+def client_split(
+    cfg: DataConfig, seed: int, partition_id: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Client ``partition_id``'s (train, local held-out) parts.
+
+    The held-out part is the ``data.client_holdout`` share, for personalised evaluation.
+    """
+    part = client_partition(cfg, seed, partition_id)
+    n_holdout = int(round(len(part) * cfg.client_holdout))
+    if n_holdout == 0 or len(part) - n_holdout < 1:
+        return part, part.select([])
+    split = part.train_test_split(test_size=n_holdout, seed=SPLIT_SEED + partition_id)
+    return split["train"], split["test"]
+
+
 def partition_summary(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
     """Size and label counts of every client's partition (recorded in summary.json)."""
     names = load_task_data(cfg).label_names

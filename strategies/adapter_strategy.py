@@ -1,0 +1,172 @@
+"""Base class of the PEFT-aware strategies: the server owns the full global adapter.
+
+Flower's FedAvg sends every node the same ArrayRecord and averages whatever comes back.
+PEFT-aware rules need more: a node may receive only some factors (FFA-LoRA sends no A),
+keep others to itself (FedSA-LoRA's B), train a different rank (FlexLoRA, HetLoRA), or
+get a truncation made for its rank. :class:`AdapterStrategy` keeps the whole global
+adapter on the server, builds one message per node from :meth:`down_state` and
+:meth:`instructions`, and leaves the rule itself to :meth:`aggregate_states`.
+
+Instructions travel in the ConfigRecord and are read by the ClientApp (``clients/app.py``):
+which factors to train, which to send back and which to keep locally.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from logging import INFO
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
+
+from fedpeft import records
+from fedpeft.adapters import AdapterState
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.config import Scenario
+
+ALL_FACTORS = "lora_A,lora_B,head"
+
+
+class AdapterStrategy(FedAvg):
+    """FedAvg's sampling and bookkeeping, with per-node payloads and a pluggable rule."""
+
+    #: can aggregate clients that train different LoRA ranks
+    heterogeneous_ranks = False
+    #: clients keep part of the adapter; the run reports a personalised metric
+    personalised = False
+
+    def __init__(self, scenario: Scenario, sampling: dict[str, Any]) -> None:
+        if self.personalised:
+            sampling = {**sampling, "fraction_evaluate": sampling["fraction_train"],
+                        "min_evaluate_nodes": sampling["min_train_nodes"]}  # fmt: skip
+        super().__init__(**sampling)
+        self.scenario = scenario
+        self.global_state: AdapterState = {}
+        self.node_ranks: dict[int, int] = {}  # learned from replies ("rank" metric)
+
+    # ---------------------------------------------------------------- the rule (override)
+    def down_state(self, server_round: int, node_id: int) -> AdapterState:
+        """What node ``node_id`` receives this round (default: the whole global adapter)."""
+        return self.global_state
+
+    def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
+        """ConfigRecord entries telling the client what to train, send and keep."""
+        return {
+            records.TRAIN_FACTORS: ALL_FACTORS,
+            records.SEND_FACTORS: ALL_FACTORS,
+            records.PERSONAL_FACTORS: "",
+        }
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Fold the clients' replies into ``self.global_state``."""
+        raise NotImplementedError
+
+    def eval_state(self) -> AdapterState:
+        """The full adapter the server evaluates and saves (at the server model's rank)."""
+        return self.global_state
+
+    def describe(self) -> str:
+        """One line on the rule, logged by :meth:`summary`."""
+        doc = type(self).__doc__
+        return doc.splitlines()[0] if doc else type(self).__name__
+
+    # ---------------------------------------------------------------- Flower plumbing
+    def summary(self) -> None:
+        """Log the rule and FedAvg's sampling settings."""
+        log(INFO, "\t├──> Rule: %s", self.describe())
+        log(INFO, "\t├──> Heterogeneous ranks: %s", self.heterogeneous_ranks)
+        log(INFO, "\t├──> Personalised: %s", self.personalised)
+        super().summary()
+
+    def _messages(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
+        fraction: float, minimum: int, message_type: str,
+    ) -> list[Message]:  # fmt: skip
+        if not self.global_state:
+            self.global_state = arrayrecord_to_state(arrays)
+        if fraction == 0.0:
+            return []
+        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+        messages = []
+        for node_id in node_ids:
+            node_config = ConfigRecord(
+                {
+                    **dict(config),
+                    **self.instructions(server_round, node_id),
+                    records.SERVER_ROUND: server_round,
+                }  # fmt: skip
+            )
+            content = RecordDict(
+                {
+                    self.arrayrecord_key: state_to_arrayrecord(
+                        self.down_state(server_round, node_id)
+                    ),
+                    self.configrecord_key: node_config,
+                }
+            )
+            messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
+        return messages
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample nodes and build each one's message from its down-state and instructions."""
+        return self._messages(server_round, arrays, config, grid, self.fraction_train,
+                              self.min_train_nodes, MessageType.TRAIN)  # fmt: skip
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Personalised evaluation: each sampled client evaluates with its own local part."""
+        return self._messages(server_round, arrays, config, grid, self.fraction_evaluate,
+                              self.min_evaluate_nodes, MessageType.EVALUATE)  # fmt: skip
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply the rule to the valid replies; return the new full adapter for evaluation."""
+        valid = [m for m in replies if not m.has_error()]
+        if not valid:
+            return None, None
+        states, weights, node_ids = [], [], []
+        for msg in valid:
+            metrics = msg.content.metric_records[records.METRICS]
+            if records.CLIENT_RANK in metrics:
+                self.node_ranks[msg.metadata.src_node_id] = int(str(metrics[records.CLIENT_RANK]))
+            states.append(arrayrecord_to_state(msg.content.array_records[records.ARRAYS]))
+            weights.append(float(str(metrics[self.weighted_by_key])))
+            node_ids.append(msg.metadata.src_node_id)
+        self.aggregate_states(server_round, states, weights, node_ids)
+        metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
+        return state_to_arrayrecord(self.eval_state()), metrics
+
+
+def select(state: AdapterState, factors: set[str]) -> AdapterState:
+    """The tensors of ``state`` that belong to the given factors."""
+    from fedpeft.adapters import factor_of
+
+    return {k: v for k, v in state.items() if factor_of(k) in factors}
+
+
+def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState:
+    """Example-weighted mean of same-keyed, same-shaped states (FedAvg on each tensor)."""
+    total = sum(weights)
+    out = {}
+    for key in states[0]:
+        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
+        for s, w in zip(states, weights, strict=True):
+            acc += w * s[key].double()
+        out[key] = (acc / total).to(states[0][key].dtype)
+    return out

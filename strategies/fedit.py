@@ -1,0 +1,39 @@
+"""FedIT (Zhang et al., 2024): FedAvg applied to each LoRA factor separately.
+
+``A = sum p_i A_i`` and ``B = sum p_i B_i``. It is inexact: the product of the averages
+misses the cross term ``sum p_i (B_i - B)(A_i - A)`` (see :func:`strategies.lora_math`),
+which is what FFA-LoRA, FLoRA, FlexLoRA and FedEx-LoRA set out to fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.adapters import AdapterState
+from fedpeft.config import Scenario
+from strategies import register_strategy
+from strategies.adapter_strategy import AdapterStrategy, weighted_average
+
+
+class FedIT(AdapterStrategy):
+    """FedIT: weighted average of every adapter tensor, A and B separately."""
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Average each factor (and the head) over the replies."""
+        self.global_state = weighted_average(states, weights)
+
+
+def build_fedit(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """FedIT with FedAvg's sampling."""
+    return FedIT(scenario, sampling)
+
+
+register_strategy("fedit", "FedAvg on the LoRA factors A and B (baseline, inexact)", build_fedit)

@@ -1,0 +1,55 @@
+"""FFA-LoRA (Sun et al., 2024): A is frozen at a shared random init; only B trains.
+
+Every client builds A from the same seed (peft's Kaiming init under ``scenario.seed``), so
+A is identical everywhere and never travels. With A fixed, averaging B is exact:
+``sum p_i B_i A = (sum p_i B_i) A``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft import records
+from fedpeft.adapters import AdapterState
+from fedpeft.config import Scenario
+from strategies import register_strategy
+from strategies.adapter_strategy import AdapterStrategy, select, weighted_average
+
+TRAVELS = {"lora_B", "head"}
+
+
+class FFALoRA(AdapterStrategy):
+    """FFA-LoRA: frozen shared A, average B (exact); A is never sent."""
+
+    def down_state(self, server_round: int, node_id: int) -> AdapterState:
+        """B and the head only."""
+        return select(self.global_state, TRAVELS)
+
+    def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
+        """Train and send B (and the head); A stays at the shared init."""
+        factors = ",".join(sorted(TRAVELS))
+        return {records.TRAIN_FACTORS: factors, records.SEND_FACTORS: factors,
+                records.PERSONAL_FACTORS: ""}  # fmt: skip
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Average B and the head; keep the shared A."""
+        self.global_state = {**self.global_state, **weighted_average(states, weights)}
+
+
+def build_ffa_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """FFA-LoRA with FedAvg's sampling."""
+    return FFALoRA(scenario, sampling)
+
+
+register_strategy(
+    "ffa_lora", "frozen shared A from the seed, average B only (exact)", build_ffa_lora,
+    lora_only=True,
+)  # fmt: skip

@@ -1,0 +1,84 @@
+"""FlexLoRA (Bai et al., 2024): aggregate full products, redistribute each client's rank.
+
+The server forms ``W = sum p_i s_i B_i A_i`` (``s_i = alpha / r_i``, peft's scaling of
+client i), takes its SVD and gives each client the best rank-``r_j`` approximation split
+into LoRA factors. The SVD is computed from the stacked factors (QR + a small core SVD),
+never from the d x k matrix. Aggregation is exact; redistribution truncates.
+
+Nodes that have not replied yet get the largest rank's factors; a client keeps the
+leading components (the rank-r_j truncation, since SVD components are ordered). After a
+node's first reply its rank is known and it gets exactly its own truncation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.adapters import AdapterState, lora_pairs
+from fedpeft.config import Scenario
+from strategies import register_strategy
+from strategies.adapter_strategy import AdapterStrategy, select, weighted_average
+from strategies.lora_math import factored_svd, stack_factors, truncate_to_rank
+
+
+class FlexLoRA(AdapterStrategy):
+    """FlexLoRA: SVD of the weighted sum of B_i A_i; client j gets its rank-r_j truncation."""
+
+    heterogeneous_ranks = True
+
+    def __init__(self, scenario: Scenario, sampling: dict[str, Any]) -> None:
+        super().__init__(scenario, sampling)
+        self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _factors(self, rank: int) -> AdapterState:
+        state = dict(self.global_state)
+        if not self.svd:
+            return state
+        scaling = self.scenario.peft.alpha / rank
+        for module, (a_key, b_key) in lora_pairs(list(state)).items():
+            u, s, v = self.svd[module]
+            b, a = truncate_to_rank(u, s, v, rank, scaling)
+            dtype = state[a_key].dtype
+            state[a_key], state[b_key] = a.to(dtype), b.to(dtype)
+        return state
+
+    def down_state(self, server_round: int, node_id: int) -> AdapterState:
+        """The node's own rank's truncation (the largest rank until the node has replied)."""
+        return self._factors(self.node_ranks.get(node_id, self.scenario.max_rank))
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Exact weighted sum of products, kept as its SVD; the head is averaged."""
+        alpha = self.scenario.peft.alpha
+        for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
+            bs = [s[b_key].double() for s in states]
+            as_ = [s[a_key].double() for s in states]
+            scalings = [alpha / a.shape[0] for a in as_]
+            stacked_b, stacked_a = stack_factors(bs, as_, weights, scalings)
+            self.svd[module] = factored_svd(stacked_b, stacked_a)
+        heads = [select(s, {"head"}) for s in states]
+        if heads[0]:
+            self.global_state.update(weighted_average(heads, weights))
+
+    def eval_state(self) -> AdapterState:
+        """The server model's (largest-rank) truncation."""
+        return self._factors(self.scenario.max_rank)
+
+
+def build_flexlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """FlexLoRA with FedAvg's sampling."""
+    return FlexLoRA(scenario, sampling)
+
+
+register_strategy(
+    "flexlora", "SVD of the weighted sum of products; each client gets its rank's truncation",
+    build_flexlora, heterogeneous_ranks=True, lora_only=True,
+)  # fmt: skip

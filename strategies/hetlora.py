@@ -1,0 +1,81 @@
+"""HetLoRA (Cho et al., 2024): heterogeneous ranks by zero-padding and truncation.
+
+Clients of rank r_i send factors that the server zero-pads to the largest rank and
+averages with weights proportional to ``p_i * ||B_i A_i||_F`` (larger updates count
+more); client j receives the first r_j components. Clients add the rank self-pruning
+regulariser to their loss and shrink their own rank when the tail of their factors has
+become negligible (:mod:`strategies.lora_math`). All ranks share peft's scaling
+``alpha / r_max`` here, so padded factors of different ranks add up in the same units.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft import records
+from fedpeft.adapters import AdapterState, lora_pairs
+from fedpeft.config import Scenario
+from strategies import register_strategy
+from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, select, weighted_average
+from strategies.lora_math import hetlora_aggregate, hetlora_truncate
+
+
+class HetLoRA(AdapterStrategy):
+    """HetLoRA: zero-pad to r_max, norm-weighted average, truncate to each client's rank."""
+
+    heterogeneous_ranks = True
+
+    def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
+        """Train and send everything, with shared scaling and rank self-pruning."""
+        s = self.scenario.strategy
+        return {
+            records.TRAIN_FACTORS: ALL_FACTORS,
+            records.SEND_FACTORS: ALL_FACTORS,
+            records.PERSONAL_FACTORS: "",
+            records.ALPHA_MODE: "shared-scaling",
+            records.PRUNE_GAMMA: s.hetlora_gamma,
+            records.PRUNE_THRESHOLD: s.hetlora_prune_threshold,
+        }
+
+    def down_state(self, server_round: int, node_id: int) -> AdapterState:
+        """The first r_j components for a node of known rank r_j, else all of them."""
+        rank = self.node_ranks.get(node_id)
+        if rank is None:
+            return self.global_state
+        state = dict(self.global_state)
+        for a_key, b_key in lora_pairs(list(state)).values():
+            state[b_key], state[a_key] = hetlora_truncate(state[b_key], state[a_key], rank)
+        return state
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Pad, norm-weight and average each module's factors; average the head."""
+        r_max = self.scenario.max_rank
+        for a_key, b_key in lora_pairs(list(states[0])).values():
+            b, a = hetlora_aggregate(
+                [s[b_key].double() for s in states], [s[a_key].double() for s in states],
+                weights, r_max,
+            )  # fmt: skip
+            dtype = self.global_state[a_key].dtype
+            self.global_state[a_key], self.global_state[b_key] = a.to(dtype), b.to(dtype)
+        heads = [select(s, {"head"}) for s in states]
+        if heads[0]:
+            self.global_state.update(weighted_average(heads, weights))
+
+
+def build_hetlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """HetLoRA with FedAvg's sampling."""
+    return HetLoRA(scenario, sampling)
+
+
+register_strategy(
+    "hetlora", "zero-pad to r_max, norm-weighted average, truncate; rank self-pruning",
+    build_hetlora, heterogeneous_ranks=True, lora_only=True,
+)  # fmt: skip

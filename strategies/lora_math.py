@@ -1,0 +1,318 @@
+"""LoRA-aware aggregation maths: pure functions on torch tensors.
+
+Per adapted matrix ``W`` (d x k) a client holds LoRA factors ``B`` (d x r) and ``A`` (r x k);
+peft's update is ``s * B @ A`` with ``s = alpha / r``. Client weights ``p_i = n_i / sum n``
+are built from raw example counts by :func:`normalise_weights`. The rules:
+
+- FedIT (Zhang et al., 2024): average ``B`` and ``A`` separately (:func:`weighted_mean`); the
+  product of the means misses :func:`fedit_cross_term`.
+- FFA-LoRA (Sun et al., 2024): ``A`` frozen and shared, only ``B`` averaged, so the mean of
+  products is the product of means and the cross term vanishes.
+- FLoRA (Wang et al., 2024): stack the factors (:func:`stack_factors`) so that the product
+  is exactly ``sum p_i s_i B_i A_i``, for any mix of ranks.
+- FlexLoRA (Bai et al., 2024): SVD of the exact weighted sum (:func:`factored_svd`, never
+  the dense d x k matrix), each client gets its best rank-``r_j`` approximation
+  (:func:`truncate_to_rank`, :func:`flexlora_aggregate`).
+- HetLoRA (Cho et al., 2024): zero-pad to ``r_max``, norm-weighted average, truncate, and a
+  rank self-pruning regulariser (:func:`hetlora_aggregate` and friends).
+- FedEx-LoRA (Singhal et al., 2025): FedIT plus the exact residual, kept in factored form
+  (:func:`fedex_residual`) and folded into the frozen weight (:func:`fold_into_weight`).
+
+Nothing here imports Flower or touches model objects; float64 inputs give float64 results.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def normalise_weights(weights: Sequence[float]) -> list[float]:
+    """Turn raw example counts into client weights ``p_i = n_i / sum n``.
+
+    Raises ``ValueError`` on an empty list, a negative or non-finite count, or a total that is
+    not positive.
+    """
+    values = [float(w) for w in weights]
+    if not values:
+        raise ValueError("no client weights given")
+    if any(not math.isfinite(w) or w < 0 for w in values):
+        raise ValueError(f"client weights must be finite and non-negative, got {values}")
+    total = sum(values)
+    if total <= 0:
+        raise ValueError(f"client weights must have a positive total, got {values}")
+    return [w / total for w in values]
+
+
+def _check_pairs(Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float]) -> None:
+    if not (len(Bs) == len(As) == len(weights)):
+        raise ValueError(
+            f"need one B, one A and one weight per client, got {len(Bs)}, {len(As)}, {len(weights)}"
+        )
+    for i, (b, a) in enumerate(zip(Bs, As, strict=True)):
+        if b.ndim != 2 or a.ndim != 2 or b.shape[1] != a.shape[0]:
+            raise ValueError(
+                f"client {i}: B {tuple(b.shape)} and A {tuple(a.shape)} are not LoRA factors"
+            )
+
+
+def _scalings(scalings: Sequence[float] | None, count: int) -> list[float]:
+    if scalings is None:
+        return [1.0] * count
+    if len(scalings) != count:
+        raise ValueError(f"need one scaling per client, got {len(scalings)} for {count}")
+    return [float(s) for s in scalings]
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
+    """Weighted mean ``sum p_i T_i`` of same-shaped tensors (FedIT on one factor)."""
+    if len(tensors) != len(weights):
+        raise ValueError(f"need one weight per tensor, got {len(weights)} for {len(tensors)}")
+    p = normalise_weights(weights)
+    out = p[0] * tensors[0]
+    for p_i, t in zip(p[1:], tensors[1:], strict=True):
+        if t.shape != tensors[0].shape:
+            raise ValueError(f"shapes differ: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
+        out = out + p_i * t
+    return out
+
+
+def fedit_cross_term(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float]
+) -> Tensor:
+    """FedIT's error ``sum p_i B_i A_i - (sum p_i B_i)(sum p_i A_i)``.
+
+    It equals ``sum p_i (B_i - B̄)(A_i - Ā)``: zero when all ``B_i`` or all ``A_i`` agree
+    (FFA-LoRA's frozen shared ``A``), nonzero in general. Needs equal ranks.
+    """
+    _check_pairs(Bs, As, weights)
+    return product_sum(Bs, As, weights) - weighted_mean(Bs, weights) @ weighted_mean(As, weights)
+
+
+def product_sum(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    weights: Sequence[float],
+    scalings: Sequence[float] | None = None,
+) -> Tensor:
+    """Dense ``sum p_i s_i B_i A_i`` (d x k); a reference for small matrices only.
+
+    ``scalings`` defaults to 1 for every client. Ranks may differ.
+    """
+    _check_pairs(Bs, As, weights)
+    p = normalise_weights(weights)
+    s = _scalings(scalings, len(Bs))
+    out = (p[0] * s[0]) * (Bs[0] @ As[0])
+    for p_i, s_i, b, a in zip(p[1:], s[1:], Bs[1:], As[1:], strict=True):
+        out = out + (p_i * s_i) * (b @ a)
+    return out
+
+
+def stack_factors(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    weights: Sequence[float],
+    scalings: Sequence[float] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """FLoRA stacking: ``B = [B_1 ... B_K]``, ``A = [p_1 s_1 A_1; ...; p_K s_K A_K]``.
+
+    ``B @ A == sum p_i s_i B_i A_i`` exactly, for any mix of ranks; the stacked rank is
+    ``sum r_i``. ``scalings`` defaults to 1 for every client.
+    """
+    _check_pairs(Bs, As, weights)
+    p = normalise_weights(weights)
+    s = _scalings(scalings, len(Bs))
+    stacked_b = torch.cat(list(Bs), dim=1)
+    stacked_a = torch.cat([(p_i * s_i) * a for p_i, s_i, a in zip(p, s, As, strict=True)], dim=0)
+    return stacked_b, stacked_a
+
+
+def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``U diag(S) V^T`` of ``B @ A`` without forming the d x k product.
+
+    QR of ``B`` (d x m) and of ``A^T`` (k x m), SVD of the small core ``R_b R_a^T``; cost
+    ``O((d + k) m^2)``. Returns ``(U, S, V)`` with ``S`` descending and at most
+    ``min(m, d, k)`` components (the product has no more), cut to ``rank`` when given.
+    """
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} are not LoRA factors")
+    if rank is not None and rank < 0:
+        raise ValueError(f"rank must be non-negative, got {rank}")
+    # reduced QR gives Q (d x min(d, m)) and R (min(d, m) x m), so m > d or m > k is fine
+    q_b, r_b = torch.linalg.qr(B, mode="reduced")
+    q_a, r_a = torch.linalg.qr(A.mT, mode="reduced")
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
+    keep = s.shape[0] if rank is None else min(rank, s.shape[0])
+    return q_b @ u[:, :keep], s[:keep], q_a @ vh.mH[:, :keep]
+
+
+def truncate_to_rank(
+    U: Tensor, S: Tensor, V: Tensor, r: int, scaling: float
+) -> tuple[Tensor, Tensor]:
+    """Split the best rank-``r`` part of ``U diag(S) V^T`` into LoRA factors ``(B, A)``.
+
+    ``B = U_r sqrt(S_r) / sqrt(scaling)``, ``A = sqrt(S_r) V_r^T / sqrt(scaling)``, so that
+    ``scaling * B @ A == U_r diag(S_r) V_r^T``; balanced factors keep both in the same range.
+    With fewer than ``r`` singular values the factors are zero-padded to (d x r), (r x k).
+    """
+    if r < 0:
+        raise ValueError(f"rank must be non-negative, got {r}")
+    if scaling <= 0:
+        raise ValueError(f"scaling must be positive, got {scaling}")
+    keep = min(r, S.shape[0])
+    root = torch.sqrt(S[:keep].clamp_min(0) / scaling)
+    b = U.new_zeros(U.shape[0], r)
+    a = V.new_zeros(r, V.shape[0])
+    b[:, :keep] = U[:, :keep] * root
+    a[:keep, :] = root[:, None] * V[:, :keep].mH
+    return b, a
+
+
+def flexlora_aggregate(
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    weights: Sequence[float],
+    scalings: Sequence[float] | None,
+    client_ranks: Sequence[int],
+    client_scalings: Sequence[float],
+) -> list[tuple[Tensor, Tensor]]:
+    """FlexLoRA: SVD of ``sum p_i s_i B_i A_i``, one rank-``r_j`` truncation per target.
+
+    The sum is exact and never dense (:func:`stack_factors` then :func:`factored_svd`); target
+    ``j`` gets ``(B_j, A_j)`` with ``client_scalings[j] * B_j @ A_j`` the best rank
+    ``client_ranks[j]`` approximation of the sum (Eckart-Young).
+    """
+    if len(client_ranks) != len(client_scalings):
+        raise ValueError(
+            f"need one scaling per target rank, got {len(client_scalings)} for {len(client_ranks)}"
+        )
+    stacked_b, stacked_a = stack_factors(Bs, As, weights, scalings)
+    u, s, v = factored_svd(stacked_b, stacked_a, max(client_ranks, default=0))
+    return [
+        truncate_to_rank(u, s, v, r_j, s_j)
+        for r_j, s_j in zip(client_ranks, client_scalings, strict=True)
+    ]
+
+
+def _product_norm(B: Tensor, A: Tensor) -> Tensor:
+    # ||B A||_F^2 = trace(B^T B A A^T): two r x r Gram matrices instead of the d x k product
+    return torch.sqrt(((B.mT @ B) * (A @ A.mT)).sum().clamp_min(0))
+
+
+def hetlora_aggregate(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float], r_max: int
+) -> tuple[Tensor, Tensor]:
+    """HetLoRA: zero-pad every client to rank ``r_max`` and average the padded factors.
+
+    Client ``i`` counts ``p_i * ||B_i A_i||_F``, renormalised: the paper's norm weighting
+    (larger updates count more) times the example weights. If every product is zero the
+    example weights ``p_i`` alone are used. Returns ``B`` (d x r_max) and ``A`` (r_max x k).
+    """
+    _check_pairs(Bs, As, weights)
+    p = normalise_weights(weights)
+    padded_b, padded_a = [], []
+    for i, (b, a) in enumerate(zip(Bs, As, strict=True)):
+        r_i = b.shape[1]
+        if r_i > r_max:
+            raise ValueError(f"client {i} has rank {r_i} > r_max={r_max}")
+        padded_b.append(torch.cat([b, b.new_zeros(b.shape[0], r_max - r_i)], dim=1))
+        padded_a.append(torch.cat([a, a.new_zeros(r_max - r_i, a.shape[1])], dim=0))
+    norm_weights = [p_i * float(_product_norm(b, a)) for p_i, b, a in zip(p, Bs, As, strict=True)]
+    if sum(norm_weights) <= 0:
+        norm_weights = p
+    return weighted_mean(padded_b, norm_weights), weighted_mean(padded_a, norm_weights)
+
+
+def hetlora_truncate(B: Tensor, A: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """HetLoRA's download: the first ``r`` columns of ``B`` and first ``r`` rows of ``A``."""
+    if r < 0:
+        raise ValueError(f"rank must be non-negative, got {r}")
+    return B[:, :r], A[:r, :]
+
+
+def _keep_rank(r: int, prune_fraction: float) -> int:
+    if not 0 <= prune_fraction < 1:
+        raise ValueError(f"prune_fraction must lie in [0, 1), got {prune_fraction}")
+    # round first so that e.g. 10 * (1 - 0.7) = 3.0000000000000004 keeps 3, not 4
+    return max(1, math.ceil(round(r * (1 - prune_fraction), 9)))
+
+
+def hetlora_self_pruning_penalty(
+    B: Tensor, A: Tensor, r: int, gamma: float, prune_fraction: float = 0.5
+) -> Tensor:
+    """HetLoRA's rank self-pruning regulariser on the tail of the rank dimension.
+
+    ``gamma * ||A[r_keep:r, :]||_F * ||B[:, r_keep:r]||_F`` with
+    ``r_keep = ceil(r * (1 - prune_fraction))`` (at least 1): it pushes the tail components
+    towards zero so that :func:`hetlora_prune_rank` can drop them. Differentiable.
+    """
+    r_keep = _keep_rank(r, prune_fraction)
+    tail_a = torch.linalg.matrix_norm(A[r_keep:r, :])
+    tail_b = torch.linalg.matrix_norm(B[:, r_keep:r])
+    return gamma * tail_a * tail_b
+
+
+def hetlora_prune_rank(
+    B: Tensor, A: Tensor, r: int, prune_fraction: float, threshold: float
+) -> int:
+    """HetLoRA's local rank pruning decision: ``r_keep`` if the tail is negligible, else ``r``.
+
+    With ``r_keep = ceil(r * (1 - prune_fraction))`` (at least 1), returns ``r_keep`` when
+    ``||A_tail||_F ||B_tail||_F < threshold * ||A_head||_F ||B_head||_F`` (head: the first
+    ``r_keep`` components, tail: components ``r_keep`` to ``r``), otherwise ``r``.
+    """
+    r_keep = _keep_rank(r, prune_fraction)
+    if r_keep >= r:
+        return r
+    with torch.no_grad():
+        head = torch.linalg.matrix_norm(A[:r_keep, :]) * torch.linalg.matrix_norm(B[:, :r_keep])
+        tail = torch.linalg.matrix_norm(A[r_keep:r, :]) * torch.linalg.matrix_norm(B[:, r_keep:r])
+    return r_keep if float(tail) < threshold * float(head) else r
+
+
+def fedex_residual(
+    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float], scaling: float
+) -> tuple[Tensor, Tensor]:
+    """FedEx-LoRA's residual ``scaling * (sum p_i B_i A_i - B̄ Ā)`` in factored form.
+
+    ``R_B = [B_1 ... B_K, B̄]``, ``R_A = scaling * [p_1 A_1; ...; p_K A_K; -Ā]``, so that
+    ``R_B @ R_A`` is the residual (rank at most ``(K + 1) r``); FedIT's ``scaling * B̄ Ā``
+    plus the residual is the exact aggregate. Needs equal ranks.
+    """
+    _check_pairs(Bs, As, weights)
+    p = normalise_weights(weights)
+    mean_b, mean_a = weighted_mean(Bs, weights), weighted_mean(As, weights)
+    r_b = torch.cat([*Bs, mean_b], dim=1)
+    r_a = scaling * torch.cat([*(p_i * a for p_i, a in zip(p, As, strict=True)), -mean_a], dim=0)
+    return r_b, r_a
+
+
+def delta_weight(B: Tensor, A: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
+    """LoRA delta ``scaling * B @ A`` as peft forms it, transposed when ``fan_in_fan_out``.
+
+    GPT-2's ``Conv1D`` stores its weight as (in, out), so its delta is ``(B @ A).T``.
+    """
+    delta = scaling * (B @ A)
+    return delta.mT if fan_in_fan_out else delta
+
+
+def fold_into_weight(
+    weight: Tensor, B: Tensor, A: Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> Tensor:
+    """``weight + delta_weight(B, A, scaling, fan_in_fan_out)`` in the weight's dtype.
+
+    Folds a FedEx-LoRA residual or a FLoRA merge into the frozen base weight; the sum is
+    formed in the wider of the two dtypes before casting back.
+    """
+    delta = delta_weight(B, A, scaling, fan_in_fan_out)
+    if delta.shape != weight.shape:
+        raise ValueError(
+            f"delta {tuple(delta.shape)} does not match weight {tuple(weight.shape)}"
+            + ("" if fan_in_fan_out else "; a Conv1D weight needs fan_in_fan_out=True")
+        )
+    wide = torch.promote_types(weight.dtype, delta.dtype)
+    out = weight.to(wide) + delta.to(device=weight.device, dtype=wide)
+    return out.to(weight.dtype)

@@ -1,0 +1,487 @@
+"""LoRA aggregation maths on exact numbers, each rule against a dense formula written out here."""
+
+import math
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from transformers.pytorch_utils import Conv1D
+
+from strategies.lora_math import (
+    delta_weight,
+    factored_svd,
+    fedex_residual,
+    fedit_cross_term,
+    flexlora_aggregate,
+    fold_into_weight,
+    hetlora_aggregate,
+    hetlora_prune_rank,
+    hetlora_self_pruning_penalty,
+    hetlora_truncate,
+    normalise_weights,
+    product_sum,
+    stack_factors,
+    truncate_to_rank,
+    weighted_mean,
+)
+
+F64 = torch.float64
+D, K = 7, 5
+RANKS = [2, 3, 4]  # heterogeneous client ranks; sum 9 > min(D, K)
+COUNTS = [10.0, 30.0, 60.0]  # raw example counts; p = 0.1, 0.3, 0.6
+ALPHA = 8.0
+
+
+def randn(g, *shape):
+    return torch.randn(*shape, generator=g, dtype=F64)
+
+
+def clients(seed, ranks, d=D, k=K):
+    g = torch.Generator().manual_seed(seed)
+    return [randn(g, d, r) for r in ranks], [randn(g, r, k) for r in ranks]
+
+
+def rel_err(x, y):
+    return float(torch.linalg.matrix_norm(x - y) / torch.linalg.matrix_norm(y))
+
+
+def dense_sum(bs, as_, p, s):
+    """sum_i p_i s_i B_i A_i, element by element from the definition."""
+    out = torch.zeros(bs[0].shape[0], as_[0].shape[1], dtype=F64)
+    for p_i, s_i, b, a in zip(p, s, bs, as_, strict=True):
+        for row in range(out.shape[0]):
+            for col in range(out.shape[1]):
+                out[row, col] += p_i * s_i * sum(b[row, j] * a[j, col] for j in range(b.shape[1]))
+    return out
+
+
+def dense_best_rank(w, r):
+    """Eckart-Young reference: truncated SVD of the dense matrix."""
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r, :]
+
+
+# --- weights and FedIT ---------------------------------------------------------------------------
+
+
+def test_normalise_weights_divides_by_the_total():
+    # Prepare / Execute
+    p = normalise_weights([1, 3])
+    # Assert
+    assert p == [0.25, 0.75]
+
+
+@pytest.mark.parametrize("bad", [[], [0.0, 0.0], [-1.0, 2.0], [float("nan"), 1.0]])
+def test_normalise_weights_refuses_degenerate_weights(bad):
+    with pytest.raises(ValueError):
+        normalise_weights(bad)
+
+
+def test_weighted_mean_on_exact_numbers():
+    # Prepare
+    t1, t2 = torch.tensor([[1.0, 2.0]], dtype=F64), torch.tensor([[5.0, 10.0]], dtype=F64)
+    # Execute
+    out = weighted_mean([t1, t2], [1, 3])
+    # Assert: (1 * t1 + 3 * t2) / 4
+    assert out.tolist() == [[4.0, 8.0]]
+
+
+def test_fedit_cross_term_on_hand_numbers():
+    # Prepare: scalars B = 1, 3 and A = 2, 4 with equal weights
+    bs = [torch.tensor([[1.0]], dtype=F64), torch.tensor([[3.0]], dtype=F64)]
+    as_ = [torch.tensor([[2.0]], dtype=F64), torch.tensor([[4.0]], dtype=F64)]
+    # Execute
+    out = fedit_cross_term(bs, as_, [1, 1])
+    # Assert: mean of products (2 + 12) / 2 = 7, product of means 2 * 3 = 6
+    assert out.item() == pytest.approx(1.0, abs=1e-15)
+
+
+def test_fedit_cross_term_is_the_weighted_covariance_and_nonzero():
+    # Prepare
+    bs, as_ = clients(0, [3, 3, 3])
+    p = [c / sum(COUNTS) for c in COUNTS]
+    mean_b = sum(p_i * b for p_i, b in zip(p, bs, strict=True))
+    mean_a = sum(p_i * a for p_i, a in zip(p, as_, strict=True))
+    covariance = sum(
+        p_i * (b - mean_b) @ (a - mean_a) for p_i, b, a in zip(p, bs, as_, strict=True)
+    )
+    mean_of_products = dense_sum(bs, as_, p, [1.0] * 3)
+    # Execute
+    cross = fedit_cross_term(bs, as_, COUNTS)
+    # Assert: both identities, and FedIT is inexact here
+    assert rel_err(cross, mean_of_products - mean_b @ mean_a) < 1e-12
+    assert rel_err(cross, covariance) < 1e-12
+    assert float(torch.linalg.matrix_norm(cross)) > 0.1
+
+
+def test_fedit_cross_term_vanishes_with_a_frozen_shared_a():
+    # Prepare: FFA-LoRA keeps A frozen and identical on every client
+    bs, as_ = clients(1, [3, 3, 3])
+    shared = [as_[0]] * 3
+    # Execute
+    cross = fedit_cross_term(bs, shared, COUNTS)
+    # Assert
+    assert float(torch.linalg.matrix_norm(cross)) < 1e-12
+
+
+def test_product_sum_matches_the_definition_with_heterogeneous_ranks():
+    # Prepare
+    bs, as_ = clients(2, RANKS)
+    scalings = [ALPHA / r for r in RANKS]
+    p = [c / sum(COUNTS) for c in COUNTS]
+    # Execute
+    out = product_sum(bs, as_, COUNTS, scalings)
+    # Assert
+    assert rel_err(out, dense_sum(bs, as_, p, scalings)) < 1e-12
+
+
+# --- FLoRA stacking and the factored SVD ---------------------------------------------------------
+
+
+def test_stack_factors_product_is_the_exact_weighted_sum():
+    # Prepare
+    bs, as_ = clients(3, RANKS)
+    scalings = [ALPHA / r for r in RANKS]
+    p = [c / sum(COUNTS) for c in COUNTS]
+    # Execute
+    stacked_b, stacked_a = stack_factors(bs, as_, COUNTS, scalings)
+    # Assert
+    assert stacked_b.shape == (D, sum(RANKS)) and stacked_a.shape == (sum(RANKS), K)
+    assert rel_err(stacked_b @ stacked_a, dense_sum(bs, as_, p, scalings)) < 1e-10
+
+
+@pytest.mark.parametrize("m", [3, 9])  # m < min(d, k) and m > min(d, k)
+def test_factored_svd_matches_the_dense_svd(m):
+    # Prepare
+    g = torch.Generator().manual_seed(4)
+    b, a = randn(g, D, m), randn(g, m, K)
+    dense_s = torch.linalg.svdvals(b @ a)
+    # Execute
+    u, s, v = factored_svd(b, a)
+    # Assert
+    n = min(m, D, K)
+    assert u.shape == (D, n) and s.shape == (n,) and v.shape == (K, n)
+    assert torch.all(s[:-1] >= s[1:])
+    assert torch.allclose(s, dense_s[:n], rtol=0, atol=1e-8 * float(dense_s[0]))
+    assert rel_err(u @ torch.diag(s) @ v.T, b @ a) < 1e-10
+    assert torch.allclose(u.T @ u, torch.eye(n, dtype=F64), atol=1e-10)
+    assert torch.allclose(v.T @ v, torch.eye(n, dtype=F64), atol=1e-10)
+
+
+def test_factored_svd_cuts_to_the_requested_rank():
+    # Prepare
+    g = torch.Generator().manual_seed(5)
+    b, a = randn(g, D, 4), randn(g, 4, K)
+    # Execute
+    u, s, v = factored_svd(b, a, rank=2)
+    # Assert
+    assert u.shape == (D, 2) and s.shape == (2,) and v.shape == (K, 2)
+    assert rel_err(u @ torch.diag(s) @ v.T, dense_best_rank(b @ a, 2)) < 1e-10
+
+
+def test_factored_svd_at_256_by_256_matches_the_dense_svd():
+    # Prepare: three clients of rank 8, stacked to m = 24
+    bs, as_ = clients(6, [8, 8, 8], d=256, k=256)
+    b, a = stack_factors(bs, as_, COUNTS, [ALPHA / 8] * 3)
+    dense = b @ a
+    dense_s = torch.linalg.svdvals(dense)
+    # Execute
+    u, s, v = factored_svd(b, a)
+    # Assert
+    assert s.shape == (24,)
+    assert torch.allclose(s, dense_s[:24], rtol=0, atol=1e-8 * float(dense_s[0]))
+    assert float(dense_s[24]) < 1e-10 * float(dense_s[0])  # the product has rank 24
+    assert rel_err(u @ torch.diag(s) @ v.T, dense) < 1e-10
+    for r in (4, 16):
+        assert rel_err(u[:, :r] @ torch.diag(s[:r]) @ v[:, :r].T, dense_best_rank(dense, r)) < 1e-8
+
+
+# --- truncation and FlexLoRA ---------------------------------------------------------------------
+
+
+def test_truncate_to_rank_splits_balanced_factors():
+    # Prepare
+    g = torch.Generator().manual_seed(7)
+    u, s, v = factored_svd(randn(g, D, 4), randn(g, 4, K))
+    scaling = ALPHA / 2
+    # Execute
+    b, a = truncate_to_rank(u, s, v, 2, scaling)
+    # Assert: scaling * B A is the rank-2 part; each factor carries sqrt(S / scaling)
+    assert b.shape == (D, 2) and a.shape == (2, K)
+    assert rel_err(scaling * b @ a, u[:, :2] @ torch.diag(s[:2]) @ v[:, :2].T) < 1e-12
+    expected = torch.sqrt(s[:2] / scaling)
+    assert torch.allclose(torch.linalg.vector_norm(b, dim=0), expected, atol=1e-12)
+    assert torch.allclose(torch.linalg.vector_norm(a, dim=1), expected, atol=1e-12)
+
+
+def test_truncate_to_rank_zero_pads_beyond_the_available_components():
+    # Prepare: only 3 singular values exist
+    g = torch.Generator().manual_seed(8)
+    b0, a0 = randn(g, D, 3), randn(g, 3, K)
+    u, s, v = factored_svd(b0, a0)
+    # Execute
+    b, a = truncate_to_rank(u, s, v, 6, 2.0)
+    # Assert
+    assert b.shape == (D, 6) and a.shape == (6, K)
+    assert torch.all(b[:, 3:] == 0) and torch.all(a[3:, :] == 0)
+    assert rel_err(2.0 * b @ a, b0 @ a0) < 1e-12
+
+
+def test_flexlora_full_rank_reconstruction_is_the_dense_weighted_sum():
+    # Prepare
+    bs, as_ = clients(9, RANKS)
+    scalings = [ALPHA / r for r in RANKS]
+    p = [c / sum(COUNTS) for c in COUNTS]
+    # Execute: rank 9 = sum r_i >= min(d, k), nothing is lost
+    [(b, a)] = flexlora_aggregate(bs, as_, COUNTS, scalings, [9], [ALPHA / 9])
+    # Assert
+    assert b.shape == (D, 9) and a.shape == (9, K)
+    assert rel_err(ALPHA / 9 * b @ a, dense_sum(bs, as_, p, scalings)) < 1e-10
+
+
+def test_flexlora_truncations_are_the_dense_best_rank_approximations():
+    # Prepare
+    bs, as_ = clients(10, RANKS)
+    scalings = [ALPHA / r for r in RANKS]
+    p = [c / sum(COUNTS) for c in COUNTS]
+    dense = dense_sum(bs, as_, p, scalings)
+    # Execute
+    out = flexlora_aggregate(bs, as_, COUNTS, scalings, RANKS, scalings)
+    # Assert
+    assert len(out) == len(RANKS)
+    for (b, a), r, s in zip(out, RANKS, scalings, strict=True):
+        assert b.shape == (D, r) and a.shape == (r, K)
+        assert rel_err(s * b @ a, dense_best_rank(dense, r)) < 1e-8
+
+
+def test_flexlora_no_rank_r_matrix_tried_is_closer():
+    # Prepare
+    bs, as_ = clients(11, RANKS)
+    scalings = [ALPHA / r for r in RANKS]
+    p = [c / sum(COUNTS) for c in COUNTS]
+    dense = dense_sum(bs, as_, p, scalings)
+    r = 2
+    [(b, a)] = flexlora_aggregate(bs, as_, COUNTS, scalings, [r], [ALPHA / r])
+    best = float(torch.linalg.matrix_norm(dense - ALPHA / r * b @ a))
+    g = torch.Generator().manual_seed(12)
+    # Execute: random rank-r matrices, and rank-r perturbations of the optimum
+    trials = [randn(g, D, r) @ randn(g, r, K) for _ in range(20)]
+    trials += [
+        (b + 1e-3 * randn(g, D, r)) @ (a + 1e-3 * randn(g, r, K)) * ALPHA / r for _ in range(20)
+    ]
+    # Assert
+    for x in trials:
+        assert float(torch.linalg.matrix_norm(dense - x)) >= best
+
+
+# --- HetLoRA -------------------------------------------------------------------------------------
+
+
+def test_hetlora_pads_a_lower_rank_client_with_zeros():
+    # Prepare
+    bs, as_ = clients(13, [2])
+    # Execute
+    b, a = hetlora_aggregate(bs, as_, [5], r_max=4)
+    # Assert
+    assert b.shape == (D, 4) and a.shape == (4, K)
+    assert torch.equal(b[:, :2], bs[0]) and torch.equal(a[:2], as_[0])
+    assert torch.all(b[:, 2:] == 0) and torch.all(a[2:] == 0)
+
+
+def test_hetlora_weights_clients_by_examples_times_product_norm():
+    # Prepare
+    bs, as_ = clients(14, RANKS)
+    r_max = 4
+    raw = [
+        n * float(torch.linalg.matrix_norm(b @ a)) for n, b, a in zip(COUNTS, bs, as_, strict=True)
+    ]
+    q = [w / sum(raw) for w in raw]
+    padded_b = [torch.cat([b, torch.zeros(D, r_max - b.shape[1], dtype=F64)], 1) for b in bs]
+    padded_a = [torch.cat([a, torch.zeros(r_max - a.shape[0], K, dtype=F64)], 0) for a in as_]
+    expected_b = sum(q_i * b for q_i, b in zip(q, padded_b, strict=True))
+    expected_a = sum(q_i * a for q_i, a in zip(q, padded_a, strict=True))
+    # Execute
+    b, a = hetlora_aggregate(bs, as_, COUNTS, r_max)
+    # Assert
+    assert b.shape == (D, r_max) and a.shape == (r_max, K)
+    assert rel_err(b, expected_b) < 1e-12
+    assert rel_err(a, expected_a) < 1e-12
+
+
+def test_hetlora_falls_back_to_example_weights_when_every_product_is_zero():
+    # Prepare: B = 0 as in peft's initialisation
+    _, as_ = clients(15, [3, 3])
+    bs = [torch.zeros(D, 3, dtype=F64)] * 2
+    # Execute
+    _, a = hetlora_aggregate(bs, as_, [1, 3], r_max=3)
+    # Assert
+    assert rel_err(a, 0.25 * as_[0] + 0.75 * as_[1]) < 1e-12
+
+
+def test_hetlora_refuses_a_rank_above_r_max():
+    bs, as_ = clients(16, [4])
+    with pytest.raises(ValueError):
+        hetlora_aggregate(bs, as_, [1], r_max=3)
+
+
+def test_hetlora_truncate_keeps_the_leading_components():
+    # Prepare
+    bs, as_ = clients(17, [4])
+    # Execute
+    b, a = hetlora_truncate(bs[0], as_[0], 2)
+    # Assert
+    assert torch.equal(b, bs[0][:, :2]) and torch.equal(a, as_[0][:2, :])
+
+
+@pytest.mark.parametrize("r, r_keep", [(4, 2), (3, 2)])
+def test_hetlora_penalty_is_gamma_times_the_tail_norm_product(r, r_keep):
+    # Prepare: tail rows/columns hold a 3-4-5 triangle and a 6-8-10 one
+    b = torch.ones(D, r, dtype=F64)
+    a = torch.ones(r, K, dtype=F64)
+    b[:, r_keep:] = 0
+    b[0, r_keep], b[1, r_keep] = 3.0, 4.0
+    a[r_keep:, :] = 0
+    a[r_keep, 0], a[r_keep, 1] = 6.0, 8.0
+    b.requires_grad_(True)
+    # Execute
+    penalty = hetlora_self_pruning_penalty(b, a, r, gamma=0.5)
+    penalty.backward()
+    # Assert: 0.5 * ||tail A|| * ||tail B|| = 0.5 * 10 * 5, and it is differentiable
+    assert penalty.item() == pytest.approx(25.0, rel=1e-14)
+    assert b.grad is not None and torch.all(b.grad[:, :r_keep] == 0)
+    assert b.grad[0, r_keep].item() == pytest.approx(0.5 * 10 * 3 / 5, rel=1e-14)
+
+
+def test_hetlora_penalty_gradient_is_finite_at_peft_initialisation():
+    b = torch.zeros(D, 4, dtype=F64, requires_grad=True)
+    a = torch.zeros(4, K, dtype=F64, requires_grad=True)
+    hetlora_self_pruning_penalty(b, a, 4, gamma=1.0).backward()
+    assert b.grad is not None and a.grad is not None
+    assert torch.isfinite(b.grad).all() and torch.isfinite(a.grad).all()
+
+
+def test_hetlora_prune_rank_drops_a_negligible_tail_only():
+    # Prepare: head norm product is ||ones(7x2)|| * ||ones(2x5)|| = sqrt(14) * sqrt(10)
+    b = torch.ones(D, 4, dtype=F64)
+    a = torch.ones(4, K, dtype=F64)
+    b[:, 2:] = 1e-3
+    a[2:, :] = 1e-3
+    tail = (1e-3 * math.sqrt(14)) * (1e-3 * math.sqrt(10))
+    head = math.sqrt(14) * math.sqrt(10)
+    # Execute / Assert: threshold just above and just below the tail/head ratio
+    assert hetlora_prune_rank(b, a, 4, 0.5, threshold=1.01 * tail / head) == 2
+    assert hetlora_prune_rank(b, a, 4, 0.5, threshold=0.99 * tail / head) == 4
+    assert hetlora_prune_rank(b, a, 4, 0.0, threshold=1.0) == 4
+    assert hetlora_prune_rank(b[:, :1], a[:1], 1, 0.5, threshold=1.0) == 1
+
+
+# --- FedEx-LoRA and folding ----------------------------------------------------------------------
+
+
+def test_fedex_residual_makes_fedit_exact():
+    # Prepare
+    bs, as_ = clients(18, [3, 3, 3])
+    scaling = ALPHA / 3
+    p = [c / sum(COUNTS) for c in COUNTS]
+    mean_b = sum(p_i * b for p_i, b in zip(p, bs, strict=True))
+    mean_a = sum(p_i * a for p_i, a in zip(p, as_, strict=True))
+    exact = dense_sum(bs, as_, p, [scaling] * 3)
+    # Execute
+    r_b, r_a = fedex_residual(bs, as_, COUNTS, scaling)
+    # Assert
+    assert r_b.shape == (D, 12) and r_a.shape == (12, K)
+    assert rel_err(scaling * mean_b @ mean_a + r_b @ r_a, exact) < 1e-10
+    assert rel_err(r_b @ r_a, scaling * (exact / scaling - mean_b @ mean_a)) < 1e-10
+
+
+def test_every_rule_returns_identical_inputs_unchanged():
+    # Prepare
+    g = torch.Generator().manual_seed(19)
+    b0, a0 = randn(g, D, 3), randn(g, 3, K)
+    bs, as_ = [b0] * 3, [a0] * 3
+    scaling = ALPHA / 3
+    # Execute
+    mean_b, mean_a = weighted_mean(bs, COUNTS), weighted_mean(as_, COUNTS)
+    cross = fedit_cross_term(bs, as_, COUNTS)
+    [(flex_b, flex_a)] = flexlora_aggregate(bs, as_, COUNTS, [scaling] * 3, [3], [scaling])
+    het_b, het_a = hetlora_aggregate(bs, as_, COUNTS, r_max=3)
+    r_b, r_a = fedex_residual(bs, as_, COUNTS, scaling)
+    stacked_b, stacked_a = stack_factors(bs, as_, COUNTS)
+    # Assert
+    assert rel_err(mean_b, b0) < 1e-14 and rel_err(mean_a, a0) < 1e-14
+    assert float(torch.linalg.matrix_norm(cross)) < 1e-12
+    assert rel_err(scaling * flex_b @ flex_a, scaling * b0 @ a0) < 1e-10
+    assert rel_err(het_b, b0) < 1e-14 and rel_err(het_a, a0) < 1e-14
+    assert float(torch.linalg.matrix_norm(r_b @ r_a)) < 1e-12
+    assert rel_err(stacked_b @ stacked_a, b0 @ a0) < 1e-12
+
+
+def test_delta_weight_transposes_for_fan_in_fan_out():
+    # Prepare
+    bs, as_ = clients(20, [2])
+    b, a = bs[0], as_[0]
+    # Execute
+    plain = delta_weight(b, a, 2.0)
+    conv = delta_weight(b, a, 2.0, fan_in_fan_out=True)
+    # Assert
+    assert torch.equal(plain, 2.0 * b @ a)
+    assert torch.equal(conv, (2.0 * b @ a).T)
+
+
+def test_fold_into_weight_keeps_the_weight_dtype_and_checks_shapes():
+    # Prepare
+    bs, as_ = clients(21, [2])
+    weight = torch.zeros(D, K, dtype=torch.float32)
+    # Execute
+    folded = fold_into_weight(weight, bs[0], as_[0], 0.5)
+    # Assert
+    assert folded.dtype == torch.float32
+    assert torch.allclose(folded.double(), 0.5 * bs[0] @ as_[0], atol=1e-6)
+    with pytest.raises(ValueError):
+        fold_into_weight(weight.T, bs[0], as_[0], 0.5)
+
+
+def test_fold_into_a_conv1d_weight_matches_the_lora_forward():
+    # Prepare: Conv1D stores its weight as (in, out); LoRA has A (r x in) and B (out x r)
+    d_in, d_out, r, alpha = 5, 7, 3, 6.0
+    scaling = alpha / r
+    torch.manual_seed(22)
+    conv = Conv1D(nf=d_out, nx=d_in).double()
+    torch.nn.init.normal_(conv.bias)
+    g = torch.Generator().manual_seed(22)
+    b, a, x = randn(g, d_out, r), randn(g, r, d_in), randn(g, 4, d_in)
+    with torch.no_grad():
+        expected = x @ conv.weight + conv.bias + scaling * x @ (b @ a).T
+        # Execute: fold, then run the real module
+        conv.weight.copy_(fold_into_weight(conv.weight, b, a, scaling, fan_in_fan_out=True))
+        folded_out = conv(x)
+    # Assert
+    assert conv.weight.shape == (d_in, d_out)
+    assert rel_err(folded_out, expected) < 1e-12
+
+
+def test_fold_into_a_conv1d_weight_matches_peft_lora_on_conv1d():
+    # Prepare: peft's own LoRA layer on a Conv1D (fan_in_fan_out=True), factors set by hand
+    d_in, d_out, r, alpha = 5, 7, 3, 6.0
+    torch.manual_seed(23)
+    model = torch.nn.Sequential()
+    model.add_module("c_attn", Conv1D(nf=d_out, nx=d_in))
+    model = model.double()
+    base_weight = model.c_attn.weight.detach().clone()
+    config = LoraConfig(target_modules=["c_attn"], r=r, lora_alpha=alpha, fan_in_fan_out=True)
+    model = inject_adapter_in_model(config, model)
+    layer = model.c_attn
+    g = torch.Generator().manual_seed(23)
+    b, a, x = randn(g, d_out, r), randn(g, r, d_in), randn(g, 4, d_in)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(a)
+        layer.lora_B["default"].weight.copy_(b)
+        lora_out = model(x)
+        # Execute
+        folded = Conv1D(nf=d_out, nx=d_in).double()
+        folded.weight.copy_(fold_into_weight(base_weight, b, a, alpha / r, fan_in_fan_out=True))
+        folded.bias.copy_(layer.base_layer.bias)
+        folded_out = folded(x)
+    # Assert
+    assert layer.scaling["default"] == alpha / r
+    assert rel_err(folded_out, lora_out) < 1e-12

@@ -1,0 +1,129 @@
+"""PEFT-aware strategies on exact numbers, against dense formulas written out here."""
+
+import pytest
+import torch
+
+from fedpeft.config import ScenarioError, load_scenario
+from strategies import build_strategy
+from strategies.testing import aggregate_with
+
+D, K = 6, 5
+A_KEY, B_KEY, HEAD = "m.lora_A.weight", "m.lora_B.weight", "classifier.weight"
+
+
+def _client(seed, r=2):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        A_KEY: torch.randn(r, K, generator=g, dtype=torch.float64),
+        B_KEY: torch.randn(D, r, generator=g, dtype=torch.float64),
+        HEAD: torch.randn(3, D, generator=g, dtype=torch.float64),
+    }
+
+
+def _scenario(name, *extra):
+    return load_scenario("smoke", [f"strategy.name='{name}'", "peft.alpha=4", "peft.r=2", *extra])
+
+
+def test_fedit_shows_the_cross_term():
+    c1, c2 = _client(1), _client(2)
+    out = aggregate_with("fedit", [c1, c2], [1, 3], scenario=_scenario("fedit"))
+    p1, p2 = 0.25, 0.75
+    exact = p1 * c1[B_KEY] @ c1[A_KEY] + p2 * c2[B_KEY] @ c2[A_KEY]
+    b_bar, a_bar = p1 * c1[B_KEY] + p2 * c2[B_KEY], p1 * c1[A_KEY] + p2 * c2[A_KEY]
+    torch.testing.assert_close(out[B_KEY] @ out[A_KEY], b_bar @ a_bar)
+    cross = p1 * (c1[B_KEY] - b_bar) @ (c1[A_KEY] - a_bar) + p2 * (c2[B_KEY] - b_bar) @ (
+        c2[A_KEY] - a_bar
+    )
+    torch.testing.assert_close(exact - b_bar @ a_bar, cross)
+    assert cross.abs().max() > 1e-3
+
+
+def test_ffa_lora_never_sends_a_and_averages_b_exactly():
+    current = _client(0)
+    strategy = build_strategy(_scenario("ffa_lora"))
+    assert A_KEY not in strategy.down_state(1, 1) if strategy.global_state else True
+    c1 = {k: v for k, v in _client(1).items() if k != A_KEY}
+    c2 = {k: v for k, v in _client(2).items() if k != A_KEY}
+    out = aggregate_with("ffa_lora", [c1, c2], [1, 3], current=current, strategy=strategy)
+    assert A_KEY not in strategy.down_state(2, 1)
+    torch.testing.assert_close(out[A_KEY], current[A_KEY])  # the shared A stays
+    exact = 0.25 * c1[B_KEY] @ current[A_KEY] + 0.75 * c2[B_KEY] @ current[A_KEY]
+    torch.testing.assert_close(out[B_KEY] @ out[A_KEY], exact)
+    assert strategy.instructions(2, 1)["train-factors"] == "head,lora_B"
+
+
+def test_fedsa_lora_averages_a_and_keeps_b_local():
+    current = _client(0)
+    strategy = build_strategy(_scenario("fedsa_lora"))
+    c1 = {k: v for k, v in _client(1).items() if k != B_KEY}
+    c2 = {k: v for k, v in _client(2).items() if k != B_KEY}
+    out = aggregate_with("fedsa_lora", [c1, c2], [1, 3], current=current, strategy=strategy)
+    torch.testing.assert_close(out[A_KEY], 0.25 * c1[A_KEY] + 0.75 * c2[A_KEY])
+    assert B_KEY not in strategy.down_state(2, 1)
+    assert strategy.instructions(2, 1)["personal-factors"] == "lora_B"
+    assert strategy.fraction_evaluate > 0  # personalised evaluation runs
+
+
+def test_rolora_alternates_the_trained_factor():
+    strategy = build_strategy(_scenario("rolora"))
+    assert strategy.instructions(1, 1)["train-factors"] == "head,lora_B"
+    assert strategy.instructions(2, 1)["train-factors"] == "head,lora_A"
+    current = _client(0)
+    c1 = {k: v for k, v in _client(1).items() if k != A_KEY}
+    out = aggregate_with("rolora", [c1, c1], [1, 1], current=current, strategy=strategy)
+    torch.testing.assert_close(out[A_KEY], current[A_KEY])
+    torch.testing.assert_close(out[B_KEY], c1[B_KEY])
+
+
+def test_flexlora_gives_the_best_low_rank_approximation_of_the_exact_sum():
+    alpha, ranks = 4.0, [2, 3, 4]
+    scenario = _scenario("flexlora", "peft.client_ranks=[2,3,4]", "data.num_clients=3")
+    clients = [_client(i + 1, r) for i, r in enumerate(ranks)]
+    weights = [1, 2, 3]
+    out = aggregate_with("flexlora", clients, weights, scenario=scenario, current=_client(0, 4))
+    dense = sum(
+        (w / 6) * (alpha / r) * c[B_KEY] @ c[A_KEY]
+        for c, w, r in zip(clients, weights, ranks, strict=True)
+    )
+    u, s, vh = torch.linalg.svd(dense)
+    best4 = u[:, :4] @ torch.diag(s[:4]) @ vh[:4, :]
+    server_scaling = alpha / 4  # the server model has the largest rank
+    torch.testing.assert_close(
+        server_scaling * out[B_KEY] @ out[A_KEY], best4, rtol=1e-5, atol=1e-8
+    )
+    torch.testing.assert_close(
+        out[HEAD], sum(w / 6 * c[HEAD] for c, w in zip(clients, weights, strict=True))
+    )
+
+
+def test_hetlora_pads_and_truncates():
+    scenario = _scenario("hetlora", "peft.client_ranks=[2,4]")
+    same = _client(5, 2)
+    padded = {
+        A_KEY: torch.cat([same[A_KEY], torch.zeros(2, K, dtype=torch.float64)]),
+        B_KEY: torch.cat([same[B_KEY], torch.zeros(D, 2, dtype=torch.float64)], dim=1),
+        HEAD: same[HEAD],
+    }
+    strategy = build_strategy(scenario)
+    out = aggregate_with("hetlora", [same, same], [1, 1], current=padded, strategy=strategy)
+    torch.testing.assert_close(out[A_KEY], padded[A_KEY])
+    torch.testing.assert_close(out[B_KEY], padded[B_KEY])
+    strategy.node_ranks[7] = 2
+    assert strategy.down_state(2, 7)[A_KEY].shape == (2, K)
+    assert strategy.instructions(2, 7)["alpha-mode"] == "shared-scaling"
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa_lora", "rolora", "fedavg", "fedprox"])
+def test_homogeneous_strategies_refuse_heterogeneous_ranks(name):
+    with pytest.raises(ScenarioError, match=f"strategy.name='{name}'.*peft.client_ranks"):
+        build_strategy(_scenario(name, "peft.client_ranks=[2,4]"))
+
+
+@pytest.mark.parametrize(
+    "name", ["fedit", "ffa_lora", "fedsa_lora", "rolora", "flexlora", "hetlora"]
+)
+def test_identical_updates_return_that_update(name):
+    c = _client(3)
+    out = aggregate_with(name, [c, c, c], [1, 2, 5], current=c, scenario=_scenario(name))
+    torch.testing.assert_close(out[B_KEY] @ out[A_KEY], c[B_KEY] @ c[A_KEY])
+    torch.testing.assert_close(out[HEAD], c[HEAD])
