@@ -49,6 +49,12 @@ def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
     cached_peft_model(scenario.model, scenario.peft, data.num_labels, scenario.seed)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from fedpeft.compare import run_compare
+
+    return run_compare(args.scenario, args.strategies, args.seeds, args.vary, args.set, args.out)
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.keys:
         from fedpeft.config import help_lines
@@ -93,6 +99,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=_cmd_run)
+    cmp = sub.add_parser("compare", help="run a scenario per strategy x --vary value x seed")
+    cmp.add_argument("scenario", help="scenario TOML path or bundled name")
+    cmp.add_argument("--strategies", required=True, metavar="A,B,C", help="strategies to compare")
+    cmp.add_argument("--seeds", metavar="0,1,2", help="seeds (default: the scenario's seed)")
+    cmp.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
+                     help="sweep a key over TOML values (split on top-level commas)")  # fmt: skip
+    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a scenario key in every cell (TOML value)")  # fmt: skip
+    cmp.add_argument("--out", help="output folder (default: runs/compare-<scenario>-<timestamp>/)")
+    cmp.set_defaults(func=_cmd_compare)
     lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
     lst.add_argument("--keys", action="store_true", help="list every scenario key instead")
     lst.set_defaults(func=_cmd_list)
