@@ -20,7 +20,9 @@ from fedpeft import models, records
 from fedpeft.adapters import (
     AdapterState,
     adapter_parameters,
+    base_delta_from_state,
     factor_of,
+    fold_base_delta,
     get_adapter_state,
     lora_pairs,
     set_adapter_state,
@@ -108,6 +110,14 @@ def _prepare(msg: Message, context: Context) -> Job:
     model.to(device)
     job = Job(scenario, config, partition_id, rank, model, device, store)
 
+    # frozen base: W0 plus whatever the strategy folded into it (FLoRA, FedEx-LoRA)
+    content = msg.content.array_records
+    fold_base_delta(
+        model,
+        base_delta_from_state(arrayrecord_to_state(content[records.BASE_DELTA]))
+        if records.BASE_DELTA in content
+        else {},
+    )
     # initial adapter (same seed everywhere) <- global tensors <- this client's own tensors
     initial = initial_adapter_state(scenario.model, peft_cfg, num_labels, scenario.seed)
     received = fit_rank(arrayrecord_to_state(msg.content.array_records[records.ARRAYS]), initial)

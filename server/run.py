@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -13,11 +14,13 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedpeft import records
 from fedpeft.adapters import (
     base_model_tensors,
     count_trainable,
+    fold_base_delta,
     get_adapter_state,
     save_adapter,
     set_adapter_state,
@@ -36,6 +39,7 @@ from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json
 from fedpeft.train import evaluate
 from server.grid import CountingGrid
 from strategies import build_strategy
+from strategies.adapter_strategy import AdapterStrategy
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +64,29 @@ def eval_data_record(scenario: Scenario, examples: int) -> dict[str, Any]:
         "examples": examples,  # the first N examples of that split
         "max_length": scenario.data.max_length,
     }
+
+
+def save_final_adapter(
+    strategy: Strategy, model: torch.nn.Module, scenario: Scenario, num_labels: int, where: Path
+) -> None:
+    """Save the final global adapter in peft format, loadable onto the original base.
+
+    A strategy that changed the base weights (FLoRA, FedEx-LoRA) exports an adapter that
+    carries the change too; it is saved from a fresh copy of the untouched base model.
+    """
+    if not isinstance(strategy, AdapterStrategy):
+        save_adapter(model, where)
+        return
+    state, rank, alpha = strategy.export()
+    server_peft = scenario.peft_for_rank(scenario.max_rank)
+    if (rank, alpha) == (server_peft.r, server_peft.alpha) and not strategy.base_delta:
+        set_adapter_state(model, state)
+        save_adapter(model, where)
+        return
+    export_peft = dataclasses.replace(server_peft, r=rank, alpha=alpha)
+    fresh = cached_peft_model(scenario.model, export_peft, num_labels, scenario.seed)
+    set_adapter_state(fresh, state)
+    save_adapter(fresh, where)
 
 
 def check_node_count(grid: Grid, scenario: Scenario) -> None:
@@ -116,6 +143,7 @@ def run_federation(
     )
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        fold_base_delta(model, getattr(strategy, "base_delta", {}))
         set_adapter_state(model, arrayrecord_to_state(arrays))
         metrics = evaluate(
             model,
@@ -169,7 +197,7 @@ def run_federation(
 
     final = result.arrays if len(result.arrays) else initial
     set_adapter_state(model, arrayrecord_to_state(final))
-    save_adapter(model, out_dir / ADAPTER_DIR)
+    save_final_adapter(strategy, model, scenario, data.num_labels, out_dir / ADAPTER_DIR)
     rows = log.rows
     up_total = sum(r["bytes_up"] for r in rows)
     down_total = sum(r["bytes_down"] for r in rows)

@@ -98,11 +98,13 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
 # Strategy modules register themselves on import.
 from strategies import (  # noqa: E402,F401
     fedavg,
+    fedex_lora,
     fedit,
     fedopt,
     fedsa_lora,
     ffa_lora,
     flexlora,
+    flora,
     hetlora,
     rolora,
 )

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from fedpeft import records
-from fedpeft.adapters import AdapterState
+from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 
@@ -48,6 +48,8 @@ class AdapterStrategy(FedAvg):
         self.scenario = scenario
         self.global_state: AdapterState = {}
         self.node_ranks: dict[int, int] = {}  # learned from replies ("rank" metric)
+        #: factored change of the frozen base weights, sent to every node (FLoRA, FedEx)
+        self.base_delta: BaseDelta = {}
 
     # ---------------------------------------------------------------- the rule (override)
     def down_state(self, server_round: int, node_id: int) -> AdapterState:
@@ -75,6 +77,15 @@ class AdapterStrategy(FedAvg):
     def eval_state(self) -> AdapterState:
         """The full adapter the server evaluates and saves (at the server model's rank)."""
         return self.global_state
+
+    def export(self) -> tuple[AdapterState, int, float]:
+        """The final adapter as (state, LoRA rank, lora_alpha) for saving in peft format.
+
+        Strategies that change the base weights return an adapter that also carries that
+        change, so ``PeftModel.from_pretrained(original_base, ...)`` gives the same model.
+        """
+        s = self.scenario
+        return self.eval_state(), s.max_rank, s.peft_for_rank(s.max_rank).alpha
 
     def describe(self) -> str:
         """One line on the rule, logged by :meth:`summary`."""
@@ -116,6 +127,10 @@ class AdapterStrategy(FedAvg):
                     self.configrecord_key: node_config,
                 }
             )
+            if self.base_delta:  # counted as sent, like every other byte of the message
+                content[records.BASE_DELTA] = state_to_arrayrecord(
+                    base_delta_to_state(self.base_delta)
+                )
             messages.append(Message(content, dst_node_id=node_id, message_type=message_type))
         return messages
 

@@ -316,3 +316,22 @@ def fold_into_weight(
     wide = torch.promote_types(weight.dtype, delta.dtype)
     out = weight.to(wide) + delta.to(device=weight.device, dtype=wide)
     return out.to(weight.dtype)
+
+
+def accumulate_factors(
+    previous: tuple[Tensor, Tensor] | None, P: Tensor, Q: Tensor, rtol: float = 1e-9
+) -> tuple[Tensor, Tensor]:
+    """Add ``P @ Q`` to a running factored sum and re-factor it compactly.
+
+    Stacks the old and new factors, takes their factored SVD and keeps the components
+    whose singular value exceeds ``rtol`` times the largest, so the running sum of many
+    rounds (FLoRA merges, FedEx-LoRA residuals) stays at its numerical rank
+    (``<= min(d, k)``) instead of growing by the stacked rank every round.
+    """
+    if previous is not None:
+        P = torch.cat([previous[0], P], dim=1)
+        Q = torch.cat([previous[1], Q], dim=0)
+    u, s, v = factored_svd(P, Q)
+    keep = max(1, int((s > rtol * s.max()).sum().item())) if s.numel() and s.max() > 0 else 1
+    root = s[:keep].sqrt()
+    return u[:, :keep] * root, root[:, None] * v[:, :keep].mT

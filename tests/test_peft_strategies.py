@@ -127,3 +127,54 @@ def test_identical_updates_return_that_update(name):
     out = aggregate_with(name, [c, c, c], [1, 2, 5], current=c, scenario=_scenario(name))
     torch.testing.assert_close(out[B_KEY] @ out[A_KEY], c[B_KEY] @ c[A_KEY])
     torch.testing.assert_close(out[HEAD], c[HEAD])
+
+
+def _dense_update(clients, weights, alpha):
+    total = sum(weights)
+    return sum(
+        (w / total) * (alpha / c[A_KEY].shape[0]) * c[B_KEY] @ c[A_KEY]
+        for c, w in zip(clients, weights, strict=True)
+    )
+
+
+def test_flora_merges_the_exact_sum_of_products_round_after_round():
+    scenario = _scenario("flora", "peft.client_ranks=[2,3]")
+    strategy = build_strategy(scenario)
+    rounds = [[_client(1, 2), _client(2, 3)], [_client(3, 2), _client(4, 3)]]
+    expected = torch.zeros(D, K, dtype=torch.float64)
+    for t, clients in enumerate(rounds, start=1):
+        aggregate_with("flora", clients, [1, 3], current=_client(0, 3), strategy=strategy,
+                       server_round=t)  # fmt: skip
+        expected = expected + _dense_update(clients, [1, 3], 4.0)
+        p, q = strategy.base_delta["m"]
+        torch.testing.assert_close(p @ q, expected, rtol=1e-5, atol=1e-10)
+    assert B_KEY not in strategy.down_state(3, 1)  # adapters restart; only the head travels
+    state, rank, alpha = strategy.export()
+    assert rank == alpha == state[B_KEY].shape[1]
+    torch.testing.assert_close(state[B_KEY].double() @ state[A_KEY].double(), expected,
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def test_fedex_lora_adapter_plus_folded_residual_is_exact():
+    strategy = build_strategy(_scenario("fedex_lora"))
+    clients = [_client(1), _client(2), _client(3)]
+    out = aggregate_with("fedex_lora", clients, [1, 2, 5], current=_client(0), strategy=strategy)
+    scaling = 4.0 / 2
+    p, q = strategy.base_delta["m"]
+    torch.testing.assert_close(
+        scaling * out[B_KEY] @ out[A_KEY] + p @ q, _dense_update(clients, [1, 2, 5], 4.0),
+        rtol=1e-5, atol=1e-10,
+    )  # fmt: skip
+    state, _, _ = strategy.export()
+    exported = state[B_KEY].double() @ state[A_KEY].double()
+    torch.testing.assert_close(
+        exported, _dense_update(clients, [1, 2, 5], 4.0), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_fedex_lora_identical_updates_leave_no_residual():
+    strategy = build_strategy(_scenario("fedex_lora"))
+    c = _client(3)
+    aggregate_with("fedex_lora", [c, c], [1, 4], current=c, strategy=strategy)
+    p, q = strategy.base_delta["m"]
+    assert (p @ q).abs().max() < 1e-10

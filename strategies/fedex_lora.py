@@ -1,0 +1,61 @@
+"""FedEx-LoRA (Singhal et al., 2025): FedIT plus the exact residual folded into the base.
+
+The averaged factors ``B, A`` stay the global adapter; what FedIT misses,
+``s (sum p_i B_i A_i - B A)``, is folded into every client's frozen base weights (in peft's
+orientation, transposed for GPT-2's Conv1D). The server keeps the running residual in
+factored form (at most rank min(d, k)) and sends it with every instruction, counted as
+sent; base plus adapter then equal the exact weighted sum of the clients' updates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft.adapters import AdapterState, lora_pairs
+from fedpeft.config import Scenario
+from strategies import register_strategy
+from strategies.adapter_strategy import AdapterStrategy, weighted_average
+from strategies.flora import export_with_base
+from strategies.lora_math import accumulate_factors, fedex_residual
+
+
+class FedExLoRA(AdapterStrategy):
+    """FedEx-LoRA: FedIT's averages plus the residual folded into the frozen base."""
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Average every tensor; add this round's residual to the running base delta."""
+        scaling = self.scenario.peft.alpha / self.scenario.peft.r
+        for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
+            bs = [s[b_key].double() for s in states]
+            as_ = [s[a_key].double() for s in states]
+            p, q = fedex_residual(bs, as_, weights, scaling)
+            self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
+        self.global_state = weighted_average(states, weights)
+
+    def export(self) -> tuple[AdapterState, int, float]:
+        """One LoRA adapter carrying the residuals and ``s B A`` (scaling 1: alpha = rank)."""
+        scaling = self.scenario.peft.alpha / self.scenario.peft.r
+        extra = {
+            module: (scaling * self.global_state[b].double(), self.global_state[a].double())
+            for module, (a, b) in lora_pairs(list(self.global_state)).items()
+        }
+        return export_with_base(self.global_state, self.base_delta, extra)
+
+
+def build_fedex_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """FedEx-LoRA with FedAvg's sampling."""
+    return FedExLoRA(scenario, sampling)
+
+
+register_strategy(
+    "fedex_lora", "FedIT plus the exact residual folded into the frozen base weights",
+    build_fedex_lora, lora_only=True,
+)  # fmt: skip

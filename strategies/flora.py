@@ -1,0 +1,106 @@
+"""FLoRA (Wang et al., 2024): stack the client adapters, merge them into the base, restart.
+
+``B = [B_1 .. B_K]`` and ``A = [p_1 s_1 A_1; ..; p_K s_K A_K]`` give ``B A = sum p_i s_i
+B_i A_i`` exactly, for any mix of ranks. Every client merges that update into its frozen
+base weights and starts a fresh adapter each round. The server keeps the merged total in
+factored form (re-factored to its numerical rank, at most min(d, k), after each round)
+and sends it with every instruction; that download grows with the merged rank and is
+counted as sent. The final adapter saved in peft format carries the whole merged update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp.strategy import Strategy
+
+from fedpeft import records
+from fedpeft.adapters import AdapterState, lora_pairs
+from fedpeft.config import Scenario
+from strategies import register_strategy
+from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, select, weighted_average
+from strategies.lora_math import accumulate_factors, stack_factors
+
+
+class FLoRA(AdapterStrategy):
+    """FLoRA: stack B_i and p_i s_i A_i (exact sum of products), merge into the base."""
+
+    heterogeneous_ranks = True
+
+    def down_state(self, server_round: int, node_id: int) -> AdapterState:
+        """Only the head: each round's adapter restarts from the shared initial LoRA."""
+        return select(self.global_state, {"head"})
+
+    def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
+        """Train and send a fresh adapter (the base delta travels in its own record)."""
+        return {records.TRAIN_FACTORS: ALL_FACTORS, records.SEND_FACTORS: ALL_FACTORS,
+                records.PERSONAL_FACTORS: ""}  # fmt: skip
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """Merge the stacked update into the running base delta; average the head."""
+        alpha = self.scenario.peft.alpha
+        for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
+            as_ = [s[a_key].double() for s in states]
+            bs = [s[b_key].double() for s in states]
+            p, q = stack_factors(bs, as_, weights, [alpha / a.shape[0] for a in as_])
+            self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
+        heads = [select(s, {"head"}) for s in states]
+        if heads[0]:
+            self.global_state.update(weighted_average(heads, weights))
+
+    def export(self) -> tuple[AdapterState, int, float]:
+        """One LoRA adapter whose ``B A`` is the merged total (scaling 1: alpha = rank)."""
+        return export_with_base(self.global_state, self.base_delta, extra=None)
+
+
+def export_with_base(
+    state: AdapterState,
+    base_delta: dict[str, tuple[Any, Any]],
+    extra: dict[str, tuple[Any, Any]] | None,
+) -> tuple[AdapterState, int, float]:
+    """Pack a base delta (plus optional scaled ``(B, A)`` per module) into one LoRA state.
+
+    Every module gets the same rank (the largest needed; others are zero-padded), and
+    ``alpha = rank`` makes peft's scaling 1, so ``B @ A`` is the delta itself.
+    """
+    import torch
+
+    pairs = lora_pairs(list(state))
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in pairs:
+        parts = [base_delta[module]] if module in base_delta else []
+        if extra and module in extra:
+            parts.append(extra[module])
+        if parts:
+            blocks[module] = (
+                torch.cat([p for p, _ in parts], 1),
+                torch.cat([q for _, q in parts], 0),
+            )
+    rank = max([b.shape[1] for b, _ in blocks.values()] or [1])
+    out = select(state, {"head"})
+    for module, (a_key, b_key) in pairs.items():
+        d, k = state[b_key].shape[0], state[a_key].shape[1]
+        b_full = torch.zeros(d, rank, dtype=torch.float64)
+        a_full = torch.zeros(rank, k, dtype=torch.float64)
+        if module in blocks:
+            b, a = blocks[module]
+            b_full[:, : b.shape[1]], a_full[: a.shape[0], :] = b, a
+        out[b_key], out[a_key] = b_full.float(), a_full.float()
+    return out, rank, float(rank)
+
+
+def build_flora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """FLoRA with FedAvg's sampling."""
+    return FLoRA(scenario, sampling)
+
+
+register_strategy(
+    "flora", "stack client factors (exact, any ranks), merge into the base, restart adapters",
+    build_flora, heterogeneous_ranks=True, lora_only=True,
+)  # fmt: skip
