@@ -58,11 +58,7 @@ class AdapterStrategy(FedAvg):
 
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """ConfigRecord entries telling the client what to train, send and keep."""
-        return {
-            records.TRAIN_FACTORS: ALL_FACTORS,
-            records.SEND_FACTORS: ALL_FACTORS,
-            records.PERSONAL_FACTORS: "",
-        }
+        return instruct(ALL_FACTORS)
 
     def aggregate_states(
         self,
@@ -71,8 +67,18 @@ class AdapterStrategy(FedAvg):
         weights: list[float],
         node_ids: list[int],
     ) -> None:
-        """Fold the clients' replies into ``self.global_state``."""
-        raise NotImplementedError
+        """Fold the clients' replies into ``self.global_state``.
+
+        Default: the example-weighted mean of whatever the clients sent replaces those
+        tensors of the global adapter (FedIT, and FFA/FedSA/RoLoRA on their subsets).
+        """
+        self.global_state = {**self.global_state, **weighted_average(states, weights)}
+
+    def average_heads(self, states: list[AdapterState], weights: list[float]) -> None:
+        """FedAvg on the non-LoRA tensors (the task head), for rules that treat A, B apart."""
+        heads = [select(s, {"head"}) for s in states]
+        if heads[0]:
+            self.global_state.update(weighted_average(heads, weights))
 
     def eval_state(self) -> AdapterState:
         """The full adapter the server evaluates and saves (at the server model's rank)."""
@@ -166,6 +172,22 @@ class AdapterStrategy(FedAvg):
         self.aggregate_states(server_round, states, weights, node_ids)
         metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
         return state_to_arrayrecord(self.eval_state()), metrics
+
+
+def instruct(
+    train: str, send: str | None = None, personal: str = "", **extra: str | int | float
+) -> dict[str, str | int | float]:
+    """Build client instructions for the ConfigRecord.
+
+    Comma-separated factors to train, to send back (default: the trained ones) and to
+    keep locally, plus strategy-specific entries (``alpha_mode`` becomes ``alpha-mode``).
+    """
+    return {
+        records.TRAIN_FACTORS: train,
+        records.SEND_FACTORS: train if send is None else send,
+        records.PERSONAL_FACTORS: personal,
+        **{key.replace("_", "-"): value for key, value in extra.items()},
+    }
 
 
 def select(state: AdapterState, factors: set[str]) -> AdapterState:

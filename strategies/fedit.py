@@ -11,24 +11,16 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft.adapters import AdapterState
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, weighted_average
+from strategies.adapter_strategy import AdapterStrategy
 
 
 class FedIT(AdapterStrategy):
-    """FedIT: weighted average of every adapter tensor, A and B separately."""
+    """FedIT: weighted average of every adapter tensor, A and B separately.
 
-    def aggregate_states(
-        self,
-        server_round: int,
-        states: list[AdapterState],
-        weights: list[float],
-        node_ids: list[int],
-    ) -> None:
-        """Average each factor (and the head) over the replies."""
-        self.global_state = weighted_average(states, weights)
+    This is :class:`AdapterStrategy`'s default rule, applied to the whole adapter.
+    """
 
 
 def build_fedit(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -12,11 +12,10 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import records
 from fedpeft.adapters import AdapterState
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, select, weighted_average
+from strategies.adapter_strategy import AdapterStrategy, instruct, select
 
 SHARED = {"lora_A", "head"}
 
@@ -32,21 +31,7 @@ class FedSALoRA(AdapterStrategy):
 
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """Train everything, send A and the head, keep B."""
-        return {
-            records.TRAIN_FACTORS: "head,lora_A,lora_B",
-            records.SEND_FACTORS: ",".join(sorted(SHARED)),
-            records.PERSONAL_FACTORS: "lora_B",
-        }
-
-    def aggregate_states(
-        self,
-        server_round: int,
-        states: list[AdapterState],
-        weights: list[float],
-        node_ids: list[int],
-    ) -> None:
-        """Average the shared tensors."""
-        self.global_state = {**self.global_state, **weighted_average(states, weights)}
+        return instruct("head,lora_A,lora_B", send=",".join(sorted(SHARED)), personal="lora_B")
 
 
 def build_fedsa_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -11,11 +11,10 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import records
 from fedpeft.adapters import AdapterState
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, select, weighted_average
+from strategies.adapter_strategy import AdapterStrategy, instruct, select
 
 TRAVELS = {"lora_B", "head"}
 
@@ -29,19 +28,7 @@ class FFALoRA(AdapterStrategy):
 
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """Train and send B (and the head); A stays at the shared init."""
-        factors = ",".join(sorted(TRAVELS))
-        return {records.TRAIN_FACTORS: factors, records.SEND_FACTORS: factors,
-                records.PERSONAL_FACTORS: ""}  # fmt: skip
-
-    def aggregate_states(
-        self,
-        server_round: int,
-        states: list[AdapterState],
-        weights: list[float],
-        node_ids: list[int],
-    ) -> None:
-        """Average B and the head; keep the shared A."""
-        self.global_state = {**self.global_state, **weighted_average(states, weights)}
+        return instruct(",".join(sorted(TRAVELS)))
 
 
 def build_ffa_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

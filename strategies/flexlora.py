@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, select, weighted_average
+from strategies.adapter_strategy import AdapterStrategy
 from strategies.lora_math import factored_svd, stack_factors, truncate_to_rank
 
 
@@ -64,9 +64,7 @@ class FlexLoRA(AdapterStrategy):
             scalings = [alpha / a.shape[0] for a in as_]
             stacked_b, stacked_a = stack_factors(bs, as_, weights, scalings)
             self.svd[module] = factored_svd(stacked_b, stacked_a)
-        heads = [select(s, {"head"}) for s in states]
-        if heads[0]:
-            self.global_state.update(weighted_average(heads, weights))
+        self.average_heads(states, weights)
 
     def eval_state(self) -> AdapterState:
         """The server model's (largest-rank) truncation."""

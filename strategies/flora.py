@@ -14,11 +14,10 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import records
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, select, weighted_average
+from strategies.adapter_strategy import AdapterStrategy, select
 from strategies.lora_math import accumulate_factors, stack_factors
 
 
@@ -30,11 +29,6 @@ class FLoRA(AdapterStrategy):
     def down_state(self, server_round: int, node_id: int) -> AdapterState:
         """Only the head: each round's adapter restarts from the shared initial LoRA."""
         return select(self.global_state, {"head"})
-
-    def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
-        """Train and send a fresh adapter (the base delta travels in its own record)."""
-        return {records.TRAIN_FACTORS: ALL_FACTORS, records.SEND_FACTORS: ALL_FACTORS,
-                records.PERSONAL_FACTORS: ""}  # fmt: skip
 
     def aggregate_states(
         self,
@@ -50,9 +44,7 @@ class FLoRA(AdapterStrategy):
             bs = [s[b_key].double() for s in states]
             p, q = stack_factors(bs, as_, weights, [alpha / a.shape[0] for a in as_])
             self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
-        heads = [select(s, {"head"}) for s in states]
-        if heads[0]:
-            self.global_state.update(weighted_average(heads, weights))
+        self.average_heads(states, weights)
 
     def export(self) -> tuple[AdapterState, int, float]:
         """One LoRA adapter whose ``B A`` is the merged total (scaling 1: alpha = rank)."""

@@ -14,11 +14,10 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import records
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, select, weighted_average
+from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, instruct
 from strategies.lora_math import hetlora_aggregate, hetlora_truncate
 
 
@@ -30,14 +29,12 @@ class HetLoRA(AdapterStrategy):
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """Train and send everything, with shared scaling and rank self-pruning."""
         s = self.scenario.strategy
-        return {
-            records.TRAIN_FACTORS: ALL_FACTORS,
-            records.SEND_FACTORS: ALL_FACTORS,
-            records.PERSONAL_FACTORS: "",
-            records.ALPHA_MODE: "shared-scaling",
-            records.PRUNE_GAMMA: s.hetlora_gamma,
-            records.PRUNE_THRESHOLD: s.hetlora_prune_threshold,
-        }
+        return instruct(
+            ALL_FACTORS,
+            alpha_mode="shared-scaling",
+            prune_gamma=s.hetlora_gamma,
+            prune_threshold=s.hetlora_prune_threshold,
+        )
 
     def down_state(self, server_round: int, node_id: int) -> AdapterState:
         """The first r_j components for a node of known rank r_j, else all of them."""
@@ -65,9 +62,7 @@ class HetLoRA(AdapterStrategy):
             )  # fmt: skip
             dtype = self.global_state[a_key].dtype
             self.global_state[a_key], self.global_state[b_key] = a.to(dtype), b.to(dtype)
-        heads = [select(s, {"head"}) for s in states]
-        if heads[0]:
-            self.global_state.update(weighted_average(heads, weights))
+        self.average_heads(states, weights)
 
 
 def build_hetlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

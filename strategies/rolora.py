@@ -11,11 +11,9 @@ from typing import Any
 
 from flwr.serverapp.strategy import Strategy
 
-from fedpeft import records
-from fedpeft.adapters import AdapterState
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, weighted_average
+from strategies.adapter_strategy import AdapterStrategy, instruct
 
 
 def trained_factor(server_round: int) -> str:
@@ -28,19 +26,7 @@ class RoLoRA(AdapterStrategy):
 
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """Train and send this round's factor and the head."""
-        factors = f"head,{trained_factor(server_round)}"
-        return {records.TRAIN_FACTORS: factors, records.SEND_FACTORS: factors,
-                records.PERSONAL_FACTORS: ""}  # fmt: skip
-
-    def aggregate_states(
-        self,
-        server_round: int,
-        states: list[AdapterState],
-        weights: list[float],
-        node_ids: list[int],
-    ) -> None:
-        """Average the factor trained this round (and the head)."""
-        self.global_state = {**self.global_state, **weighted_average(states, weights)}
+        return instruct(f"head,{trained_factor(server_round)}")
 
 
 def build_rolora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -68,6 +68,10 @@ def test_missing_file_and_unknown_name():
         (["run", "missing.toml"], "missing.toml"),
         (["run", "smoke", "--set", "strategy.name=fedmagic"], "unknown strategy.name 'fedmagic'"),
         (["run", "smoke", "--set", "peft.method=magic"], "unknown peft.method 'magic'"),
+        (
+            ["run", "smoke", "--set", "peft.client_ranks=[2,4]", "--set", "strategy.name=fedit"],
+            "strategy.name='fedit' cannot aggregate heterogeneous ranks",
+        ),
     ],
 )
 def test_cli_exits_2_with_one_line(args, fragment, tmp_path):

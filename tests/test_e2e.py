@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psutil
@@ -20,27 +21,31 @@ SUMMARY_KEYS = {
 }  # fmt: skip
 
 
-def _ray_like_pids() -> set[int]:
+def _pids_marked(marker: str) -> set[int]:
+    """Processes whose environment carries ``marker``: exactly those a run started
+    (Ray's daemons and workers inherit the environment of the command that started them)."""
     pids = set()
-    for p in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if any(s in cmd for s in ("ray::", "raylet", "gcs_server", "ray/_private", "superlink")):
-            pids.add(p.info["pid"])
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("FEDPEFT_TEST_RUN") == marker:
+                pids.add(p.info["pid"])
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
     return pids
 
 
 def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the console script in a fresh process; stop only the processes it left behind."""
-    before = _ray_like_pids()
+    marker = uuid.uuid4().hex
     proc = subprocess.run(
         [sys.executable, "-m", "fedpeft.cli", *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
     )
-    leftovers = _ray_like_pids() - before
+    leftovers = _pids_marked(marker)
     for pid in leftovers:  # started by this run, so ours to stop; the test still fails
         try:
             psutil.Process(pid).kill()
@@ -123,3 +128,35 @@ def test_smoke_runs_with_other_strategies(strategy, tmp_path):
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["scenario"]["strategy"]["name"] == strategy
     assert summary["rounds_completed"] == 2
+
+
+def test_heterogeneous_ranks_run_with_flexlora(tmp_path):
+    out = tmp_path / "o"
+    proc = run_fedpeft(
+        "run", "smoke", "--set", "peft.client_ranks=[2,4]", "--set", "strategy.name=flexlora",
+        "--out", str(out), cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ranks = {c["partition-id"]: c["rank"] for c in rows[-1]["client_metrics"]}
+    assert ranks == {0: 2, 1: 4}
+    summary = json.loads((out / "summary.json").read_text())
+    assert [c["rank"] for c in summary["clients"]] == [2, 4]
+
+
+PEFT_AWARE = "fedit,ffa_lora,fedsa_lora,rolora,flora,flexlora,hetlora,fedex_lora"
+
+
+def test_compare_runs_every_peft_aware_strategy(tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_fedpeft(
+        "compare", "smoke", "--strategies", PEFT_AWARE, "--set", "federation.rounds=1",
+        "--out", str(out), cwd=tmp_path, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = (out / "comparison.csv").read_text().splitlines()
+    rows = {line.split(",")[0]: line for line in table[1:]}
+    assert sorted(rows) == sorted(PEFT_AWARE.split(","))
+    assert all(",ok" in line or line.endswith("ok") for line in rows.values()), table
+    fedsa = json.loads((out / "cells" / "fedsa_lora-seed0" / "summary.json").read_text())
+    assert 0.0 <= fedsa["final"]["personal_accuracy"] <= 1.0

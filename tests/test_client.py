@@ -1,0 +1,86 @@
+"""The ClientApp's train function, called directly with real Messages: what a client
+trains, sends and keeps follows the server's instructions, and personal state persists."""
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from clients.app import _prepare
+from clients.app import train as client_train
+from fedpeft import records
+from fedpeft.adapters import factor_of, get_adapter_state
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.config import load_scenario
+from fedpeft.data import load_task_data
+from fedpeft.models import initial_adapter_state
+from fedpeft.state import ClientStateStore
+from strategies.testing import _ensure_task_identity
+
+SCENARIO = load_scenario("smoke", ["train.local_steps=3", "train.lr=0.05"])
+
+
+def _message(global_state, instructions, state_dir):
+    _ensure_task_identity()
+    config = ConfigRecord(
+        {
+            records.SCENARIO: SCENARIO.to_json(),
+            records.STATE_DIR: str(state_dir),
+            records.SERVER_ROUND: 1,
+            **instructions,
+        }  # fmt: skip
+    )
+    content = RecordDict(
+        {records.ARRAYS: state_to_arrayrecord(global_state), records.CONFIG: config}
+    )
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def _context(pid):
+    config = {records.NODE_PARTITION_ID: pid, records.NODE_NUM_PARTITIONS: 2}
+    return Context(run_id=1, node_id=1, node_config=config, state=RecordDict(), run_config={})
+
+
+def _initial():
+    labels = load_task_data(SCENARIO.data).num_labels
+    return initial_adapter_state(SCENARIO.model, SCENARIO.peft_for_rank(4), labels, SCENARIO.seed)
+
+
+FEDSA = {records.TRAIN_FACTORS: "head,lora_A,lora_B", records.SEND_FACTORS: "head,lora_A",
+         records.PERSONAL_FACTORS: "lora_B"}  # fmt: skip
+
+
+def test_personal_b_stays_with_its_client_and_newcomers_start_from_the_initial_b(tmp_path):
+    initial = _initial()
+    shared = {k: v for k, v in initial.items() if factor_of(k) != "lora_B"}
+    reply = client_train(_message(shared, FEDSA, tmp_path), _context(0))
+    sent = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+    assert sent and not any(factor_of(k) == "lora_B" for k in sent)  # B never leaves
+
+    kept = ClientStateStore(tmp_path).load(0)
+    assert kept and all(factor_of(k) == "lora_B" for k in kept)
+    assert any(v.abs().sum() > 0 for v in kept.values())  # it trained away from zero
+
+    again = get_adapter_state(_prepare(_message(shared, FEDSA, tmp_path), _context(0)).model)
+    for key, value in kept.items():
+        assert torch.equal(again[key], value)  # the owner gets its own B back
+    newcomer = get_adapter_state(_prepare(_message(shared, FEDSA, tmp_path), _context(1)).model)
+    for key in kept:
+        assert torch.equal(newcomer[key], initial[key])  # first time: the initial B
+
+
+def test_ffa_clients_share_the_seeded_a_and_never_send_it(tmp_path):
+    ffa = {records.TRAIN_FACTORS: "head,lora_B", records.SEND_FACTORS: "head,lora_B",
+           records.PERSONAL_FACTORS: ""}  # fmt: skip
+    initial = _initial()
+    only_b = {k: v for k, v in initial.items() if factor_of(k) != "lora_A"}
+    replies = [client_train(_message(only_b, ffa, tmp_path), _context(pid)) for pid in (0, 1)]
+    for reply in replies:
+        sent = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+        assert not any(factor_of(k) == "lora_A" for k in sent)
+    a_seen = [
+        {k: v for k, v in get_adapter_state(_prepare(_message(only_b, ffa, tmp_path),
+                                                      _context(pid)).model).items()
+         if factor_of(k) == "lora_A"}
+        for pid in (0, 1)
+    ]  # fmt: skip
+    for key, value in a_seen[0].items():
+        assert torch.equal(value, a_seen[1][key]) and torch.equal(value, initial[key])
