@@ -12,7 +12,7 @@ def test_every_bundled_scenario_loads_and_opens_with_its_command(name):
     path = scenarios.bundled()[name]
     first_line = path.read_text().splitlines()[0]
     scenario = load_scenario(name)
-    assert first_line.startswith("# fedpeft run ")
+    assert first_line.startswith(("# fedpeft run ", "# fedpeft compare "))
     assert scenario.name == name
     assert Scenario.from_json(scenario.to_json()) == scenario
 
