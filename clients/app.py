@@ -98,11 +98,14 @@ def _prepare(msg: Message, context: Context) -> Job:
     config = msg.content.config_records[records.CONFIG]
     scenario = Scenario.from_json(str(config[records.SCENARIO]))
     partition_id = _partition_id(context, scenario)
-    state_dir = str(context.node_config.get(records.STATE_DIR, config.get(records.STATE_DIR, "")))
+    state_dir = str(
+        context.node_config.get(records.NODE_STATE_DIR, config.get(records.STATE_DIR, ""))
+    )
     store = ClientStateStore(state_dir) if state_dir else None
     personal = store.load(partition_id) if store else {}
     shared_scaling = str(config.get(records.ALPHA_MODE, "per-rank")) == "shared-scaling"
-    rank = scenario.rank_of(partition_id)
+    # a real node may state its own rank (flower-supernode --node-config "rank=4")
+    rank = int(str(context.node_config.get(records.NODE_RANK, scenario.rank_of(partition_id))))
     peft_cfg = scenario.peft_for_rank(rank, shared_scaling)
     num_labels = load_task_data(scenario.data).num_labels
     model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed)

@@ -30,6 +30,8 @@ MODEL_LOADS = "model_loads"  # times this client process built its base model so
 # Node-config keys (set by Flower's simulation engine, or by `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
+NODE_RANK = "rank"  # a node's own LoRA rank, for heterogeneous-rank strategies
+NODE_STATE_DIR = "state-dir"  # where a real node keeps its per-client state
 
 # Run-config keys (pyproject's [tool.flwr.app.config])
 RUN_SCENARIO = "scenario"

@@ -67,6 +67,18 @@ def test_personal_b_stays_with_its_client_and_newcomers_start_from_the_initial_b
         assert torch.equal(newcomer[key], initial[key])  # first time: the initial B
 
 
+def test_a_node_may_state_its_own_rank(tmp_path):
+    initial = _initial()
+    context = _context(0)
+    context.node_config[records.NODE_RANK] = 3
+    job = _prepare(_message(initial, {}, tmp_path), context)
+    assert job.rank == 3
+    a_shapes = {
+        v.shape[0] for k, v in get_adapter_state(job.model).items() if factor_of(k) == "lora_A"
+    }
+    assert a_shapes == {3}
+
+
 def test_ffa_clients_share_the_seeded_a_and_never_send_it(tmp_path):
     ffa = {records.TRAIN_FACTORS: "head,lora_B", records.SEND_FACTORS: "head,lora_B",
            records.PERSONAL_FACTORS: ""}  # fmt: skip
