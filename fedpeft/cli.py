@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -22,6 +23,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     try:
         simulate(scenario, out_dir, verbose=args.verbose)
+    except KeyboardInterrupt:
+        # The ServerApp runs in a worker thread that would finish its rounds first; Ray is
+        # already stopped (simulate's finally), and metrics.jsonl holds every finished round.
+        print(f"fedpeft: interrupted; rounds finished so far are in {out_dir}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(130)
     except ScenarioError:
         raise
     except Exception as err:  # noqa: BLE001 - report, keep the traceback in the run folder

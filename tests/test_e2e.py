@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -34,6 +36,14 @@ def _pids_marked(marker: str) -> set[int]:
     return pids
 
 
+def _lingering(marker: str, grace: float = 15.0) -> set[int]:
+    """Marked processes still alive after ``grace`` seconds (exiting ones get time to go)."""
+    deadline = time.monotonic() + grace
+    while (pids := _pids_marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return pids
+
+
 def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the console script in a fresh process; stop only the processes it left behind."""
     marker = uuid.uuid4().hex
@@ -45,7 +55,7 @@ def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complet
         timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
     )
-    leftovers = _pids_marked(marker)
+    leftovers = _lingering(marker)
     for pid in leftovers:  # started by this run, so ours to stop; the test still fails
         try:
             psutil.Process(pid).kill()
@@ -160,3 +170,30 @@ def test_compare_runs_every_peft_aware_strategy(tmp_path):
     assert all(",ok" in line or line.endswith("ok") for line in rows.values()), table
     fedsa = json.loads((out / "cells" / "fedsa_lora-seed0" / "summary.json").read_text())
     assert 0.0 <= fedsa["final"]["personal_accuracy"] <= 1.0
+
+
+def test_interrupted_run_stops_promptly_and_keeps_finished_rounds(tmp_path):
+    marker = uuid.uuid4().hex
+    out = tmp_path / "o"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", "run", "smoke", "--set", "federation.rounds=200",
+         "--out", str(out)],
+        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
+    )  # fmt: skip
+    try:
+        for line in proc.stderr:
+            if line.startswith("round 2/"):
+                break
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    leftovers = _lingering(marker)
+    for pid in leftovers:
+        psutil.Process(pid).kill()
+    assert code == 130
+    assert not leftovers, f"processes left behind: {sorted(leftovers)}"
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) >= 2
