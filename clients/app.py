@@ -232,6 +232,17 @@ def _truncate(state: AdapterState, rank: int) -> AdapterState:
     return out
 
 
+@app.query()
+def describe_node(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (and LoRA rank) this node serves, before round 1."""
+    config = msg.content.config_records[records.CONFIG]
+    scenario = Scenario.from_json(str(config[records.SCENARIO]))
+    partition_id = _partition_id(context, scenario)
+    rank = int(str(context.node_config.get(records.NODE_RANK, scenario.rank_of(partition_id))))
+    metrics = MetricRecord({records.PARTITION_ID: partition_id, records.CLIENT_RANK: rank})
+    return Message(RecordDict({records.METRICS: metrics}), reply_to=msg)
+
+
 @app.evaluate()
 def evaluate_personal(msg: Message, context: Context) -> Message:
     """Evaluate this client's model (global part + its own part) on its local held-out part."""

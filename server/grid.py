@@ -63,6 +63,9 @@ class CountingGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.current = RoundTraffic()
+        #: node id -> partition id, once known; node ids are random per run, so nodes are
+        #: listed in partition order to make seeded client sampling reproducible
+        self.partitions: dict[int, int] = {}
 
     def take(self) -> RoundTraffic:
         """Return the traffic since the last call and start a new tally."""
@@ -123,8 +126,10 @@ class CountingGrid(Grid):
     def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
         return self._grid.create_message(*args, **kwargs)
 
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._grid.get_node_ids()
+    def get_node_ids(self) -> Iterable[int]:
+        """Connected nodes, in partition order where partitions are known."""
+        ids = list(self._grid.get_node_ids())
+        return sorted(ids, key=lambda n: (self.partitions.get(n, len(self.partitions)), n))
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         return self._grid.push_messages(messages)

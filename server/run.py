@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -89,6 +89,29 @@ def save_final_adapter(
     save_adapter(fresh, where)
 
 
+def discover_nodes(grid: CountingGrid, scenario: Scenario, strategy: Strategy) -> None:
+    """Ask every connected node for its partition and rank before round 1.
+
+    Node ids are random per run; knowing each node's partition lets the seeded sampler
+    pick the same clients in every run, and lets heterogeneous-rank strategies send each
+    node its own rank from the first round.
+    """
+    config = ConfigRecord({records.SCENARIO: scenario.to_json()})
+    messages = [
+        Message(RecordDict({records.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in grid.get_node_ids()
+    ]
+    for reply in grid.send_and_receive(messages, timeout=scenario.federation.round_timeout):
+        if reply.has_error():
+            continue
+        metrics = reply.content.metric_records[records.METRICS]
+        node = reply.metadata.src_node_id
+        grid.partitions[node] = int(str(metrics[records.PARTITION_ID]))
+        if isinstance(strategy, AdapterStrategy):
+            strategy.node_ranks[node] = int(str(metrics[records.CLIENT_RANK]))
+    grid.take()  # discovery traffic is not a training round's
+
+
 def check_node_count(grid: Grid, scenario: Scenario) -> None:
     """In simulation every virtual node exists from the start: it must match the data split."""
     nodes = len(list(grid.get_node_ids()))
@@ -133,6 +156,7 @@ def run_federation(
     if engine == "simulation":
         check_node_count(grid, scenario)
     counting = CountingGrid(grid)
+    discover_nodes(counting, scenario, strategy)
     log = RoundLog(out_dir, scenario.federation.rounds)
     initial_metrics: dict[str, float] = {}
     round_clock = [time.perf_counter()]

@@ -197,3 +197,20 @@ def test_interrupted_run_stops_promptly_and_keeps_finished_rounds(tmp_path):
     assert not leftovers, f"processes left behind: {sorted(leftovers)}"
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) >= 2
+
+
+def test_same_seed_same_run(tmp_path):
+    """Node ids are random per run; sampling by partition keeps runs reproducible."""
+    adapters, sampled = [], []
+    for i in range(2):
+        out = tmp_path / f"o{i}"
+        proc = run_fedpeft(
+            "run", "smoke", "--set", "data.num_clients=4", "--set", "federation.rounds=3",
+            "--out", str(out), cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        adapters.append((out / "adapter" / "adapter_model.safetensors").read_bytes())
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        sampled.append([sorted(c["partition-id"] for c in r["client_metrics"]) for r in rows])
+    assert sampled[0] == sampled[1]
+    assert adapters[0] == adapters[1]
