@@ -13,7 +13,7 @@ which factors to train, which to send back and which to keep locally.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from logging import INFO
 from typing import Any
 
@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from fedpeft import records
-from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state
+from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 
@@ -188,6 +188,18 @@ def instruct(
         records.PERSONAL_FACTORS: personal,
         **{key.replace("_", "-"): value for key, value in extra.items()},
     }
+
+
+def lora_factors(
+    states: list[AdapterState],
+) -> Iterator[tuple[str, str, str, list[torch.Tensor], list[torch.Tensor]]]:
+    """Yield (module, A key, B key, every client's B, every client's A) per adapted module.
+
+    The factors come in float64, so the rules' sums are exact to double precision.
+    """
+    for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
+        yield (module, a_key, b_key, [s[b_key].double() for s in states],
+               [s[a_key].double() for s in states])  # fmt: skip
 
 
 def select(state: AdapterState, factors: set[str]) -> AdapterState:

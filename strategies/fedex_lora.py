@@ -16,7 +16,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, weighted_average
+from strategies.adapter_strategy import AdapterStrategy, lora_factors, weighted_average
 from strategies.flora import export_with_base
 from strategies.lora_math import accumulate_factors, fedex_residual
 
@@ -33,9 +33,7 @@ class FedExLoRA(AdapterStrategy):
     ) -> None:
         """Average every tensor; add this round's residual to the running base delta."""
         scaling = self.scenario.peft.alpha / self.scenario.peft.r
-        for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
-            bs = [s[b_key].double() for s in states]
-            as_ = [s[a_key].double() for s in states]
+        for module, _, _, bs, as_ in lora_factors(states):
             p, q = fedex_residual(bs, as_, weights, scaling)
             self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
         self.global_state = weighted_average(states, weights)

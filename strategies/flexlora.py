@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy
+from strategies.adapter_strategy import AdapterStrategy, lora_factors
 from strategies.lora_math import factored_svd, stack_factors, truncate_to_rank
 
 
@@ -58,9 +58,7 @@ class FlexLoRA(AdapterStrategy):
     ) -> None:
         """Exact weighted sum of products, kept as its SVD; the head is averaged."""
         alpha = self.scenario.peft.alpha
-        for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
-            bs = [s[b_key].double() for s in states]
-            as_ = [s[a_key].double() for s in states]
+        for module, _, _, bs, as_ in lora_factors(states):
             scalings = [alpha / a.shape[0] for a in as_]
             stacked_b, stacked_a = stack_factors(bs, as_, weights, scalings)
             self.svd[module] = factored_svd(stacked_b, stacked_a)

@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, select
+from strategies.adapter_strategy import AdapterStrategy, lora_factors, select
 from strategies.lora_math import accumulate_factors, stack_factors
 
 
@@ -39,9 +39,7 @@ class FLoRA(AdapterStrategy):
     ) -> None:
         """Merge the stacked update into the running base delta; average the head."""
         alpha = self.scenario.peft.alpha
-        for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
-            as_ = [s[a_key].double() for s in states]
-            bs = [s[b_key].double() for s in states]
+        for module, _, _, bs, as_ in lora_factors(states):
             p, q = stack_factors(bs, as_, weights, [alpha / a.shape[0] for a in as_])
             self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
         self.average_heads(states, weights)

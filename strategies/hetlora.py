@@ -17,7 +17,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, instruct
+from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, instruct, lora_factors
 from strategies.lora_math import hetlora_aggregate, hetlora_truncate
 
 
@@ -55,11 +55,8 @@ class HetLoRA(AdapterStrategy):
     ) -> None:
         """Pad, norm-weight and average each module's factors; average the head."""
         r_max = self.scenario.max_rank
-        for a_key, b_key in lora_pairs(list(states[0])).values():
-            b, a = hetlora_aggregate(
-                [s[b_key].double() for s in states], [s[a_key].double() for s in states],
-                weights, r_max,
-            )  # fmt: skip
+        for _, a_key, b_key, bs, as_ in lora_factors(states):
+            b, a = hetlora_aggregate(bs, as_, weights, r_max)
             dtype = self.global_state[a_key].dtype
             self.global_state[a_key], self.global_state[b_key] = a.to(dtype), b.to(dtype)
         self.average_heads(states, weights)
