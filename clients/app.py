@@ -48,7 +48,8 @@ class Job:
     scenario: Scenario
     config: ConfigRecord
     partition_id: int
-    rank: int
+    rank: int  # the rank of this client's adapter tensors
+    current_rank: int  # HetLoRA: the rank left after self-pruning (components past it are 0)
     model: torch.nn.Module
     device: torch.device
     store: ClientStateStore | None
@@ -72,11 +73,15 @@ def _partition_id(context: Context, scenario: Scenario) -> int:
     return partition_id
 
 
-def fit_rank(received: AdapterState, like: AdapterState) -> AdapterState:
+def fit_rank(
+    received: AdapterState, like: AdapterState, per_rank_scaling: bool = True
+) -> AdapterState:
     """Cut (or zero-pad) received LoRA factors to this client's rank.
 
     Keeping the leading components is the rank-r truncation for SVD-ordered (FlexLoRA)
-    and HetLoRA factors.
+    and HetLoRA factors. Under peft's per-rank scaling (``alpha / r``) a rank-r client
+    would apply a larger scaling than the sender's rank did, so B is rescaled by
+    ``r / r_sent`` to keep the update ``s * B @ A`` the same.
     """
     out = {}
     for key, value in received.items():
@@ -87,6 +92,8 @@ def fit_rank(received: AdapterState, like: AdapterState) -> AdapterState:
         fitted = torch.zeros(target, dtype=value.dtype)
         rows, cols = min(value.shape[0], target[0]), min(value.shape[1], target[1])
         fitted[:rows, :cols] = value[:rows, :cols]
+        if per_rank_scaling and factor_of(key) == "lora_B":
+            fitted *= target[1] / value.shape[1]
         out[key] = fitted
     return out
 
@@ -111,7 +118,8 @@ def _prepare(msg: Message, context: Context) -> Job:
     model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed)
     device = resolve_device(scenario.model.device)
     model.to(device)
-    job = Job(scenario, config, partition_id, rank, model, device, store)
+    current = int(personal[RANK_KEY].item()) if RANK_KEY in personal else rank
+    job = Job(scenario, config, partition_id, rank, min(current, rank), model, device, store)
 
     # frozen base: W0 plus whatever the strategy folded into it (FLoRA, FedEx-LoRA)
     content = msg.content.array_records
@@ -123,7 +131,11 @@ def _prepare(msg: Message, context: Context) -> Job:
     )
     # initial adapter (same seed everywhere) <- global tensors <- this client's own tensors
     initial = initial_adapter_state(scenario.model, peft_cfg, num_labels, scenario.seed)
-    received = fit_rank(arrayrecord_to_state(msg.content.array_records[records.ARRAYS]), initial)
+    received = fit_rank(
+        arrayrecord_to_state(msg.content.array_records[records.ARRAYS]),
+        initial,
+        per_rank_scaling=not shared_scaling,
+    )
     keep = job.factors(records.PERSONAL_FACTORS)
     mine = {k: v for k, v in personal.items() if k in initial and factor_of(k) in keep}
     state = {**initial, **received, **mine}
@@ -153,7 +165,7 @@ def _pruning_penalty(job: Job) -> Callable[[], torch.Tensor] | None:
 
     def penalty() -> torch.Tensor:
         return sum(
-            (hetlora_self_pruning_penalty(b, a, job.rank, gamma) for a, b in pairs),
+            (hetlora_self_pruning_penalty(b, a, job.current_rank, gamma) for a, b in pairs),
             torch.zeros((), device=job.device),
         )
 
@@ -188,7 +200,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     set_trainable(job.model, None)
     state = get_adapter_state(job.model)
-    sent_rank = job.rank
+    sent_rank = job.current_rank
     threshold = float(str(config.get(records.PRUNE_THRESHOLD, 0.0)))
     if float(str(config.get(records.PRUNE_GAMMA, 0.0))) > 0 and threshold > 0:
         sent_rank = _self_prune(job, state, threshold)
@@ -219,10 +231,10 @@ def _self_prune(job: Job, state: AdapterState, threshold: float) -> int:
     """HetLoRA's local rank self-pruning: the smallest rank any module still needs."""
     ranks = []
     for a_key, b_key in lora_pairs(list(state)).values():
-        ranks.append(hetlora_prune_rank(state[b_key], state[a_key], job.rank, 0.5, threshold))
-    personal = job.store.load(job.partition_id) if job.store else {}
-    current = int(personal[RANK_KEY].item()) if RANK_KEY in personal else job.rank
-    return max(1, min(current, max(ranks) if ranks else job.rank))
+        ranks.append(
+            hetlora_prune_rank(state[b_key], state[a_key], job.current_rank, 0.5, threshold)
+        )
+    return max(1, min(job.current_rank, max(ranks) if ranks else job.current_rank))
 
 
 def _truncate(state: AdapterState, rank: int) -> AdapterState:

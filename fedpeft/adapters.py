@@ -156,8 +156,8 @@ def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
 def base_delta_to_state(delta: BaseDelta) -> AdapterState:
     """Flatten a base delta into named tensors (``<module>.base_P`` / ``<module>.base_Q``)."""
     out = {}
-    for module, (p, q) in delta.items():
-        out[f"{module}.base_P"], out[f"{module}.base_Q"] = p, q
+    for module, (p, q) in delta.items():  # float32 on the wire, like the adapter itself
+        out[f"{module}.base_P"], out[f"{module}.base_Q"] = p.float(), q.float()
     return out
 
 

@@ -266,10 +266,7 @@ class Scenario:
     @property
     def heterogeneous_ranks(self) -> bool:
         """Whether clients train adapters of different ranks."""
-        return (
-            any(r != self.peft.r for r in self.peft.client_ranks)
-            or len(set(self.peft.client_ranks)) > 1
-        )
+        return len(set(self.peft.client_ranks)) > 1
 
     @property
     def max_rank(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +22,6 @@ from fedpeft.adapters import (
     base_model_tensors,
     count_trainable,
     fold_base_delta,
-    get_adapter_state,
     save_adapter,
     set_adapter_state,
     set_trainable,
@@ -34,7 +34,13 @@ from fedpeft.codecs import (
 )
 from fedpeft.config import Scenario, ScenarioError
 from fedpeft.data import eval_split, load_task_data, partition_summary
-from fedpeft.models import cached_peft_model, load_tokenizer, resolve_device, total_params
+from fedpeft.models import (
+    cached_peft_model,
+    initial_adapter_state,
+    load_tokenizer,
+    resolve_device,
+    total_params,
+)
 from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json_atomic
 from fedpeft.train import evaluate
 from server.grid import CountingGrid
@@ -107,8 +113,15 @@ def discover_nodes(grid: CountingGrid, scenario: Scenario, strategy: Strategy) -
         metrics = reply.content.metric_records[records.METRICS]
         node = reply.metadata.src_node_id
         grid.partitions[node] = int(str(metrics[records.PARTITION_ID]))
+        rank = int(str(metrics[records.CLIENT_RANK]))
+        if rank != scenario.max_rank and not getattr(strategy, "heterogeneous_ranks", False):
+            raise ScenarioError(
+                f"node {node} (partition {grid.partitions[node]}) trains LoRA rank {rank}, but "
+                f"strategy.name={scenario.strategy.name!r} needs every client at rank "
+                f"{scenario.max_rank}; use flora, flexlora or hetlora, or drop the node's rank"
+            )
         if isinstance(strategy, AdapterStrategy):
-            strategy.node_ranks[node] = int(str(metrics[records.CLIENT_RANK]))
+            strategy.node_ranks[node] = rank
     grid.take()  # discovery traffic is not a training round's
 
 
@@ -137,6 +150,8 @@ def run_federation(
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+    # a new run starts every client afresh: no personal state from an earlier run here
+    shutil.rmtree(out_dir / "client_state", ignore_errors=True)
     seed_everything(scenario.seed)
 
     data = load_task_data(scenario.data)
@@ -148,7 +163,9 @@ def run_federation(
     set_trainable(model, None)
     model.to(device)
     tokenizer = load_tokenizer(scenario.model.name)
-    initial = state_to_arrayrecord(get_adapter_state(model))
+    initial = state_to_arrayrecord(
+        initial_adapter_state(scenario.model, server_peft, data.num_labels, scenario.seed)
+    )
     adapter_bytes = payload_nbytes(initial)
     full_model_bytes = tensors_nbytes(base_model_tensors(model))
 

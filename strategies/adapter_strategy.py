@@ -50,6 +50,7 @@ class AdapterStrategy(FedAvg):
         self.node_ranks: dict[int, int] = {}  # learned from replies ("rank" metric)
         #: factored change of the frozen base weights, sent to every node (FLoRA, FedEx)
         self.base_delta: BaseDelta = {}
+        self.last_trained: list[int] = []  # nodes sampled in the latest training round
 
     # ---------------------------------------------------------------- the rule (override)
     def down_state(self, server_round: int, node_id: int) -> AdapterState:
@@ -114,8 +115,13 @@ class AdapterStrategy(FedAvg):
             self.global_state = arrayrecord_to_state(arrays)
         if fraction == 0.0:
             return []
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+        if message_type == MessageType.EVALUATE and self.last_trained:
+            node_ids = list(self.last_trained)  # personalised metric of the clients that trained
+        else:
+            num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+            node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+        if message_type == MessageType.TRAIN:
+            self.last_trained = list(node_ids)
         messages = []
         for node_id in node_ids:
             node_config = ConfigRecord(

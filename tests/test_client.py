@@ -96,3 +96,26 @@ def test_ffa_clients_share_the_seeded_a_and_never_send_it(tmp_path):
     ]  # fmt: skip
     for key, value in a_seen[0].items():
         assert torch.equal(value, a_seen[1][key]) and torch.equal(value, initial[key])
+
+
+def test_fit_rank_keeps_the_update_under_per_rank_scaling():
+    from clients.app import fit_rank
+
+    g = torch.Generator().manual_seed(0)
+    a8, b8 = torch.randn(8, 5, generator=g), torch.randn(6, 8, generator=g)
+    like = {"m.lora_A.weight": torch.zeros(4, 5), "m.lora_B.weight": torch.zeros(6, 4)}
+    sent = {"m.lora_A.weight": a8, "m.lora_B.weight": b8}
+    got = fit_rank(sent, like)
+    alpha = 16.0
+    # a rank-4 client applies alpha/4; the sender's leading 4 components had alpha/8
+    expected = (alpha / 8) * b8[:, :4] @ a8[:4, :]
+    torch.testing.assert_close(
+        (alpha / 4) * got["m.lora_B.weight"] @ got["m.lora_A.weight"], expected
+    )
+    shared = fit_rank(sent, like, per_rank_scaling=False)  # HetLoRA: one scaling for all
+    torch.testing.assert_close(shared["m.lora_B.weight"], b8[:, :4])
+
+
+def test_equal_client_ranks_are_not_heterogeneous():
+    assert not load_scenario("smoke", ["peft.client_ranks=[16,16]"]).heterogeneous_ranks
+    assert load_scenario("smoke", ["peft.client_ranks=[4,16]"]).heterogeneous_ranks
