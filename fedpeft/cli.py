@@ -53,7 +53,9 @@ def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
     build_strategy(scenario)
     data = load_task_data(scenario.data)
     load_tokenizer(scenario.model.name)
-    cached_peft_model(scenario.model, scenario.peft, data.num_labels, scenario.seed)
+    # the server's own model (largest rank), so the ServerApp thread reuses this one
+    server_peft = scenario.peft_for_rank(scenario.max_rank)
+    cached_peft_model(scenario.model, server_peft, data.num_labels, scenario.seed)
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:

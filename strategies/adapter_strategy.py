@@ -28,6 +28,7 @@ from fedpeft import records
 from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
+from strategies.lora_math import stack_factors
 
 ALL_FACTORS = "lora_A,lora_B,head"
 
@@ -74,6 +75,17 @@ class AdapterStrategy(FedAvg):
         tensors of the global adapter (FedIT, and FFA/FedSA/RoLoRA on their subsets).
         """
         self.global_state = {**self.global_state, **weighted_average(states, weights)}
+
+    def product_sums(
+        self, states: list[AdapterState], weights: list[float]
+    ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+        """Yield (module, P, Q) with ``P @ Q = sum p_i s_i B_i A_i`` exactly (FLoRA stacking).
+
+        ``s_i = alpha / r_i`` is peft's scaling of client i at its own rank.
+        """
+        alpha = self.scenario.peft.alpha
+        for module, _, _, bs, as_ in lora_factors(states):
+            yield (module, *stack_factors(bs, as_, weights, [alpha / a.shape[0] for a in as_]))
 
     def average_heads(self, states: list[AdapterState], weights: list[float]) -> None:
         """FedAvg on the non-LoRA tensors (the task head), for rules that treat A, B apart."""

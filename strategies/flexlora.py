@@ -20,8 +20,8 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, lora_factors
-from strategies.lora_math import factored_svd, stack_factors, truncate_to_rank
+from strategies.adapter_strategy import AdapterStrategy
+from strategies.lora_math import factored_svd, truncate_to_rank
 
 
 class FlexLoRA(AdapterStrategy):
@@ -57,10 +57,7 @@ class FlexLoRA(AdapterStrategy):
         node_ids: list[int],
     ) -> None:
         """Exact weighted sum of products, kept as its SVD; the head is averaged."""
-        alpha = self.scenario.peft.alpha
-        for module, _, _, bs, as_ in lora_factors(states):
-            scalings = [alpha / a.shape[0] for a in as_]
-            stacked_b, stacked_a = stack_factors(bs, as_, weights, scalings)
+        for module, stacked_b, stacked_a in self.product_sums(states, weights):
             self.svd[module] = factored_svd(stacked_b, stacked_a)
         self.average_heads(states, weights)
 

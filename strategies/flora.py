@@ -17,8 +17,8 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, lora_factors, select
-from strategies.lora_math import accumulate_factors, stack_factors
+from strategies.adapter_strategy import AdapterStrategy, select
+from strategies.lora_math import accumulate_factors
 
 
 class FLoRA(AdapterStrategy):
@@ -38,9 +38,7 @@ class FLoRA(AdapterStrategy):
         node_ids: list[int],
     ) -> None:
         """Merge the stacked update into the running base delta; average the head."""
-        alpha = self.scenario.peft.alpha
-        for module, _, _, bs, as_ in lora_factors(states):
-            p, q = stack_factors(bs, as_, weights, [alpha / a.shape[0] for a in as_])
+        for module, p, q in self.product_sums(states, weights):
             self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
         self.average_heads(states, weights)
 
