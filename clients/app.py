@@ -31,9 +31,10 @@ from fedpeft.adapters import (
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.data import client_split, load_task_data
-from fedpeft.models import cached_peft_model, initial_adapter_state, load_tokenizer, resolve_device
+from fedpeft.methods import before_round
+from fedpeft.models import cached_peft_model, initial_adapter_state, resolve_device
 from fedpeft.state import ClientStateStore, scalar
-from fedpeft.train import evaluate, train_steps
+from fedpeft.train import evaluate, scenario_collate, train_steps
 from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
 
 app = ClientApp()
@@ -180,16 +181,16 @@ def train(msg: Message, context: Context) -> Message:
     scenario, config = job.scenario, job.config
     server_round = int(str(config.get(records.SERVER_ROUND, 0)))
     set_trainable(job.model, job.factors(records.TRAIN_FACTORS) or None)
+    end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
     train_part, _ = client_split(scenario.data, scenario.seed, job.partition_id)
     t = scenario.train
     result = train_steps(
         job.model,
-        load_tokenizer(scenario.model.name),
+        scenario_collate(scenario),
         train_part,
         steps=t.local_steps,
         batch_size=t.batch_size,
         lr=t.lr,
-        max_length=scenario.data.max_length,
         # distinct, reproducible batch order per (seed, round, client)
         seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + job.partition_id,
         weight_decay=t.weight_decay,
@@ -198,6 +199,7 @@ def train(msg: Message, context: Context) -> Message:
         regulariser=_pruning_penalty(job),
         device=job.device,
     )
+    end_round()
     set_trainable(job.model, None)
     state = get_adapter_state(job.model)
     sent_rank = job.current_rank
@@ -261,14 +263,7 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
     scenario = job.scenario
     _, holdout = client_split(scenario.data, scenario.seed, job.partition_id)
-    result = evaluate(
-        job.model,
-        load_tokenizer(scenario.model.name),
-        holdout,
-        batch_size=scenario.train.eval_batch_size,
-        max_length=scenario.data.max_length,
-        device=job.device,
-    )
+    result = evaluate(job.model, scenario, holdout, device=job.device)
     metrics = MetricRecord(
         {
             records.PERSONAL_ACCURACY: result["eval_accuracy"],

@@ -8,10 +8,14 @@ into a raw ``state_dict()``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import torch
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -20,15 +24,46 @@ class AdapterMismatchError(ValueError):
     """An adapter state whose keys or shapes do not match the model."""
 
 
+def _canonical(name: str) -> str:
+    """A parameter's key on the wire: its name without peft's adapter-name segments.
+
+    ``...query.lora_A.default.weight`` -> ``...query.lora_A.weight`` and
+    ``...classifier.modules_to_save.default.weight`` -> ``...classifier.weight``: the keys
+    peft itself saves for LoRA-style methods.
+    """
+    return ".".join(p for p in name.split(".") if p not in ("default", "modules_to_save"))
+
+
+def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Map each adapter-state key to the live parameter it names.
+
+    The adapter is what :func:`fedpeft.methods.build_peft_model` recorded as trainable:
+    peft's adapter tensors, fedpeft's own (BitFit biases, sparse values, bottleneck
+    adapters), the task head, or every weight under full fine-tuning.
+    """
+    from fedpeft.methods import TRAVEL_ATTR
+
+    names = getattr(model, TRAVEL_ATTR, None)
+    if names is None:  # a model fedpeft did not build: peft's adapter, if any
+        if not isinstance(model, PeftModel):
+            return {}
+        tag = model.active_adapter
+        names = [n for n, _ in model.named_parameters() if tag in n.split(".")]
+    named = dict(model.named_parameters())
+    params = {_canonical(n): named[n] for n in names}
+    if len(params) != len(names):
+        raise AdapterMismatchError("two adapter parameters map to the same key")
+    return params
+
+
 def get_adapter_state(model: torch.nn.Module) -> AdapterState:
     """Return detached CPU copies of the adapter tensors, keyed as peft saves them."""
-    state = get_peft_model_state_dict(model) if isinstance(model, PeftModel) else {}
-    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+    return {k: v.detach().to("cpu", copy=True) for k, v in adapter_parameters(model).items()}
 
 
 def adapter_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Return ``{key: (shape, dtype)}`` of the adapter state the model expects."""
-    return {k: (tuple(v.shape), v.dtype) for k, v in get_adapter_state(model).items()}
+    return {k: (tuple(v.shape), v.dtype) for k, v in adapter_parameters(model).items()}
 
 
 def check_adapter_state(model: torch.nn.Module, state: AdapterState, partial: bool = False) -> None:
@@ -53,47 +88,15 @@ def check_adapter_state(model: torch.nn.Module, state: AdapterState, partial: bo
 
 
 def set_adapter_state(model: torch.nn.Module, state: AdapterState, partial: bool = False) -> None:
-    """Load ``state`` into the model's active adapter, checking that nothing is off.
+    """Copy ``state`` into the model's adapter, checking that nothing is off.
 
     With ``partial`` only the given tensors are replaced (e.g. B alone under FFA-LoRA).
     """
     check_adapter_state(model, state, partial)
-    if partial:
-        params = adapter_parameters(model)
-        with torch.no_grad():
-            for key, value in state.items():
-                params[key].copy_(value)
-        return
-    result = set_peft_model_state_dict(model, state)
-    unexpected = list(getattr(result, "unexpected_keys", []))
-    if unexpected:
-        raise AdapterMismatchError(f"peft did not use adapter keys {unexpected[:3]}")
-
-
-def save_adapter(model: torch.nn.Module, directory: Path) -> None:
-    """Write the adapter in Hugging Face peft format (``PeftModel.from_pretrained`` reads it)."""
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"cannot save {type(model).__name__} as a peft adapter")
-    model.save_pretrained(str(directory))
-
-
-def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Map each adapter-state key (as peft saves it) to the live parameter it names."""
-    if not isinstance(model, PeftModel):
-        return {}
-    name = model.active_adapter
-    params = {}
-    for param_name, param in model.named_parameters():
-        if f".{name}." not in param_name and not param_name.endswith(f".{name}"):
-            continue
-        key = param_name.replace(f".{name}", "").replace("modules_to_save.", "")
-        params[key] = param
-    keys = set(get_peft_model_state_dict(model))
-    if set(params) != keys:
-        raise AdapterMismatchError(
-            f"cannot map adapter keys to parameters: {sorted(keys ^ set(params))[:3]}"
-        )
-    return params
+    params = adapter_parameters(model)
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value)
 
 
 def factor_of(key: str) -> str:
@@ -182,9 +185,83 @@ def count_trainable(model: torch.nn.Module) -> int:
 
 def base_model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full model's own parameters, as full fine-tuning would send them (no adapter)."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    return {
-        name: p
-        for name, p in base.named_parameters()
-        if "lora_" not in name and ".modules_to_save." not in name
-    }
+    from fedpeft.methods import BASE_ATTR
+
+    ids = getattr(model, BASE_ATTR, None)
+    if ids is None:
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        return dict(base.named_parameters())
+    return {name: p for name, p in model.named_parameters() if id(p) in ids}
+
+
+# ------------------------------------------------------------------------ saving, loading
+
+META_FILE = "fedpeft_adapter.json"  # how fedpeft rebuilds the model (written for every method)
+STATE_FILE = "fedpeft_adapter.safetensors"  # the adapter tensors, for methods peft cannot save
+
+
+def save_adapter(model: torch.nn.Module, directory: Path) -> None:
+    """Write the trained adapter so it reloads without this run.
+
+    A single peft method is saved in Hugging Face peft format
+    (``PeftModel.from_pretrained(base, directory)`` reads it, with no fedpeft import);
+    full fine-tuning is saved as a plain transformers model (``from_pretrained``). Methods
+    peft lacks, and hybrids, are saved as ``fedpeft_adapter.safetensors``, which
+    :func:`load_adapter` reads. Every format also gets ``fedpeft_adapter.json``: the
+    model, task, method settings and seed that rebuild the same model.
+    """
+    from fedpeft.methods import META_ATTR, get_method
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    meta: dict[str, Any] = dict(getattr(model, META_ATTR, {}))
+    from fedpeft.config import PeftSection
+
+    methods = [get_method(m) for m in PeftSection(**meta["peft"]).methods] if meta else []
+    if isinstance(model, PeftModel) and len(methods) <= 1:
+        model.save_pretrained(str(directory))
+        meta["format"] = "peft"
+    elif len(methods) == 1 and methods[0].kind == "full":
+        model.save_pretrained(str(directory))  # type: ignore[operator]
+        meta["format"] = "transformers"
+    else:
+        save_file({k: v.contiguous() for k, v in get_adapter_state(model).items()},
+                  str(directory / STATE_FILE))  # fmt: skip
+        meta["format"] = "fedpeft"
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def load_adapter(directory: Path | str, base: torch.nn.Module | None = None) -> torch.nn.Module:
+    """Rebuild a model saved by :func:`save_adapter`: base model plus trained adapter.
+
+    ``base`` defaults to the base model named in ``fedpeft_adapter.json`` (it must load
+    from there: a bundled alias, a local folder or a reachable hub id).
+    """
+    from fedpeft.config import ModelConfig, PeftSection
+    from fedpeft.methods import build_peft_model, get_method
+    from fedpeft.models import load_base_model
+
+    directory = Path(directory)
+    meta = json.loads((directory / META_FILE).read_text())
+    peft_cfg = PeftSection(**meta["peft"])
+    model_cfg = ModelConfig(**meta["model"])
+    if meta["format"] == "transformers":
+        model_cfg = ModelConfig(**{**meta["model"], "name": str(directory)})
+        return load_base_model(model_cfg, meta["num_labels"])
+    if base is None:
+        base = load_base_model(model_cfg, meta["num_labels"])
+    if meta["format"] == "peft" and any(get_method(m).prompt for m in peft_cfg.methods):
+        # peft saves the prompts a prompt encoder made, not the encoder: peft reloads them
+        for name in peft_cfg.methods:
+            if (prepare := get_method(name).prepare) is not None:
+                prepare(base)
+        return PeftModel.from_pretrained(base, str(directory))  # type: ignore[arg-type]
+    model = build_peft_model(base, peft_cfg, meta["task"], meta["seed"])
+    if meta["format"] == "peft":  # peft's own file, read by peft
+        result = set_peft_model_state_dict(model, load_peft_weights(str(directory)))
+        if unexpected := list(getattr(result, "unexpected_keys", [])):
+            raise AdapterMismatchError(f"peft did not use adapter keys {unexpected[:3]}")
+    else:
+        set_adapter_state(model, load_file(str(directory / STATE_FILE)))
+    model.eval()
+    return model

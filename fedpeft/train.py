@@ -1,15 +1,21 @@
-"""Local training and evaluation loops (plain PyTorch, no Flower imports)."""
+"""Local training and evaluation loops (plain PyTorch, no Flower imports).
+
+The loops are the same for every task: a task's collate function turns rows into a batch
+the model takes (``labels`` included), and the task scores a model (:mod:`fedpeft.tasks`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import datasets
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from fedpeft.adapters import trainable_parameters
+from fedpeft.config import Scenario
+from fedpeft.tasks import Collate, get_task
 
 
 @dataclass
@@ -17,20 +23,8 @@ class TrainResult:
     """What one client's local training produced."""
 
     train_loss: float  # mean loss over the local steps
-    num_examples: int  # examples seen (steps x batch); FedAvg's weight
+    num_examples: int  # examples (rows) seen, steps x batch; FedAvg's weight
     steps: int
-
-
-def collate(
-    tokenizer: PreTrainedTokenizerBase, rows: dict[str, list], max_length: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Tokenize a batch of ``{"text", "label"}`` rows, padded to its longest example."""
-    enc = tokenizer(
-        rows["text"], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-    )
-    batch = {k: v.to(device) for k, v in enc.items()}
-    batch["labels"] = torch.as_tensor(rows["label"], dtype=torch.long, device=device)
-    return batch
 
 
 def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict[str, list]]:
@@ -46,15 +40,23 @@ def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict
         epoch += 1
 
 
+def scenario_collate(scenario: Scenario, processor: Any | None = None) -> Collate:
+    """The collate function of the scenario's task (processor loaded once per process)."""
+    from fedpeft.models import load_processor
+
+    task = get_task(scenario.model.task)
+    processor = processor if processor is not None else load_processor(scenario.model)
+    return task.make_collate(processor, scenario.data.max_length)
+
+
 def train_steps(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    collate: Collate,
     data: datasets.Dataset,
     *,
     steps: int,
     batch_size: int,
     lr: float,
-    max_length: int,
     seed: int,
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
@@ -64,9 +66,11 @@ def train_steps(
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable (adapter) parameters of ``model``.
 
-    With ``proximal_mu > 0`` the FedProx term ``mu/2 * ||w - w_global||^2`` is added,
-    where ``w_global`` are the trainable values at the start of the call. ``regulariser``
-    adds a strategy's own penalty (e.g. HetLoRA's rank self-pruning term) to every step.
+    ``collate`` turns a batch of rows into model inputs with ``labels`` (see
+    :meth:`fedpeft.tasks.Task.make_collate`). With ``proximal_mu > 0`` the FedProx term
+    ``mu/2 * ||w - w_global||^2`` is added, where ``w_global`` are the trainable values at
+    the start of the call. ``regulariser`` adds a strategy's own penalty (e.g. HetLoRA's
+    rank self-pruning term) to every step.
     """
     device = device or next(model.parameters()).device
     torch.manual_seed(seed)  # dropout and friends: the same seed gives the same update
@@ -77,7 +81,8 @@ def train_steps(
     total_loss, seen = 0.0, 0
     stream = batches(data, batch_size, seed)
     for _ in range(steps):
-        batch = collate(tokenizer, next(stream), max_length, device)
+        rows = next(stream)
+        batch = {k: v.to(device) for k, v in collate(rows).items()}
         loss = model(**batch).loss
         total_loss += loss.item()
         if anchors:
@@ -90,37 +95,34 @@ def train_steps(
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        seen += len(batch["labels"])
+        seen += len(next(iter(rows.values())))
     model.eval()
     return TrainResult(train_loss=total_loss / steps, num_examples=seen, steps=steps)
 
 
-@torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
+    scenario: Scenario,
     data: datasets.Dataset,
     *,
-    batch_size: int,
-    max_length: int,
+    processor: Any | None = None,
     device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``data``.
+    """Score ``model`` on ``data`` as the scenario's task does (``eval_loss``, ``eval_accuracy``).
 
-    Examples are batched in order of length, which saves padding and changes no number.
+    Batch size, token budget and (causal-lm) generation settings come from the scenario.
     """
-    device = device or next(model.parameters()).device
-    model.eval()
-    lengths = [len(t) for t in data["text"]]
-    order = sorted(range(len(data)), key=lengths.__getitem__)
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(order), batch_size):
-        batch = collate(tokenizer, data[order[start : start + batch_size]], max_length, device)
-        logits = model(**batch).logits.float()
-        loss_sum += torch.nn.functional.cross_entropy(
-            logits, batch["labels"], reduction="sum"
-        ).item()
-        correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-    n = max(len(data), 1)
+    from fedpeft.models import load_processor
 
-    return {"eval_loss": loss_sum / n, "eval_accuracy": correct / n}
+    task = get_task(scenario.model.task)
+    task.check_data(data, scenario.data)
+    return task.evaluate(
+        model,
+        processor if processor is not None else load_processor(scenario.model),
+        data,
+        batch_size=scenario.train.eval_batch_size,
+        max_length=scenario.data.max_length,
+        device=device or next(model.parameters()).device,
+        generate=scenario.train.eval_generate,
+        max_new_tokens=scenario.train.max_new_tokens,
+    )

@@ -34,10 +34,11 @@ from fedpeft.codecs import (
 )
 from fedpeft.config import Scenario, ScenarioError
 from fedpeft.data import eval_split, load_task_data, partition_summary
+from fedpeft.methods import get_method
 from fedpeft.models import (
     cached_peft_model,
     initial_adapter_state,
-    load_tokenizer,
+    load_processor,
     resolve_device,
     total_params,
 )
@@ -162,7 +163,7 @@ def run_federation(
     model = cached_peft_model(scenario.model, server_peft, data.num_labels, scenario.seed)
     set_trainable(model, None)
     model.to(device)
-    tokenizer = load_tokenizer(scenario.model.name)
+    processor = load_processor(scenario.model)  # tokenizer or image preparation
     initial = state_to_arrayrecord(
         initial_adapter_state(scenario.model, server_peft, data.num_labels, scenario.seed)
     )
@@ -178,7 +179,7 @@ def run_federation(
     initial_metrics: dict[str, float] = {}
     round_clock = [time.perf_counter()]
     console.print(
-        f"[bold]fedpeft[/] {scenario.name}: {scenario.peft.method} on {scenario.model.name}, "
+        f"[bold]fedpeft[/] {scenario.name}: {scenario.peft.label} on {scenario.model.name}, "
         f"{scenario.strategy.name}, {scenario.federation.rounds} rounds x "
         f"{scenario.federation.clients_per_round}/{scenario.data.num_clients} clients -> {out_dir}"
     )
@@ -186,14 +187,7 @@ def run_federation(
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         fold_base_delta(model, getattr(strategy, "base_delta", {}))
         set_adapter_state(model, arrayrecord_to_state(arrays))
-        metrics = evaluate(
-            model,
-            tokenizer,
-            test,
-            batch_size=scenario.train.eval_batch_size,
-            max_length=scenario.data.max_length,
-            device=device,
-        )
+        metrics = evaluate(model, scenario, test, processor=processor, device=device)
         if server_round == 0:
             initial_metrics.update(metrics)
             console.print(
@@ -250,6 +244,9 @@ def run_federation(
     summary = {
         "scenario": scenario.to_dict(),
         "engine": engine,
+        "methods": [
+            {"name": name, "family": get_method(name).family} for name in scenario.peft.methods
+        ],
         "final": final_metrics,
         "initial": initial_metrics,
         "rounds_completed": len(rows),
@@ -270,7 +267,7 @@ def run_federation(
         "label_names": data.label_names,
     }
     write_json_atomic(out_dir / SUMMARY_FILE, summary)
-    title = f"{scenario.name}: {scenario.peft.method} + {scenario.strategy.name}"
+    title = f"{scenario.name}: {scenario.peft.label} + {scenario.strategy.name}"
     plot_run(out_dir, rows, initial_metrics or None, title)
     console.print(
         f"[bold]done[/] in {summary['wall_seconds']:.0f}s: eval_accuracy "

@@ -88,7 +88,7 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
             f"(peft.client_ranks={scenario.peft.client_ranks}); use {HETERO_HINT}, "
             "or give every client the same rank"
         )
-    if spec.lora_only and scenario.peft.method != "lora":
+    if spec.lora_only and scenario.peft.methods != ["lora"]:
         raise ScenarioError(
             f"strategy.name={spec.name!r} aggregates LoRA factors and needs "
             f"peft.method='lora', not {scenario.peft.method!r}"

@@ -157,12 +157,17 @@ def test_write_table_and_plots(synthetic_cells, tmp_path):
     body = [line for line in md if line.startswith("| fed")]
     assert len(body) == 3
     assert (
-        "| 0.6000 | 0.2000 | 0.6500 | 0.7500 | 0.8000 | 4500000 | 9000000 | 15.0 | ok |" in body[0]
+        "| 0.6000 | 0.2000 | 0.6500 | 0.7500 | 0.8000 |  |  | 4500000 | 9000000 | 15.0 | ok |"
+        in body[0]
     )
     assert body[2].endswith("| failed: refuses ranks |")
 
     written = plot_rows(synthetic_cells, out, "smoke")
-    assert [p.name for p in written] == ["accuracy_vs_round.png", "accuracy_vs_megabytes.png"]
+    assert [p.name for p in written] == [
+        "accuracy_vs_bytes_per_client_round.png",
+        "accuracy_vs_round.png",
+        "accuracy_vs_megabytes.png",
+    ]
     for png in written:
         assert png.parent == out / "plots" and png.read_bytes()[:8] == PNG
     # the fedavg line: per-round means over both seeds, cumulative MB per seed then averaged

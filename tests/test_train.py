@@ -6,7 +6,10 @@ from fedpeft.adapters import get_adapter_state
 from fedpeft.config import ModelConfig, PeftSection
 from fedpeft.methods import build_peft_model
 from fedpeft.models import load_base_model, load_tokenizer
-from fedpeft.train import evaluate, train_steps
+from fedpeft.tasks import get_task
+from fedpeft.train import train_steps
+
+SEQ_CLS = get_task("seq-cls")
 
 WORDS = ["apple pear fruit", "hammer nail tool"]
 
@@ -30,6 +33,21 @@ def tokenizer():
     return load_tokenizer("tiny-bert")
 
 
+def evaluate(model, tokenizer, data, batch_size, max_length):
+    return SEQ_CLS.evaluate(
+        model,
+        tokenizer,
+        data,
+        batch_size=batch_size,
+        max_length=max_length,
+        device=torch.device("cpu"),
+    )
+
+
+def _collate(tokenizer):
+    return SEQ_CLS.make_collate(tokenizer, max_length=16)
+
+
 def _distance(a, b):
     return sum(((a[k] - b[k]) ** 2).sum().item() for k in a) ** 0.5
 
@@ -37,9 +55,7 @@ def _distance(a, b):
 def test_local_training_learns_a_separable_toy_task(tokenizer):
     model, data = _model(), _toy_data()
     before = evaluate(model, tokenizer, data, batch_size=32, max_length=16)
-    result = train_steps(
-        model, tokenizer, data, steps=40, batch_size=16, lr=1e-2, max_length=16, seed=0
-    )
+    result = train_steps(model, _collate(tokenizer), data, steps=40, batch_size=16, lr=1e-2, seed=0)
     after = evaluate(model, tokenizer, data, batch_size=32, max_length=16)
     assert result.num_examples == 40 * 16 and result.steps == 40
     assert after["eval_loss"] < before["eval_loss"] - 0.2
@@ -52,7 +68,7 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one(tokenizer):
     for mu in (0.0, 100.0):
         model = _model()
         start = get_adapter_state(model)
-        train_steps(model, tokenizer, data, steps=15, batch_size=16, lr=1e-2, max_length=16,
+        train_steps(model, _collate(tokenizer), data, steps=15, batch_size=16, lr=1e-2,
                     seed=0, proximal_mu=mu)  # fmt: skip
         distances[mu] = _distance(get_adapter_state(model), start)
     assert distances[100.0] < 0.5 * distances[0.0]
@@ -76,8 +92,6 @@ def test_same_seed_same_training(tokenizer):
     states = []
     for _ in range(2):
         model = _model()
-        train_steps(
-            model, tokenizer, _toy_data(), steps=5, batch_size=8, lr=1e-2, max_length=16, seed=3
-        )
+        train_steps(model, _collate(tokenizer), _toy_data(), steps=5, batch_size=8, lr=1e-2, seed=3)
         states.append(get_adapter_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -1,16 +1,20 @@
 """Task data: bundled offline sets, local files, hub data sets, and client partitions.
 
-Every data set is normalised to two splits (``train``, ``test``) with a ``text`` column
-and an integer ``label`` column (a ``ClassLabel``). The held-out ``test`` split is fixed
-(constant seed), so every scenario on a data set evaluates on the same examples. Training
-data is divided among clients by flwr-datasets partitioners, as a pure function of the
-scenario's seed.
+Every data set is normalised to two splits (``train``, ``test``) whose columns have the
+canonical names a task reads: ``text`` (seq-cls text, causal-lm instruction), ``response``
+(causal-lm), ``image`` (image-cls) and ``label`` (an integer ``ClassLabel``). The
+``data.*_column`` keys name them in a local or hub set; whichever of them the set has are
+kept, and the task checks that its own are there (:meth:`fedpeft.tasks.Task.check_data`).
+The held-out ``test`` split is fixed (constant seed), so every scenario on a data set
+evaluates on the same examples. Training data is divided among clients by flwr-datasets
+partitioners, as a pure function of the scenario's seed.
 """
 
 from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from flwr_datasets.partitioner import (
 from flwr_datasets.partitioner.partitioner import Partitioner
 
 from fedpeft.config import DataConfig, ScenarioError
-from fedpeft.data import wordnet
+from fedpeft.data import digits, wordnet
 
 SPLIT_SEED = 2024  # fixes every held-out split, whatever the scenario's seed
 WORDNET_TEST_SIZE = 2000
@@ -33,12 +37,22 @@ LOCAL_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": 
 
 BUNDLED = {
     "wordnet-supersense": "WordNet 3.0 noun gloss -> 26 supersenses (82k, offline)",
+    "wordnet-definitions": "instruction 'Define the word X.' -> WordNet gloss (82k, offline)",
+    "digits": "scikit-learn's 8x8 handwritten digits, 10 classes (1.8k images, offline)",
+}
+
+# canonical column -> the DataConfig key that names it in a local or hub data set
+COLUMN_KEYS = {
+    "text": "text_column",
+    "response": "response_column",
+    "image": "image_column",
+    "label": "label_column",
 }
 
 
 @dataclass
 class TaskData:
-    """The two splits of a classification data set and its label names."""
+    """The two splits of a data set and its label names (empty when it has no labels)."""
 
     train: datasets.Dataset
     test: datasets.Dataset
@@ -60,6 +74,17 @@ def bundled_path(name: str) -> Path:
     return cache_dir() / "datasets" / f"{name}-{CACHE_VERSION}"
 
 
+def _split_and_save(
+    columns: dict[str, Any], features: datasets.Features, test_size: int, target: Path
+) -> None:
+    """Fix the held-out split (stratified by label, constant seed) and save it atomically."""
+    full = datasets.Dataset.from_dict(columns, features=features)
+    splits = full.train_test_split(test_size=test_size, seed=SPLIT_SEED, stratify_by_column="label")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    splits.save_to_disk(str(tmp))
+    os.replace(tmp, target)  # atomic: readers never see a half-written folder
+
+
 def _build_wordnet_supersense(target: Path) -> None:
     texts, labels = wordnet.read_noun_glosses()
     features = datasets.Features(
@@ -68,13 +93,40 @@ def _build_wordnet_supersense(target: Path) -> None:
             "label": datasets.ClassLabel(names=wordnet.NOUN_SUPERSENSES),
         }
     )
-    full = datasets.Dataset.from_dict({"text": texts, "label": labels}, features=features)
-    splits = full.train_test_split(
-        test_size=WORDNET_TEST_SIZE, seed=SPLIT_SEED, stratify_by_column="label"
+    _split_and_save({"text": texts, "label": labels}, features, WORDNET_TEST_SIZE, target)
+
+
+def _build_wordnet_definitions(target: Path) -> None:
+    # the supersense label stays, so label-skewed partitioners split this set too
+    texts, responses, labels = wordnet.read_noun_definitions()
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "response": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=wordnet.NOUN_SUPERSENSES),
+        }
     )
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    splits.save_to_disk(str(tmp))
-    os.replace(tmp, target)  # atomic: readers never see a half-written folder
+    columns = {"text": texts, "response": responses, "label": labels}
+    _split_and_save(columns, features, WORDNET_TEST_SIZE, target)
+
+
+def _build_digits(target: Path) -> None:
+    images, labels = digits.read_digits()
+    features = datasets.Features(
+        {
+            "image": datasets.Array2D(shape=images.shape[1:], dtype="float32"),
+            "label": datasets.ClassLabel(names=digits.DIGIT_NAMES),
+        }
+    )
+    columns = {"image": list(images), "label": labels}
+    _split_and_save(columns, features, digits.DIGITS_TEST_SIZE, target)
+
+
+BUILDERS: dict[str, Callable[[Path], None]] = {
+    "wordnet-supersense": _build_wordnet_supersense,
+    "wordnet-definitions": _build_wordnet_definitions,
+    "digits": _build_digits,
+}
 
 
 def _load_bundled(name: str) -> datasets.DatasetDict:
@@ -85,30 +137,35 @@ def _load_bundled(name: str) -> datasets.DatasetDict:
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
             if not (target / "dataset_dict.json").is_file():
-                _build_wordnet_supersense(target)
+                BUILDERS[name](target)
     return datasets.load_from_disk(str(target))
 
 
 def _normalise(dd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDict:
-    """Rename the configured columns to text/label, encode labels, make a test split."""
+    """Keep the configured columns under their canonical names, encode labels, split.
+
+    Which columns a task needs is the task's business (``Task.check_data``); here every
+    configured column the set has is kept, and it needs a text or an image column.
+    """
     if "train" not in dd:
         first = next(iter(dd))
         dd = datasets.DatasetDict({"train": dd[first]})
     columns = dd["train"].column_names
-    for key, column in (
-        ("data.text_column", cfg.text_column),
-        ("data.label_column", cfg.label_column),
-    ):
-        if column not in columns:
-            raise ScenarioError(
-                f"{key}={column!r} is not a column of data set {cfg.name!r}; columns: {columns}"
-            )
-    dd = dd.select_columns([cfg.text_column, cfg.label_column])
-    if cfg.text_column != "text":
-        dd = dd.rename_column(cfg.text_column, "text")
-    if cfg.label_column != "label":
-        dd = dd.rename_column(cfg.label_column, "label")
-    if not isinstance(dd["train"].features["label"], datasets.ClassLabel):
+    found = {
+        canonical: getattr(cfg, key)
+        for canonical, key in COLUMN_KEYS.items()
+        if getattr(cfg, key) in columns
+    }
+    if "text" not in found and "image" not in found:
+        raise ScenarioError(
+            f"data.text_column={cfg.text_column!r} (or data.image_column={cfg.image_column!r}) "
+            f"is not a column of data set {cfg.name!r}; columns: {columns}"
+        )
+    dd = dd.select_columns(list(found.values()))
+    renames = {column: canonical for canonical, column in found.items() if column != canonical}
+    if renames:
+        dd = dd.rename_columns(renames)
+    if "label" in found and not isinstance(dd["train"].features["label"], datasets.ClassLabel):
         dd = dd.class_encode_column("label")
     if "test" not in dd:
         dd = dd["train"].train_test_split(test_size=cfg.test_fraction, seed=SPLIT_SEED)
@@ -139,10 +196,12 @@ _CACHE: dict[tuple[Any, ...], Any] = {}
 
 def load_task_data(cfg: DataConfig) -> TaskData:
     """Load (once per process) the train and held-out splits of ``cfg.name``."""
-    key = ("data", cfg.name, cfg.text_column, cfg.label_column, cfg.test_fraction)
+    columns = tuple(getattr(cfg, key) for key in COLUMN_KEYS.values())
+    key = ("data", cfg.name, *columns, cfg.test_fraction)
     if key not in _CACHE:
         dd = _load_uncached(cfg)
-        names = list(dd["train"].features["label"].names)
+        label = dd["train"].features.get("label")
+        names = list(label.names) if isinstance(label, datasets.ClassLabel) else []
         _CACHE[key] = TaskData(dd["train"], dd["test"], names)
     data: TaskData = _CACHE[key]
     return data
@@ -164,6 +223,11 @@ def build_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
         partitioner: Partitioner = _CACHE[key]
         return partitioner
     train = load_task_data(cfg).train
+    if cfg.partitioner != "iid" and "label" not in train.column_names:
+        raise ScenarioError(
+            f"data.partitioner={cfg.partitioner!r} splits by label, but data set {cfg.name!r} "
+            f"has no column data.label_column={cfg.label_column!r}; use data.partitioner='iid'"
+        )
     if cfg.partitioner == "iid":
         partitioner = IidPartitioner(num_partitions=cfg.num_clients)
     elif cfg.partitioner == "dirichlet":
@@ -210,12 +274,12 @@ def partition_summary(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
     names = load_task_data(cfg).label_names
     rows = []
     for pid in range(cfg.num_clients):
-        labels = client_partition(cfg, seed, pid)["label"]
-        counts = Counter(labels)
+        part = client_partition(cfg, seed, pid)
+        counts = Counter(part["label"] if names else [])
         rows.append(
             {
                 "client": pid,
-                "size": len(labels),
+                "size": len(part),
                 "label_counts": {names[k]: v for k, v in sorted(counts.items())},
             }
         )

@@ -1,12 +1,15 @@
-"""Bundled offline data set ``wordnet-supersense``: noun gloss -> one of 26 supersenses.
+"""Bundled offline data sets built from WordNet 3.0 nouns.
 
-Built from Debian's ``wordnet-base`` (WordNet 3.0 in ``/usr/share/wordnet``). Each line of
-``data.noun`` is a synset: field 2 is its lexicographer file number (03 = noun.Tops ...
-28 = noun.time) and the text after `` | `` is its gloss.
+``wordnet-supersense``: noun gloss -> one of 26 supersenses. ``wordnet-definitions``: the
+instruction "Define the word X." -> the gloss's definition. Both come from Debian's
+``wordnet-base`` (WordNet 3.0 in ``/usr/share/wordnet``). Each line of ``data.noun`` is a
+synset: field 2 is its lexicographer file number (03 = noun.Tops ... 28 = noun.time),
+field 5 its first lemma, and the text after `` | `` is its gloss.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 from fedpeft.config import ScenarioError
@@ -24,18 +27,50 @@ NOUN_SUPERSENSES = [
 FIRST_NOUN_LEXFILE = 3  # lexicographer files 03..28 are the noun supersenses
 
 
-def read_noun_glosses(wordnet_dir: Path = WORDNET_DIR) -> tuple[list[str], list[int]]:
-    """Return (glosses, supersense labels 0..25) for every noun synset in ``data.noun``."""
+def _noun_synsets(wordnet_dir: Path) -> Iterator[tuple[str, str, int]]:
+    """Yield (first lemma, gloss, supersense label 0..25) for every noun synset."""
     path = wordnet_dir / "data.noun"
     if not path.is_file():
         raise ScenarioError(f"WordNet not found at {path}: {INSTALL_HINT}")
-    texts, labels = [], []
     with path.open(encoding="utf-8", errors="replace") as f:
         for line in f:
             if line.startswith("  "):  # the licence header
                 continue
             fields, _, gloss = line.partition(" | ")
-            lexfile = int(fields.split(" ", 3)[1])
-            texts.append(gloss.strip())
-            labels.append(lexfile - FIRST_NOUN_LEXFILE)
+            parts = fields.split(" ", 5)
+            yield parts[4], gloss.strip(), int(parts[1]) - FIRST_NOUN_LEXFILE
+
+
+def read_noun_glosses(wordnet_dir: Path = WORDNET_DIR) -> tuple[list[str], list[int]]:
+    """Return (glosses, supersense labels 0..25) for every noun synset in ``data.noun``."""
+    texts, labels = [], []
+    for _, gloss, label in _noun_synsets(wordnet_dir):
+        texts.append(gloss)
+        labels.append(label)
     return texts, labels
+
+
+def definition_of(gloss: str) -> str:
+    """The definition part of a gloss: the quoted example sentences after it are dropped.
+
+    Examples (``; "the dog barked all night"``) are long and unpredictable; without them a
+    response is a short definition, which an exact-match metric can score.
+    """
+    definition = gloss.split('; "', 1)[0].strip()
+    return definition or gloss
+
+
+def read_noun_definitions(
+    wordnet_dir: Path = WORDNET_DIR,
+) -> tuple[list[str], list[str], list[int]]:
+    """Return (instructions, definitions, supersense labels) for every noun synset.
+
+    The instruction names the synset's first lemma (underscores as spaces); a word with
+    several senses appears once per sense, each with its own definition.
+    """
+    instructions, responses, labels = [], [], []
+    for lemma, gloss, label in _noun_synsets(wordnet_dir):
+        instructions.append(f"Define the word {lemma.replace('_', ' ')}.")
+        responses.append(definition_of(gloss))
+        labels.append(label)
+    return instructions, responses, labels

@@ -1,37 +1,52 @@
-"""LoRA (Hu et al., 2021) through Hugging Face peft: ``W + (alpha / r) * B @ A``."""
+"""LoRA (Hu et al., 2021) and DoRA (Liu et al., 2024) through Hugging Face peft.
+
+LoRA adds ``scaling * B @ A`` to each target matrix (``scaling = alpha / r``, or
+``alpha / sqrt(r)`` with ``use_rslora``); DoRA also learns each column's magnitude.
+"""
 
 from __future__ import annotations
 
-import torch
-from peft import LoraConfig, TaskType, get_peft_model
-from transformers import PreTrainedModel
+from typing import Any
 
-from fedpeft.config import PeftSection, ScenarioError
-from fedpeft.methods import register_method
+from peft import LoraConfig
 
-TASK_TYPES = {"seq-cls": TaskType.SEQ_CLS}
+from fedpeft.config import PeftSection
+from fedpeft.methods import MethodContext, register_method
+
+# peft's init_lora_weights values for the scenario's peft.init
+INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
 
 
-def build_lora(base: PreTrainedModel, cfg: PeftSection, task: str) -> torch.nn.Module:
-    """Inject LoRA into ``cfg.target_modules`` (peft's default for the model when empty).
-
-    For ``seq-cls`` peft also trains the freshly initialised classification head
-    (``modules_to_save``), so the head travels with the adapter.
-    """
-    config = LoraConfig(
+def lora_config(cfg: PeftSection, ctx: MethodContext, use_dora: bool = False) -> LoraConfig:
+    """Peft's LoraConfig for the scenario (peft's default targets when none are named)."""
+    return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules) or None,
-        task_type=TASK_TYPES[task],
+        use_rslora=cfg.use_rslora,
+        init_lora_weights=INITS[cfg.init],
+        use_dora=use_dora,
+        task_type=ctx.peft_task_type,
     )
-    try:
-        return get_peft_model(base, config)
-    except ValueError as err:
-        raise ScenarioError(
-            f"peft.target_modules={list(cfg.target_modules)} does not fit model "
-            f"{type(base).__name__}: {str(err).splitlines()[0]}"
-        ) from None
 
 
-register_method("lora", "reparameterised", "low-rank update B @ A on chosen matrices", build_lora)
+def dora_config(cfg: PeftSection, ctx: MethodContext) -> LoraConfig:
+    """DoRA: LoRA on the direction, plus a trained magnitude vector per adapted matrix."""
+    return lora_config(cfg, ctx, use_dora=True)
+
+
+register_method(
+    "lora",
+    "reparameterised",
+    "low-rank update B @ A on chosen matrices (use_rslora, init options)",
+    kind="peft",
+    peft_config=lora_config,
+)
+register_method(
+    "dora",
+    "reparameterised",
+    "weight-decomposed LoRA: low-rank direction plus a trained magnitude",
+    kind="peft",
+    peft_config=dora_config,
+)
