@@ -180,27 +180,31 @@ def train(msg: Message, context: Context) -> Message:
     job = _prepare(msg, context)
     scenario, config = job.scenario, job.config
     server_round = int(str(config.get(records.SERVER_ROUND, 0)))
-    set_trainable(job.model, job.factors(records.TRAIN_FACTORS) or None)
-    end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
-    train_part, _ = client_split(scenario.data, scenario.seed, job.partition_id)
-    t = scenario.train
-    result = train_steps(
-        job.model,
-        scenario_collate(scenario),
-        train_part,
-        steps=t.local_steps,
-        batch_size=t.batch_size,
-        lr=t.lr,
-        # distinct, reproducible batch order per (seed, round, client)
-        seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + job.partition_id,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        proximal_mu=float(str(config.get(records.PROXIMAL_MU, 0.0))),
-        regulariser=_pruning_penalty(job),
-        device=job.device,
-    )
-    end_round()
-    set_trainable(job.model, None)
+    end_round: Callable[[], None] | None = None
+    try:
+        set_trainable(job.model, job.factors(records.TRAIN_FACTORS) or None)
+        end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
+        train_part, _ = client_split(scenario.data, scenario.seed, job.partition_id)
+        t = scenario.train
+        result = train_steps(
+            job.model,
+            scenario_collate(scenario),
+            train_part,
+            steps=t.local_steps,
+            batch_size=t.batch_size,
+            lr=t.lr,
+            # distinct, reproducible batch order per (seed, round, client)
+            seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + job.partition_id,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            proximal_mu=float(str(config.get(records.PROXIMAL_MU, 0.0))),
+            regulariser=_pruning_penalty(job),
+            device=job.device,
+        )
+    finally:  # the cached model serves the next message: leave it as it was
+        if end_round is not None:
+            end_round()
+        set_trainable(job.model, None)
     state = get_adapter_state(job.model)
     sent_rank = job.current_rank
     threshold = float(str(config.get(records.PRUNE_THRESHOLD, 0.0)))

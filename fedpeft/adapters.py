@@ -1,9 +1,10 @@
-"""The one place that extracts and loads adapter tensors.
+"""The one place that extracts and loads adapter tensors, and saves and reloads adapters.
 
-Everything that travels between server and clients is the model's *adapter state*: the
-tensors peft saves for the active adapter (LoRA factors, plus a task head trained from
-scratch), exactly the parameters with ``requires_grad``. Nothing else in fedpeft reaches
-into a raw ``state_dict()``.
+Everything that travels between server and clients is the model's *adapter state*:
+exactly the parameters that train, as :func:`fedpeft.methods.build_peft_model` recorded
+them (peft's adapter tensors, fedpeft's own BitFit biases, sparse values or bottleneck
+adapters, a task head trained from scratch, or every weight under full fine-tuning).
+Nothing else in fedpeft reaches into a raw ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -213,11 +214,16 @@ def save_adapter(model: torch.nn.Module, directory: Path) -> None:
     from fedpeft.methods import META_ATTR, get_method
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = dict(getattr(model, META_ATTR, {}))
+    if not {"model", "num_labels", "peft"} <= set(meta):
+        raise ValueError(
+            "cannot save an adapter without knowing its base model: build the model with "
+            "fedpeft.models.cached_peft_model (or record model and num_labels in its meta)"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
     from fedpeft.config import PeftSection
 
-    methods = [get_method(m) for m in PeftSection(**meta["peft"]).methods] if meta else []
+    methods = [get_method(m) for m in PeftSection(**meta["peft"]).methods]
     if isinstance(model, PeftModel) and len(methods) <= 1:
         model.save_pretrained(str(directory))
         meta["format"] = "peft"
@@ -258,9 +264,9 @@ def load_adapter(directory: Path | str, base: torch.nn.Module | None = None) -> 
         return PeftModel.from_pretrained(base, str(directory))  # type: ignore[arg-type]
     model = build_peft_model(base, peft_cfg, meta["task"], meta["seed"])
     if meta["format"] == "peft":  # peft's own file, read by peft
-        result = set_peft_model_state_dict(model, load_peft_weights(str(directory)))
-        if unexpected := list(getattr(result, "unexpected_keys", [])):
-            raise AdapterMismatchError(f"peft did not use adapter keys {unexpected[:3]}")
+        weights = load_peft_weights(str(directory))
+        check_adapter_state(model, weights)  # every adapter tensor is there, none unknown
+        set_peft_model_state_dict(model, weights)
     else:
         set_adapter_state(model, load_file(str(directory / STATE_FILE)))
     model.eval()

@@ -73,8 +73,8 @@ class PeftSection:
     )
     client_ranks: list[int] = _f([], "LoRA rank per client, cycled over clients; empty = all use r")
     use_rslora: bool = _f(False, "LoRA: rank-stabilised scaling alpha / sqrt(r)")
-    init: Literal["default", "gaussian", "orthogonal", "pissa", "olora"] = _f(
-        "default", "LoRA init: default (A Kaiming, B zero), gaussian, orthogonal, pissa, olora"
+    init: Literal["default", "gaussian", "orthogonal"] = _f(
+        "default", "LoRA init: default (A Kaiming, B zero), gaussian or orthogonal"
     )
     adalora_target_r: int = _f(4, "AdaLoRA: average rank per matrix left after the budget schedule")
     feedforward_modules: list[str] = _f(

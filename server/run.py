@@ -76,7 +76,7 @@ def eval_data_record(scenario: Scenario, examples: int) -> dict[str, Any]:
 def save_final_adapter(
     strategy: Strategy, model: torch.nn.Module, scenario: Scenario, num_labels: int, where: Path
 ) -> None:
-    """Save the final global adapter in peft format, loadable onto the original base.
+    """Save the final global adapter (see :func:`fedpeft.adapters.save_adapter` for formats).
 
     A strategy that changed the base weights (FLoRA, FedEx-LoRA) exports an adapter that
     carries the change too; it is saved from a fresh copy of the untouched base model.

@@ -18,6 +18,7 @@ from peft import PeftModel
 from clients.app import app as client_app
 from fedpeft.adapters import (
     META_FILE,
+    _canonical,
     count_trainable,
     get_adapter_state,
     load_adapter,
@@ -123,16 +124,12 @@ def _perturb(model: torch.nn.Module, seed: int = 1) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
-def _key(name: str) -> str:
-    return ".".join(s for s in name.split(".") if s not in ("default", "modules_to_save"))
-
-
 @pytest.mark.parametrize("row,task", ROWS)
 def test_only_trainable_tensors_travel(row: str, task: str) -> None:
     model = fresh_model(scenario_for(row, task))
     state = get_adapter_state(model)
-    trainable = {_key(n): p for n, p in model.named_parameters() if p.requires_grad}
-    frozen = {_key(n) for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {_canonical(n): p for n, p in model.named_parameters() if p.requires_grad}
+    frozen = {_canonical(n) for n, p in model.named_parameters() if not p.requires_grad}
 
     assert set(state) == set(trainable) and state
     assert not set(state) & frozen
@@ -248,3 +245,20 @@ def test_sparse_uplink_scales_with_masked_entries_not_matrix_size() -> None:
     assert overhead[0] == overhead[1] < 600
     matrices = {n: p.detach() for n, p in model.named_parameters() if n.endswith(".original")}
     assert sent[0.08] < payload_nbytes(state_to_arrayrecord(matrices)) / 4
+
+
+@pytest.mark.parametrize(
+    "methods,reason",
+    [
+        ('["lora","dora"]', "a hybrid takes one of them"),
+        ('["vera","bitfit"]', "cannot be combined"),
+        ('["adalora","sparse"]', "cannot be combined"),
+        ('["full","bitfit"]', "cannot be combined"),
+        ('["prompt_tuning","p_tuning"]', "combines prompt methods"),
+        ('["lora","lora"]', "distinct method names"),
+    ],
+)
+def test_a_hybrid_that_cannot_work_is_refused_in_one_line(methods, reason) -> None:
+    with pytest.raises(ScenarioError) as err:
+        fresh_model(load_scenario("smoke", [f"peft.method={methods}"]))
+    assert reason in str(err.value) and "\n" not in str(err.value)

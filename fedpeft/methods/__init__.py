@@ -12,10 +12,10 @@ Methods come in three kinds:
   changes the model in place and marks what it trains;
 * ``full``: every weight trains (the baseline).
 
-A hybrid (``peft.method = ["lora", "bitfit"]``) applies peft's tuners first (injected with
-``inject_adapter_in_model``), then at most one prompt method (``get_peft_model``), then
-fedpeft's own methods. Whatever any of them made trainable trains and travels; that set
-is recorded on the model (see :mod:`fedpeft.adapters`).
+A hybrid (``peft.method = ["lora", "bitfit"]``) applies at most one of peft's tuners first
+(injected with ``inject_adapter_in_model``), then at most one prompt method
+(``get_peft_model``), then fedpeft's own methods. Whatever any of them made trainable
+trains and travels; that set is recorded on the model (see :mod:`fedpeft.adapters`).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ class MethodSpec:
     before_round: RoundHook | None = None
     not_for: str = ""  # why the method cannot apply to the tasks it lacks (one phrase)
     prepare: Callable[[torch.nn.Module], None] | None = None  # on the base, before peft
+    no_hybrid: str = ""  # why the method cannot share a model with others (one phrase)
 
 
 METHODS: dict[str, MethodSpec] = {}
@@ -98,6 +99,7 @@ def register_method(
     before_round: RoundHook | None = None,
     not_for: str = "",
     prepare: Callable[[torch.nn.Module], None] | None = None,
+    no_hybrid: str = "",
 ) -> MethodSpec:
     """Register a PEFT method; a duplicate or malformed registration fails loudly."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -124,6 +126,7 @@ def register_method(
         before_round,
         not_for,
         prepare,
+        no_hybrid,
     )
     METHODS[name] = spec
     return spec
@@ -148,12 +151,32 @@ def check_methods(cfg: PeftSection, task: str) -> list[MethodSpec]:
                 f"methods for {task}: {', '.join(able)}"
             )
     if len(specs) > 1:
-        if any(s.kind == "full" for s in specs):
-            raise ScenarioError("peft.method 'full' trains every weight: it takes no partner")
+        for spec in specs:
+            if spec.no_hybrid:
+                raise ScenarioError(
+                    f"peft.method {spec.name!r} cannot be combined with other methods "
+                    f"({spec.no_hybrid}); use it alone"
+                )
         prompts = [s.name for s in specs if s.prompt]
         if len(prompts) > 1:
             raise ScenarioError(f"peft.method combines prompt methods {prompts}: use one of them")
+        tuners = [s.name for s in specs if s.kind == "peft" and not s.prompt]
+        if len(tuners) > 1:  # one peft adapter name per model: a second would replace the first
+            raise ScenarioError(
+                f"peft.method combines peft's tuners {tuners}: a hybrid takes one of them "
+                "(plus a prompt method and fedpeft's adapter, bitfit or sparse)"
+            )
     return specs
+
+
+# the order in which a hybrid's methods go on the model
+_ORDER = {"tuner": 0, "prompt": 1, "fedpeft": 2, "full": 3}
+
+
+def _stage(spec: MethodSpec) -> int:
+    if spec.kind == "peft":
+        return _ORDER["prompt" if spec.prompt else "tuner"]
+    return _ORDER[spec.kind]
 
 
 def _task_context(model: torch.nn.Module, task: str, seed: int, hybrid: bool) -> MethodContext:
@@ -190,15 +213,15 @@ def build_peft_model(
     hybrid = len(specs) > 1
     ctx = _task_context(base, task, seed, hybrid)
     base_ids = {id(p) for p in base.parameters()}
-    order = sorted(specs, key=lambda s: (s.kind != "peft" or s.prompt, s.kind != "fedpeft"))
-    trainable: set[int] = set()
+    # parameters any step made trainable (held, so a freed one's id cannot be reused)
+    trainable: dict[int, torch.nn.Parameter] = {}
     model = base
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for spec in order:
+        for spec in sorted(specs, key=_stage):
             model = _apply(spec, model, cfg, ctx)
-            trainable |= {id(p) for p in model.parameters() if p.requires_grad}
-        trainable |= _head_parameters(model, ctx)
+            trainable.update({id(p): p for p in model.parameters() if p.requires_grad})
+        trainable.update(_head_parameters(model, ctx))
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable)
     names = [n for n, p in model.named_parameters() if id(p) in trainable]
@@ -224,10 +247,10 @@ def _apply(
         spec.apply(model, cfg, ctx)
         return model
     assert spec.peft_config is not None
-    config = spec.peft_config(cfg, ctx)
     if spec.prepare is not None:
         spec.prepare(model)
     try:
+        config = spec.peft_config(cfg, ctx)
         if ctx.hybrid and not spec.prompt:
             # several methods on one model: peft's tuners are injected without a wrapper
             return inject_adapter_in_model(config, model)
@@ -239,16 +262,16 @@ def _apply(
         raise _peft_error(spec, model, err) from None
 
 
-def _head_parameters(model: torch.nn.Module, ctx: MethodContext) -> set[int]:
+def _head_parameters(model: torch.nn.Module, ctx: MethodContext) -> dict[int, torch.nn.Parameter]:
     """The task head trains from scratch under every method (peft copies it when it wraps)."""
-    ids: set[int] = set()
+    ids: dict[int, torch.nn.Parameter] = {}
     for name, module in model.named_modules():
         if name.split(".")[-1] in ctx.head_modules:
             if isinstance(model, PeftModel) and hasattr(module, "modules_to_save"):
                 continue  # peft's wrapper: its trainable copy is already marked
             if ".modules_to_save." in f".{name}." or ".original_module" in name:
                 continue
-            ids |= {id(p) for p in module.parameters()}
+            ids.update({id(p): p for p in module.parameters()})
     return ids
 
 

@@ -25,6 +25,7 @@ from peft import AdaLoraConfig
 
 from fedpeft.config import PeftSection
 from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.lowrank import targets
 
 
 def adalora_config(cfg: PeftSection, ctx: MethodContext) -> AdaLoraConfig:
@@ -35,7 +36,7 @@ def adalora_config(cfg: PeftSection, ctx: MethodContext) -> AdaLoraConfig:
         total_step=1,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules) or None,
+        target_modules=targets(cfg),
         task_type=ctx.peft_task_type,
     )
 
@@ -101,4 +102,5 @@ register_method(
     kind="peft",
     peft_config=adalora_config,
     before_round=before_round,
+    no_hybrid="peft adds its orthogonality penalty only in AdaLoRA's own model wrapper",
 )

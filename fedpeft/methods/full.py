@@ -13,4 +13,5 @@ register_method(
     "full",
     "full fine-tuning: every weight trains and travels (the baseline)",
     kind="full",
+    no_hybrid="it trains every weight already",
 )

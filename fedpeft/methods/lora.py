@@ -12,6 +12,7 @@ from peft import LoraConfig
 
 from fedpeft.config import PeftSection
 from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.lowrank import targets
 
 # peft's init_lora_weights values for the scenario's peft.init
 INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}
@@ -23,7 +24,7 @@ def lora_config(cfg: PeftSection, ctx: MethodContext, use_dora: bool = False) ->
         r=cfg.r,
         lora_alpha=cfg.alpha,  # type: ignore[arg-type]  # peft annotates int; floats work
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules) or None,
+        target_modules=targets(cfg),
         use_rslora=cfg.use_rslora,
         init_lora_weights=INITS[cfg.init],
         use_dora=use_dora,

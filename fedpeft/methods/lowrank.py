@@ -8,7 +8,8 @@ from fedpeft.config import PeftSection
 from fedpeft.methods import MethodContext, register_method
 
 
-def _targets(cfg: PeftSection) -> list[str] | None:
+def targets(cfg: PeftSection) -> list[str] | None:
+    """The scenario's target modules; None lets peft pick its default for the model."""
     return list(cfg.target_modules) or None
 
 
@@ -17,7 +18,7 @@ def loha_config(cfg: PeftSection, ctx: MethodContext) -> LoHaConfig:
     return LoHaConfig(
         r=cfg.r,
         alpha=cfg.alpha,  # type: ignore[arg-type]
-        target_modules=_targets(cfg),
+        target_modules=targets(cfg),
         task_type=ctx.peft_task_type,
     )
 
@@ -27,7 +28,7 @@ def lokr_config(cfg: PeftSection, ctx: MethodContext) -> LoKrConfig:
     return LoKrConfig(
         r=cfg.r,
         alpha=cfg.alpha,  # type: ignore[arg-type]
-        target_modules=_targets(cfg),
+        target_modules=targets(cfg),
         task_type=ctx.peft_task_type,
     )
 
@@ -41,7 +42,7 @@ def vera_config(cfg: PeftSection, ctx: MethodContext) -> VeraConfig:
     """
     return VeraConfig(
         r=cfg.r,
-        target_modules=_targets(cfg),
+        target_modules=targets(cfg),
         projection_prng_key=ctx.seed,
         save_projection=False,
         vera_dropout=cfg.dropout,
@@ -69,4 +70,5 @@ register_method(
     "shared frozen random projections (from the seed, never sent); trains scaling vectors",
     kind="peft",
     peft_config=vera_config,
+    no_hybrid="peft injects VeRA's shared projections only through its own model wrapper",
 )

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
-from fedpeft.config import PeftSection
+from fedpeft.config import PeftSection, ScenarioError
 from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.lowrank import targets
 
 TEXT = frozenset({"seq-cls", "causal-lm"})
 NO_EMBEDDINGS = "it prepends virtual tokens and an image model has no token embeddings"
@@ -25,8 +26,13 @@ def ia3_config(cfg: PeftSection, ctx: MethodContext) -> IA3Config:
 
     Outputs are scaled, except for feed-forward modules, whose inputs are.
     """
+    if cfg.feedforward_modules and not cfg.target_modules:
+        raise ScenarioError(
+            "peft.feedforward_modules must be a subset of peft.target_modules; name the "
+            "target modules too"
+        )
     return IA3Config(
-        target_modules=list(cfg.target_modules) or None,
+        target_modules=targets(cfg),
         feedforward_modules=list(cfg.feedforward_modules) if cfg.target_modules else None,
         task_type=ctx.peft_task_type,
     )
@@ -61,11 +67,12 @@ def prefix_tuning_config(cfg: PeftSection, ctx: MethodContext) -> PrefixTuningCo
 def accept_past_key_values(model: torch.nn.Module) -> None:
     """Let peft 0.21's prefix tuning see a transformers-5 classifier's cache argument.
 
-    For classification, peft checks that ``forward`` names ``past_key_values``;
-    transformers 5 renamed it ``cache`` and still accepts the old name (deprecated alias,
-    passed down to the backbone through ``**kwargs``). This shim only adds the old name to
-    the signature peft inspects; the call goes through unchanged. fedpeft's adapter
-    loader applies it again when it rebuilds such a model.
+    For classification, peft checks that ``forward`` names ``past_key_values``; under
+    transformers 5 a classifier's ``forward`` takes it only through ``**kwargs`` (the
+    backbone calls it ``cache`` and still accepts the old name as a deprecated alias).
+    This shim only adds the old name to the signature peft inspects; the call goes
+    through unchanged. fedpeft's adapter loader applies it again when it rebuilds such a
+    model.
     """
     forward = model.forward
     signature = inspect.signature(forward)
