@@ -265,8 +265,13 @@ def load_adapter(directory: Path | str, base: torch.nn.Module | None = None) -> 
     model = build_peft_model(base, peft_cfg, meta["task"], meta["seed"])
     if meta["format"] == "peft":  # peft's own file, read by peft
         weights = load_peft_weights(str(directory))
-        check_adapter_state(model, weights)  # every adapter tensor is there, none unknown
-        set_peft_model_state_dict(model, weights)
+        result = set_peft_model_state_dict(model, weights)
+        unexpected = list(getattr(result, "unexpected_keys", []))
+        if unexpected or len(weights) != len(adapter_spec(model)):  # none unknown, none left out
+            raise AdapterMismatchError(
+                f"{directory} holds {len(weights)} adapter tensors for a model that trains "
+                f"{len(adapter_spec(model))} (unexpected: {unexpected[:3]})"
+            )
     else:
         set_adapter_state(model, load_file(str(directory / STATE_FILE)))
     model.eval()
