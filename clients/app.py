@@ -16,6 +16,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.compression import compression_mod, state_dir
 from fedpeft import models, records
 from fedpeft.adapters import (
     AdapterState,
@@ -37,7 +38,7 @@ from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, scenario_collate, train_steps
 from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
 
-app = ClientApp()
+app = ClientApp(mods=[compression_mod])  # codes adapter payloads per scenario.compression
 
 RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store
 
@@ -106,10 +107,8 @@ def _prepare(msg: Message, context: Context) -> Job:
     config = msg.content.config_records[records.CONFIG]
     scenario = Scenario.from_json(str(config[records.SCENARIO]))
     partition_id = _partition_id(context, scenario)
-    state_dir = str(
-        context.node_config.get(records.NODE_STATE_DIR, config.get(records.STATE_DIR, ""))
-    )
-    store = ClientStateStore(state_dir) if state_dir else None
+    folder = state_dir(context, config)
+    store = ClientStateStore(folder) if folder else None
     personal = store.load(partition_id) if store else {}
     shared_scaling = str(config.get(records.ALPHA_MODE, "per-rank")) == "shared-scaling"
     # a real node may state its own rank (flower-supernode --node-config "rank=4")

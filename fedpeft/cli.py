@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=_cmd_run)
     cmp = sub.add_parser("compare", help="run a scenario per strategy x --vary value x seed")
     cmp.add_argument("scenario", help="scenario TOML path or bundled name")
-    cmp.add_argument("--strategies", required=True, metavar="A,B,C", help="strategies to compare")
+    cmp.add_argument("--strategies", metavar="A,B,C",
+                     help="strategies to compare (default: the scenario's own)")  # fmt: skip
     cmp.add_argument("--seeds", metavar="0,1,2", help="seeds (default: the scenario's seed)")
     cmp.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
                      help="sweep a key over TOML values (split on top-level commas)")  # fmt: skip

@@ -36,6 +36,7 @@ STAT_COLUMNS = [
     "personal_accuracy_mean",
     "trainable_params_mean",
     "bytes_up_per_client_round_mean",
+    "compression_ratio_up_mean",
     "bytes_up_total_mean",
     "bytes_down_total_mean",
     "wall_seconds_mean",
@@ -302,6 +303,8 @@ def summarise_cells(cells: Sequence[Cell]) -> list[dict[str, Any]]:
                 "bytes_down_total", "wall_seconds")  # fmt: skip
         for key in keys:
             row[f"{key}_mean"] = _mean(_numbers(summaries, key))
+        ratios = [s.get("compression", {}) for s in summaries]
+        row["compression_ratio_up_mean"] = _mean(_numbers(ratios, "ratio_up_vs_uncompressed"))
         if not reasons:
             row["status"] = "ok"
         elif not summaries:
@@ -500,7 +503,7 @@ def _finish(
 
 def run_compare(
     scenario: str,
-    strategies: str | Sequence[str],
+    strategies: str | Sequence[str] | None,
     seeds: str | Sequence[int] | None = None,
     vary: Sequence[str] = (),
     sets: Sequence[str] = (),
@@ -513,7 +516,7 @@ def run_compare(
     scenario
         Scenario TOML path or bundled name.
     strategies
-        ``"a,b,c"`` or a list of strategy names.
+        ``"a,b,c"`` or a list of strategy names; ``None``: the scenario's own strategy.
     seeds
         ``"0,1,2"`` or a list of seeds; default: the scenario's own seed.
     vary
@@ -549,7 +552,7 @@ def run_compare(
 
     sets = list(sets)
     base = load_scenario(scenario, sets)
-    names = parse_names(strategies, "strategies")
+    names = parse_names(strategies or [base.strategy.name], "strategies")
     for name in names:
         get_strategy(name)
     seed_list = parse_seeds(seeds) if seeds is not None else [base.seed]

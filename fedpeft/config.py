@@ -303,6 +303,81 @@ class SimulationConfig:
 
 
 @dataclass
+class CompressionConfig:
+    """How adapter updates are coded on the wire (see docs/compression.md)."""
+
+    uplink: list[str] = _f(
+        [], 'client -> server stages, in order: [] (none), "topk", then fp16|bf16|int8|int4'
+    )
+    downlink: list[str] = _f([], "server -> client stages (same names; topk needs downlink_delta)")
+    topk_fraction: float = _f(0.1, "topk: share of each tensor's entries kept (largest |x|)")
+    quant_granularity: Literal["tensor", "row"] = _f(
+        "tensor", "int8/int4: one scale per tensor, or one per row"
+    )
+    stochastic_rounding: bool = _f(False, "int8/int4: unbiased stochastic rounding")
+    error_feedback: bool = _f(
+        False, "each client keeps what uplink compression dropped and adds it to its next update"
+    )
+    downlink_delta: bool = _f(
+        False, "send a client the change since the adapter it last received (full when it has none)"
+    )
+
+    def __post_init__(self) -> None:
+        from fedpeft.codecs.compression import CodecError, Pipeline, check_stages
+
+        for direction in ("uplink", "downlink"):
+            try:
+                check_stages(getattr(self, direction), f"compression.{direction}")
+                Pipeline(
+                    tuple(getattr(self, direction)),
+                    self.topk_fraction,
+                    self.quant_granularity,
+                    self.stochastic_rounding and self.quantises(direction),
+                )
+            except CodecError as exc:
+                raise ScenarioError(str(exc)) from None
+        _need(0 < self.topk_fraction <= 1, "compression.topk_fraction", "a number in (0, 1]",
+              self.topk_fraction)  # fmt: skip
+        if self.stochastic_rounding and not (
+            self.quantises("uplink") or self.quantises("downlink")
+        ):
+            raise ScenarioError(
+                "compression.stochastic_rounding needs an int8 or int4 stage in uplink or downlink"
+            )
+        if self.error_feedback and not self.uplink:
+            raise ScenarioError(
+                "compression.error_feedback needs a lossy uplink (e.g. uplink = "
+                '["topk", "int8"]); with uplink = [] nothing is dropped'
+            )
+        if "topk" in self.downlink and not self.downlink_delta:
+            raise ScenarioError(
+                "compression.downlink topk needs downlink_delta = true: top-k of the whole "
+                "adapter would zero most of it; top-k of the change since the client's copy "
+                "converges"
+            )
+
+    def quantises(self, direction: str) -> bool:
+        """Whether ``uplink`` or ``downlink`` has an int8 or int4 stage."""
+        return any(s in ("int8", "int4") for s in getattr(self, direction))
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any payload is coded (otherwise plain ArrayRecords travel)."""
+        return bool(self.uplink or self.downlink or self.downlink_delta)
+
+    def pipeline(self, direction: str) -> Any:
+        """The :class:`fedpeft.codecs.compression.Pipeline` of ``uplink`` or ``downlink``."""
+        from fedpeft.codecs.compression import Pipeline
+
+        return Pipeline(
+            tuple(getattr(self, direction)),
+            self.topk_fraction,
+            self.quant_granularity,
+            self.stochastic_rounding and self.quantises(direction),
+        )
+
+
+@dataclass
 class Scenario:
     """One federated fine-tuning experiment, fully resolved."""
 
@@ -315,6 +390,7 @@ class Scenario:
     strategy: StrategySection = field(default_factory=StrategySection)
     train: TrainConfig = field(default_factory=TrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     def __post_init__(self) -> None:
         _need(

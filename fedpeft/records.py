@@ -2,6 +2,7 @@
 
 ARRAYS = "arrays"  # ArrayRecord: the adapter tensors (Flower strategies' default key)
 CONFIG = "config"  # ConfigRecord sent with each instruction
+COMPRESSED = "compressed"  # ArrayRecord: a coded adapter payload in place of ARRAYS (codecs)
 BASE_DELTA = "base-delta"  # ArrayRecord: factored change of the frozen base (FLoRA, FedEx-LoRA)
 METRICS = "metrics"  # MetricRecord in each reply
 

@@ -43,6 +43,10 @@ class ClientStateStore:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
 
+    def delete(self, client_id: str | int) -> None:
+        """Forget the client's saved tensors (no error when there are none)."""
+        self._path(client_id).unlink(missing_ok=True)
+
     def clients(self) -> list[str]:
         """Ids of every client with saved state."""
         return sorted(p.name.removesuffix(".safetensors") for p in self.root.glob("*.safetensors"))

@@ -44,6 +44,7 @@ from fedpeft.models import (
 )
 from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json_atomic
 from fedpeft.train import evaluate
+from server.compression import CodecGrid
 from server.grid import CountingGrid
 from strategies import build_strategy
 from strategies.adapter_strategy import AdapterStrategy
@@ -137,6 +138,31 @@ def check_node_count(grid: Grid, scenario: Scenario) -> None:
         )
 
 
+def compression_summary(
+    scenario: Scenario, rows: list[dict[str, Any]], full_model_bytes: int
+) -> dict[str, Any]:
+    """Compression settings and ratios of the run.
+
+    Wire bytes against the same traffic uncoded, and against full fine-tuning (each
+    client sending and receiving every base weight).
+    """
+    up = sum(r["bytes_up"] for r in rows)
+    down = sum(r["bytes_down"] for r in rows)
+    replies = sum(r["clients_sampled"] - r["clients_failed"] for r in rows)
+    sent = sum(r["clients_sampled"] for r in rows)
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    return {
+        **dataclasses.asdict(scenario.compression),
+        "ratio_up_vs_uncompressed": ratio(sum(r["bytes_up_uncompressed"] for r in rows), up),
+        "ratio_down_vs_uncompressed": ratio(sum(r["bytes_down_uncompressed"] for r in rows), down),
+        "ratio_up_vs_full": ratio(full_model_bytes * replies, up),
+        "ratio_down_vs_full": ratio(full_model_bytes * sent, down),
+    }
+
+
 def seed_everything(seed: int) -> None:
     """Seed the RNGs the server uses (Flower samples clients with ``random``)."""
     random.seed(seed)
@@ -153,6 +179,7 @@ def run_federation(
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     # a new run starts every client afresh: no personal state from an earlier run here
     shutil.rmtree(out_dir / "client_state", ignore_errors=True)
+    shutil.rmtree(out_dir / "server_state", ignore_errors=True)
     seed_everything(scenario.seed)
 
     data = load_task_data(scenario.data)
@@ -175,6 +202,12 @@ def run_federation(
         check_node_count(grid, scenario)
     counting = CountingGrid(grid)
     discover_nodes(counting, scenario, strategy)
+    copies = out_dir / "server_state" / "copies"  # what each node holds (downlink deltas)
+    codec = (
+        CodecGrid(counting, scenario.compression, copies, scenario.seed)
+        if scenario.compression.enabled
+        else None
+    )
     log = RoundLog(out_dir, scenario.federation.rounds)
     initial_metrics: dict[str, float] = {}
     round_clock = [time.perf_counter()]
@@ -195,6 +228,7 @@ def run_federation(
             )
         else:
             traffic = counting.take()
+            plain_up, plain_down = codec.take() if codec else (traffic.bytes_up, traffic.bytes_down)
             now = time.perf_counter()
             log.append(
                 {
@@ -208,6 +242,8 @@ def run_federation(
                     "failures": traffic.failures,
                     "bytes_up": traffic.bytes_up,
                     "bytes_down": traffic.bytes_down,
+                    "bytes_up_uncompressed": plain_up,
+                    "bytes_down_uncompressed": plain_down,
                     "round_seconds": now - round_clock[0],
                     "client_metrics": traffic.clients,
                 }
@@ -221,7 +257,7 @@ def run_federation(
     )
     round_clock[0] = time.perf_counter()
     result = strategy.start(
-        grid=counting,
+        grid=codec or counting,
         initial_arrays=initial,
         num_rounds=scenario.federation.rounds,
         timeout=scenario.federation.round_timeout,
@@ -259,6 +295,7 @@ def run_federation(
         "full_model_bytes": full_model_bytes,
         "bytes_up_per_client_round": per_client_up,
         "saving_vs_full": full_model_bytes / per_client_up if per_client_up else None,
+        "compression": compression_summary(scenario, rows, full_model_bytes),
         "clients": [
             {**row, "rank": scenario.rank_of(row["client"])}
             for row in partition_summary(scenario.data, scenario.seed)

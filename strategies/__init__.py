@@ -93,6 +93,12 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
             f"strategy.name={spec.name!r} aggregates LoRA factors and needs "
             f"peft.method='lora', not {scenario.peft.method!r}"
         )
+    if spec.name == "flora" and scenario.compression.error_feedback:
+        raise ScenarioError(
+            "strategy.name='flora' restarts LoRA every round, so an error-feedback residual "
+            "of last round's factors means nothing in the next; set "
+            "compression.error_feedback=false"
+        )
 
 
 # Strategy modules register themselves on import.

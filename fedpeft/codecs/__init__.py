@@ -15,6 +15,8 @@ from flwr.supercore.inflatable.inflatable_object import (
 
 from fedpeft.adapters import AdapterState
 
+PAYLOAD = "payload"  # the one Array of a coded ArrayRecord
+
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
     t = t.detach().cpu()
@@ -31,6 +33,16 @@ def state_to_arrayrecord(state: AdapterState) -> ArrayRecord:
 def arrayrecord_to_state(record: ArrayRecord) -> AdapterState:
     """Unpack an ArrayRecord into CPU tensors."""
     return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
+
+
+def coded_record(blob: np.ndarray) -> ArrayRecord:
+    """Wrap a coded payload (one uint8 array, see :mod:`fedpeft.codecs.compression`)."""
+    return ArrayRecord({PAYLOAD: Array(blob)})
+
+
+def blob_of(record: ArrayRecord) -> np.ndarray:
+    """The coded payload inside a record made by :func:`coded_record`."""
+    return record[PAYLOAD].numpy()
 
 
 def payload_nbytes(obj: InflatableObject) -> int:

@@ -1,0 +1,471 @@
+"""Compression of adapter updates: a pipeline of stages, one payload, error feedback.
+
+A :class:`Pipeline` turns a dict of tensors into one ``uint8`` array and back. Its stages
+run in this order, each optional:
+
+1. ``topk``: per tensor, keep the ``ceil(topk_fraction * numel)`` entries of largest
+   magnitude. Only their positions and values travel: positions as the gaps between
+   consecutive kept entries, varint-coded (LEB128, as protobuf writes integers).
+2. One value stage: ``fp16`` or ``bf16`` (a cast), or ``int8`` / ``int4`` (symmetric
+   quantisation with a float32 scale per tensor or per row, ``max|x| / 127`` or ``/ 7``;
+   round to nearest, or stochastic rounding ``floor(x / s + u)``, ``u ~ U[0, 1)``, which is
+   unbiased because the max-abs scale never clips).
+
+Every payload is then packed with a small JSON header (keys, shapes, stage settings) into
+one array and deflated (zlib, lossless). Flower adds about 300 bytes per array of an
+ArrayRecord, so one array instead of one per tensor matters for small compressed updates.
+
+:func:`encode_update` adds what makes a pipeline a communication scheme: the update is
+coded relative to a *reference* both sides hold (the global adapter the client received,
+or the adapter the server last sent that client), and with error feedback the part that
+compression dropped is kept and added to the next update. The sender decodes its own
+payload with the receiver's code, so both sides reconstruct bit-identical tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+AdapterState = dict[str, torch.Tensor]
+
+CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
+QUANTISERS = {"int8": 127, "int4": 7}  # largest integer level of each
+STAGES = ("topk", *CASTS, *QUANTISERS)
+FORMAT = 1
+UPLINK, DOWNLINK = 0, 1  # stream ids that seed stochastic rounding apart per direction
+
+
+class CodecError(ValueError):
+    """A malformed pipeline or payload; the message is one line meant for the user."""
+
+
+def check_stages(stages: Sequence[str], key: str = "compression") -> tuple[str, ...]:
+    """Validate a stage list: known names, ``topk`` first, at most one value stage."""
+    stages = tuple(stages)
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise CodecError(
+            f"unknown stage {unknown[0]!r} in {key}; accepted: {', '.join(STAGES)} "
+            '(e.g. ["topk", "int8"])'
+        )
+    if len(set(stages)) != len(stages):
+        raise CodecError(f"{key} lists a stage twice: {list(stages)}")
+    values = [s for s in stages if s != "topk"]
+    if len(values) > 1:
+        raise CodecError(f"{key} has two value stages {values}; pick one of fp16, bf16, int8, int4")
+    if "topk" in stages and stages[0] != "topk":
+        raise CodecError(f"{key}: topk must come first (sparsify, then code the values)")
+    return stages
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """A validated list of stages and their settings; see the module docstring."""
+
+    stages: tuple[str, ...] = ()
+    topk_fraction: float = 0.1
+    granularity: str = "tensor"  # int8/int4 scales: "tensor" or "row"
+    stochastic_rounding: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", check_stages(self.stages))
+        if not 0 < self.topk_fraction <= 1:
+            raise CodecError(f"topk_fraction must be in (0, 1], got {self.topk_fraction}")
+        if self.granularity not in ("tensor", "row"):
+            raise CodecError(
+                f"scale granularity must be 'tensor' or 'row', not {self.granularity!r}"
+            )
+        if self.stochastic_rounding and self.quantiser is None:
+            raise CodecError("stochastic_rounding needs an int8 or int4 stage")
+
+    @property
+    def sparse(self) -> bool:
+        """Whether the ``topk`` stage runs."""
+        return "topk" in self.stages
+
+    @property
+    def quantiser(self) -> str | None:
+        """``int8``, ``int4`` or ``None``."""
+        return next((s for s in self.stages if s in QUANTISERS), None)
+
+    @property
+    def cast(self) -> str | None:
+        """``fp16``, ``bf16`` or ``None``."""
+        return next((s for s in self.stages if s in CASTS), None)
+
+    @property
+    def lossless(self) -> bool:
+        """True when no stage drops information (only packing and deflate run)."""
+        return not self.stages
+
+    def without_topk(self) -> Pipeline:
+        """The same pipeline minus ``topk`` (for sending a whole adapter, not a change)."""
+        return Pipeline(tuple(s for s in self.stages if s != "topk"), self.topk_fraction,
+                        self.granularity, self.stochastic_rounding)  # fmt: skip
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        meta: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> np.ndarray:
+        """Code ``tensors`` (and a JSON-able ``meta``) into one ``uint8`` array."""
+        header: dict[str, Any] = {
+            "format": FORMAT,
+            "stages": list(self.stages),
+            "granularity": self.granularity,
+            "tensors": [
+                [k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()
+            ],  # fmt: skip
+            "meta": meta or {},
+        }
+        sections: dict[str, np.ndarray] = {}
+        if self.lossless:  # raw bytes of each tensor, any dtype
+            sections["raw"] = _concat_bytes([_bytes_of(v) for v in tensors.values()])
+            return _pack(header, sections)
+        flat = [v.detach().reshape(-1).float().cpu() for v in tensors.values()]
+        rows = [_rows(v) for v in tensors.values()]
+        if self.sparse:
+            kept_idx, values, groups = [], [], []
+            for t, (x, (_, cols)) in enumerate(zip(flat, rows, strict=True)):
+                k = max(1, math.ceil(self.topk_fraction * x.numel())) if x.numel() else 0
+                idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+                kept_idx.append(idx)
+                values.append(x[idx])
+                groups.append(self._groups(t, idx, cols, rows))
+            header["kept"] = [len(i) for i in kept_idx]
+            gaps = [torch.diff(i, prepend=torch.tensor([-1])) - 1 for i in kept_idx]
+            sections["gaps"] = varint_encode(torch.cat(gaps).numpy() if gaps else np.zeros(0))
+            value_vec, group_vec = torch.cat(values), torch.cat(groups)
+        else:
+            value_vec = torch.cat(flat) if flat else torch.zeros(0)
+            group_vec = torch.cat([
+                self._groups(t, torch.arange(x.numel()), cols, rows)
+                for t, (x, (_, cols)) in enumerate(zip(flat, rows, strict=True))
+            ]) if flat else torch.zeros(0, dtype=torch.long)  # fmt: skip
+        num_groups = len(rows) if self.granularity == "tensor" else sum(r for r, _ in rows)
+        sections.update(self._code_values(value_vec, group_vec, num_groups, generator))
+        return _pack(header, sections)
+
+    def _groups(
+        self, t: int, idx: torch.Tensor, cols: int, rows: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Scale group of each entry: its tensor, or its row across all tensors."""
+        if self.granularity == "tensor":
+            return torch.full_like(idx, t)
+        row_offset = sum(r for r, _ in rows[:t])
+        return row_offset + torch.div(idx, max(cols, 1), rounding_mode="floor")
+
+    def _code_values(
+        self,
+        values: torch.Tensor,
+        groups: torch.Tensor,
+        num_groups: int,
+        generator: torch.Generator | None,
+    ) -> dict[str, np.ndarray]:
+        if self.cast == "fp16":
+            return {"values": values.half().numpy()}
+        if self.cast == "bf16":  # numpy has no bfloat16: ship the 16-bit patterns
+            return {"values": values.bfloat16().view(torch.int16).numpy().view(np.uint16)}
+        if self.quantiser is None:
+            return {"values": values.numpy()}
+        levels = QUANTISERS[self.quantiser]
+        scales = (
+            torch.zeros(num_groups).scatter_reduce(
+                0, groups, values.abs(), reduce="amax", include_self=True
+            )
+            / levels
+        )
+        scales[scales == 0] = 1.0  # an all-zero group codes as zeros with any scale
+        y = values / scales[groups]
+        if self.stochastic_rounding:
+            q = torch.floor(y + torch.rand(y.shape, generator=generator))
+        else:
+            q = torch.round(y)
+        q = q.clamp(-levels, levels).to(torch.int8)
+        codes = q.numpy() if levels == 127 else _pack_int4(q.numpy())
+        return {"values": codes, "scales": scales.numpy()}
+
+    @staticmethod
+    def decode(blob: np.ndarray | bytes) -> tuple[AdapterState, dict[str, Any]]:
+        """Inverse of :meth:`encode`: the tensors (original dtypes and shapes) and ``meta``."""
+        header, sections = _unpack(blob)
+        stages = check_stages(header["stages"], "payload")
+        specs = [(k, tuple(shape), getattr(torch, dtype)) for k, shape, dtype in header["tensors"]]
+        sizes = [math.prod(shape) for _, shape, _ in specs]
+        if not stages:
+            out, offset = {}, 0
+            raw = sections["raw"]
+            for key, shape, dtype in specs:
+                n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                chunk = np.array(raw[offset : offset + n], copy=True)
+                out[key] = torch.frombuffer(bytearray(chunk.tobytes()), dtype=dtype).reshape(shape)
+                offset += n
+            return out, header["meta"]
+        pipe = Pipeline(tuple(stages), granularity=header["granularity"])
+        rows = [_rows_of_shape(shape) for _, shape, _ in specs]
+        if pipe.sparse:
+            counts = header["kept"]
+            gaps = torch.from_numpy(varint_decode(sections["gaps"]).astype(np.int64))
+            idx_parts = []
+            for g in torch.split(gaps, counts):
+                idx_parts.append(torch.cumsum(g + 1, 0) - 1)
+            groups = torch.cat([
+                pipe._groups(t, i, cols, rows) for t, (i, (_, cols)) in
+                enumerate(zip(idx_parts, rows, strict=True))
+            ]) if idx_parts else torch.zeros(0, dtype=torch.long)  # fmt: skip
+            n_values = sum(counts)
+        else:
+            groups = torch.cat([
+                pipe._groups(t, torch.arange(n), cols, rows)
+                for t, (n, (_, cols)) in enumerate(zip(sizes, rows, strict=True))
+            ]) if sizes else torch.zeros(0, dtype=torch.long)  # fmt: skip
+            n_values = sum(sizes)
+        values = pipe._decode_values(sections, groups, n_values)
+        out = {}
+        offset = 0
+        for t, (key, shape, dtype) in enumerate(specs):
+            if pipe.sparse:
+                k = header["kept"][t]
+                dense = torch.zeros(sizes[t])
+                dense[idx_parts[t]] = values[offset : offset + k]
+                offset += k
+            else:
+                dense = values[offset : offset + sizes[t]]
+                offset += sizes[t]
+            out[key] = dense.reshape(shape).to(dtype)
+        return out, header["meta"]
+
+    def _decode_values(
+        self, sections: dict[str, np.ndarray], groups: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        raw = sections["values"]
+        if self.cast == "fp16":
+            return torch.from_numpy(raw.copy()).float()
+        if self.cast == "bf16":
+            return torch.from_numpy(raw.view(np.int16).copy()).view(torch.bfloat16).float()
+        if self.quantiser is None:
+            return torch.from_numpy(raw.copy())
+        codes = raw if self.quantiser == "int8" else _unpack_int4(raw, n)
+        scales = torch.from_numpy(sections["scales"].copy())
+        return torch.from_numpy(codes.astype(np.float32)) * scales[groups]
+
+
+# ---------------------------------------------------------------------- updates
+
+
+@dataclass
+class Encoded:
+    """One coded update: what travels, what the receiver rebuilds, what was dropped."""
+
+    blob: np.ndarray  # uint8: the payload
+    decoded: AdapterState  # the receiver's reconstruction, bit for bit
+    residual: AdapterState  # (update + old residual) - decoded change; empty when lossless
+
+
+def encode_update(
+    state: Mapping[str, torch.Tensor],
+    pipeline: Pipeline,
+    reference: Mapping[str, torch.Tensor] | None = None,
+    residual: Mapping[str, torch.Tensor] | None = None,
+    meta: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+) -> Encoded:
+    """Code ``state`` as a change from ``reference``, plus the error-feedback ``residual``.
+
+    A tensor of ``state`` whose key and shape the reference has travels as a change:
+    ``state - reference`` under lossy stages, the XOR of the float bit patterns when the
+    pipeline is lossless (exactly invertible, and mostly zero bits where little changed,
+    which deflate removes). Other tensors travel whole. A residual of the wrong shape
+    (a client whose rank changed) is dropped.
+    """
+    reference = reference or {}
+    residual = residual or {}
+    kinds: dict[str, str] = {}
+    changes: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        ref = reference.get(key)
+        if ref is not None and ref.shape == value.shape:
+            if pipeline.lossless:
+                kinds[key] = "xor"
+                changes[key] = _bits(value) ^ _bits(ref.to(value.dtype))
+                continue
+            kinds[key] = "sub"
+            change = value.detach().float() - ref.float()
+        else:
+            kinds[key] = "abs"
+            change = value.detach() if pipeline.lossless else value.detach().float()
+        res = residual.get(key)
+        if res is not None and res.shape == change.shape and not pipeline.lossless:
+            change = change + res.float()
+        changes[key] = change
+    blob = pipeline.encode(changes, {**(meta or {}), "kinds": kinds}, generator)
+    decoded_changes, _ = Pipeline.decode(blob)
+    decoded = apply_changes(decoded_changes, kinds, reference)
+    dropped = (
+        {} if pipeline.lossless
+        else {k: changes[k] - decoded_changes[k].float() for k in changes}
+    )  # fmt: skip
+    return Encoded(blob, decoded, dropped)
+
+
+def decode_update(
+    blob: np.ndarray | bytes, reference: Mapping[str, torch.Tensor] | None = None
+) -> tuple[AdapterState, dict[str, Any]]:
+    """Rebuild the sender's tensors from a payload and the shared ``reference``."""
+    changes, meta = Pipeline.decode(blob)
+    kinds = meta.get("kinds", {})
+    missing = [k for k, kind in kinds.items() if kind != "abs" and k not in (reference or {})]
+    if missing:
+        raise CodecError(f"payload is a change from a reference this side lacks ({missing[0]})")
+    return apply_changes(changes, kinds, reference or {}), meta
+
+
+def apply_changes(
+    changes: Mapping[str, torch.Tensor],
+    kinds: Mapping[str, str],
+    reference: Mapping[str, torch.Tensor],
+) -> AdapterState:
+    """``reference + change`` (or XOR, or the change itself) per key, in the reference's dtype."""
+    out = {}
+    for key, change in changes.items():
+        kind = kinds.get(key, "abs")
+        if kind == "xor":
+            ref = reference[key]
+            out[key] = (_bits(ref) ^ change).view(ref.dtype)
+        elif kind == "sub":
+            ref = reference[key]
+            out[key] = (ref.float() + change.float()).to(ref.dtype)
+        else:
+            out[key] = change
+    return out
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """A short hash of tensors (keys, shapes, bytes): names a downlink reference."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(_bytes_of(t).tobytes())
+    return h.hexdigest()[:16]
+
+
+def seeded_generator(*parts: int) -> torch.Generator:
+    """A torch generator seeded from integers (run seed, round, client) for stochastic rounding."""
+    seed = int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little")
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of a float tensor as an integer tensor of the same width."""
+    t = t.detach().cpu().contiguous()
+    width = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t if not t.is_floating_point() else t.view(width)
+
+
+def _bytes_of(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy() if t.numel() else np.zeros(0, np.uint8)
+
+
+def _concat_bytes(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+
+
+def _rows(t: torch.Tensor) -> tuple[int, int]:
+    return _rows_of_shape(tuple(t.shape))
+
+
+def _rows_of_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(rows, columns) of a tensor seen as a matrix: first dimension by the rest."""
+    n = math.prod(shape)
+    rows = shape[0] if len(shape) >= 2 and shape[0] else 1
+    return rows, n // rows if rows else 0
+
+
+def _pack_int4(q: np.ndarray) -> np.ndarray:
+    u = (q.astype(np.int16) + 8).astype(np.uint8)  # -7..7 -> 1..15
+    if len(u) % 2:
+        u = np.append(u, np.uint8(8))
+    return u[0::2] | (u[1::2] << 4)
+
+
+def _unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
+    u = np.empty(2 * len(packed), np.uint8)
+    u[0::2], u[1::2] = packed & 0x0F, packed >> 4
+    return u[:n].astype(np.int16) - 8
+
+
+def varint_encode(values: np.ndarray) -> np.ndarray:
+    """LEB128: 7 bits per byte, low bits first, high bit set on all but the last byte."""
+    v = np.asarray(values, dtype=np.uint64)
+    if (np.asarray(values) < 0).any():
+        raise CodecError("varint_encode takes non-negative integers")
+    nbytes = np.ones(len(v), dtype=np.int64)
+    rest = v >> np.uint64(7)
+    while rest.any():
+        nbytes += rest > 0
+        rest >>= np.uint64(7)
+    out = np.empty(int(nbytes.sum()), np.uint8)
+    starts = np.cumsum(nbytes) - nbytes
+    for j in range(int(nbytes.max()) if len(v) else 0):
+        sel = nbytes > j
+        low = (v[sel] >> np.uint64(7 * j)) & np.uint64(0x7F)
+        more = (nbytes[sel] > j + 1).astype(np.uint64) << np.uint64(7)
+        out[starts[sel] + j] = (low | more).astype(np.uint8)
+    return out
+
+
+def varint_decode(data: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`varint_encode`."""
+    data = np.asarray(data, dtype=np.uint8)
+    ends = np.flatnonzero(data < 0x80)
+    if len(data) and (not len(ends) or ends[-1] != len(data) - 1):
+        raise CodecError("truncated varint stream")
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64) if len(ends) else ends
+    lengths = ends - starts + 1
+    out = np.zeros(len(ends), np.uint64)
+    for j in range(int(lengths.max()) if len(ends) else 0):
+        sel = lengths > j
+        out[sel] |= (data[starts[sel] + j] & 0x7F).astype(np.uint64) << np.uint64(7 * j)
+    return out
+
+
+def _pack(header: dict[str, Any], sections: dict[str, np.ndarray]) -> np.ndarray:
+    """Header JSON + section bytes, deflated into one uint8 array."""
+    header = {**header, "sections": [[name, a.dtype.str, a.nbytes] for name, a in sections.items()]}
+    head = json.dumps(header, separators=(",", ":")).encode()
+    body = b"".join(np.ascontiguousarray(a).tobytes() for a in sections.values())
+    raw = len(head).to_bytes(4, "little") + head + body
+    return np.frombuffer(zlib.compress(raw, 9), dtype=np.uint8).copy()
+
+
+def _unpack(blob: np.ndarray | bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    try:
+        raw = zlib.decompress(bytes(np.asarray(blob, dtype=np.uint8)) if not isinstance(
+            blob, bytes) else blob)  # fmt: skip
+        n = int.from_bytes(raw[:4], "little")
+        header = json.loads(raw[4 : 4 + n])
+    except (zlib.error, ValueError, UnicodeDecodeError) as exc:
+        raise CodecError(f"not a fedpeft compressed payload ({exc})") from None
+    if header.get("format") != FORMAT:
+        raise CodecError(f"payload format {header.get('format')!r}; this fedpeft reads {FORMAT}")
+    sections, offset = {}, 4 + n
+    for name, dtype, nbytes in header["sections"]:
+        sections[name] = np.frombuffer(raw[offset : offset + nbytes], dtype=np.dtype(dtype))
+        offset += nbytes
+    return header, sections

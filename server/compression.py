@@ -1,0 +1,168 @@
+"""The server's side of compression: code what is sent, decode what comes back.
+
+:class:`CodecGrid` sits between the strategy and the byte-counting grid. It replaces
+each instruction's adapter ArrayRecord with one coded payload (``compression.downlink``,
+optionally as the change since the copy that node already holds) and turns each coded
+reply back into a plain ArrayRecord before the strategy sees it. Every strategy, Flower's
+own and fedpeft's, therefore aggregates decoded tensors: linear rules see the decoded
+updates, and rules that need exact factors (FLoRA's stacking, FlexLoRA's and FedEx-LoRA's
+products) stay exact *on the decoded factors*; the compression error is what those
+factors carry, not an error of the rule.
+
+The byte-counting grid underneath sees the coded messages, so ``bytes_up``/``bytes_down``
+stay the real wire sizes; this grid also adds up what the same messages would have
+weighed uncoded, for the compression ratios in ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from flwr.app import Error, Message, RecordDict
+from flwr.serverapp import Grid
+
+from fedpeft import records
+from fedpeft.adapters import AdapterState
+from fedpeft.codecs import (
+    arrayrecord_to_state,
+    blob_of,
+    coded_record,
+    payload_nbytes,
+    state_to_arrayrecord,
+)
+from fedpeft.codecs.compression import (
+    DOWNLINK,
+    CodecError,
+    Pipeline,
+    decode_update,
+    encode_update,
+    seeded_generator,
+    state_digest,
+)
+from fedpeft.config import CompressionConfig
+from fedpeft.state import ClientStateStore
+from server.grid import CountingGrid
+
+logger = logging.getLogger(__name__)
+
+
+class CodecGrid(Grid):
+    """Codes adapter payloads on top of a :class:`CountingGrid` (see the module docstring)."""
+
+    def __init__(
+        self, grid: CountingGrid, compression: CompressionConfig, state_dir: Path, seed: int
+    ) -> None:
+        self._grid = grid
+        self.compression = compression
+        self.down: Pipeline = compression.pipeline("downlink")
+        self.seed = seed
+        #: what each node holds of the adapter (the decoded copy of what it was last sent)
+        self.copies = ClientStateStore(state_dir)
+        self.plain_up = 0  # what the coded traffic would have weighed uncoded
+        self.plain_down = 0
+
+    def take(self) -> tuple[int, int]:
+        """Uncoded-equivalent (up, down) bytes since the last call."""
+        out = (self.plain_up, self.plain_down)
+        self.plain_up = self.plain_down = 0
+        return out
+
+    def _node_key(self, node_id: int) -> str:
+        part = self._grid.partitions.get(node_id)
+        return f"partition-{part}" if part is not None else f"node-{node_id}"
+
+    def _encode(self, msg: Message) -> tuple[Message, AdapterState | None]:
+        """The coded message for ``msg`` and the adapter the node will rebuild from it."""
+        content = msg.content
+        self.plain_down += payload_nbytes(content)
+        if records.ARRAYS not in content.array_records:
+            return msg, None
+        state = arrayrecord_to_state(content.array_records[records.ARRAYS])
+        if not (self.down.stages or self.compression.downlink_delta):
+            return msg, state  # plain downlink: the node receives exactly this
+        node = msg.metadata.dst_node_id
+        server_round = int(str(content.config_records[records.CONFIG].get(records.SERVER_ROUND, 0)))
+        held = self.copies.load(self._node_key(node)) if self.compression.downlink_delta else {}
+        pipeline = self.down if held else self.down.without_topk()
+        coded = encode_update(
+            state,
+            pipeline,
+            reference=held,
+            meta={"reference": state_digest(held) if held else None},
+            generator=seeded_generator(self.seed, server_round, node, DOWNLINK),
+        )
+        new_content = RecordDict(
+            {
+                **{k: v for k, v in content.items() if k != records.ARRAYS},
+                records.COMPRESSED: coded_record(coded.blob),
+            }
+        )
+        sent = Message(new_content, dst_node_id=node, message_type=msg.metadata.message_type)
+        if self.compression.downlink_delta:
+            self.copies.save(self._node_key(node), coded.decoded)
+        return sent, coded.decoded
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Code every instruction, send, and decode every coded reply."""
+        views: dict[int, AdapterState] = {}
+        coded_messages: dict[int, Message] = {}
+        for msg in messages:
+            sent, view = self._encode(msg)
+            if view is not None:
+                views[msg.metadata.dst_node_id] = view
+            coded_messages[msg.metadata.dst_node_id] = sent
+        replies = list(self._grid.send_and_receive(coded_messages.values(), timeout=timeout))
+        out = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                # the node may not hold what we think it holds: send it everything next time
+                self.copies.delete(self._node_key(node))
+                out.append(reply)
+                continue
+            out.append(self._decode(reply, views.get(node, {}), coded_messages[node]))
+        return out
+
+    def _decode(self, reply: Message, reference: AdapterState, sent: Message) -> Message:
+        content = reply.content
+        if records.COMPRESSED not in content.array_records:
+            self.plain_up += payload_nbytes(content)
+            return reply
+        try:
+            state, _ = decode_update(blob_of(content.array_records[records.COMPRESSED]), reference)
+        except (CodecError, KeyError, RuntimeError) as exc:
+            reason = f"undecodable compressed update: {exc}"
+            logger.warning("node %s: %s", reply.metadata.src_node_id, reason)
+            tally = self._grid.current
+            tally.clients_failed += 1
+            tally.failures.append(f"node {reply.metadata.src_node_id}: {reason}")
+            self.copies.delete(self._node_key(reply.metadata.src_node_id))
+            return Message(Error(code=0, reason=reason), reply_to=sent)
+        del content.array_records[records.COMPRESSED]
+        content[records.ARRAYS] = state_to_arrayrecord(state)
+        self.plain_up += payload_nbytes(content)
+        return reply
+
+    # --- delegated ---------------------------------------------------------------------
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self._grid.pull_messages(message_ids)

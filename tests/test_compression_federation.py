@@ -1,0 +1,251 @@
+"""Compression inside real federations: the ClientApp's mod, the server's CodecGrid, the books.
+
+Every federation here runs the real ServerApp code, strategy and ClientApp (with its
+compression mod) through the in-process grid; only the transport is missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from safetensors.torch import load_file
+
+from clients.app import app as client_app
+from clients.app import describe_node, evaluate_personal, train
+from clients.compression import HELD, RESIDUAL, compression_mod
+from fedpeft import records
+from fedpeft.adapters import load_adapter
+from fedpeft.codecs import (
+    arrayrecord_to_state,
+    blob_of,
+    coded_record,
+    payload_nbytes,
+    state_to_arrayrecord,
+)
+from fedpeft.codecs.compression import CodecError, Pipeline, decode_update, encode_update
+from fedpeft.compare import parse_vary, plan_cells, validate_cells
+from fedpeft.config import ScenarioError, load_scenario
+from server.compression import CodecGrid
+from server.grid import CountingGrid
+from server.inprocess import InProcessGrid
+from server.run import ADAPTER_DIR, run_federation
+from strategies import STRATEGIES, build_strategy
+
+SMALL = ["train.local_steps=2", "data.eval_examples=32"]
+COMPRESSED = ['compression.uplink=["topk","int8"]', "compression.error_feedback=true",
+              'compression.downlink=["int8"]', "compression.downlink_delta=true"]  # fmt: skip
+
+
+def _run(tmp: Path, *sets: str, app: ClientApp = client_app) -> dict:
+    scenario = load_scenario("smoke", [*SMALL, *sets])
+    grid = InProcessGrid(app, scenario.data.num_clients)
+    return run_federation(grid, scenario, tmp, "in-process")
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    model = load_adapter(out / ADAPTER_DIR)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lossless_coding_changes_nothing_but_the_bytes(tmp_path) -> None:
+    """Downlink deltas (XOR of the float bits, deflated) rebuild every global adapter
+    exactly: the run ends with the bit-identical adapter of an uncoded run."""
+    plain = _run(tmp_path / "plain", "federation.rounds=3")
+    coded = _run(tmp_path / "coded", "federation.rounds=3", "compression.downlink_delta=true")
+    a, b = _adapter(tmp_path / "plain"), _adapter(tmp_path / "coded")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert plain["final"]["eval_loss"] == coded["final"]["eval_loss"]
+    # rounds 2 and 3 send changes to copies the clients hold: fewer bytes than whole adapters
+    later = [r["bytes_down"] for r in _rows(tmp_path / "coded")[1:]]
+    plain_later = [r["bytes_down"] for r in _rows(tmp_path / "plain")[1:]]
+    assert all(c < p for c, p in zip(later, plain_later, strict=True))
+    assert coded["compression"]["ratio_down_vs_uncompressed"] > 1
+
+
+def test_uplink_bytes_are_the_coded_payloads_and_the_ratio_is_against_the_same_traffic_uncoded(
+    tmp_path,
+) -> None:
+    plain = _run(tmp_path / "plain")
+    coded = _run(tmp_path / "coded", 'compression.uplink=["topk","int8"]')
+    plain_rows, coded_rows = _rows(tmp_path / "plain"), _rows(tmp_path / "coded")
+    # what the coded replies would have weighed uncoded = what the uncoded run really sent
+    assert [r["bytes_up_uncompressed"] for r in coded_rows] == [r["bytes_up"] for r in plain_rows]
+    # the downlink is uncoded; its messages differ only by the scenario text they carry
+    longer = len(load_scenario("smoke", [*SMALL, 'compression.uplink=["topk","int8"]']).to_json())
+    extra = longer - len(load_scenario("smoke", SMALL).to_json())
+    assert [r["bytes_down"] for r in coded_rows] == [
+        r["bytes_down"] + extra * r["clients_sampled"] for r in plain_rows
+    ]
+    ratio = coded["compression"]["ratio_up_vs_uncompressed"]
+    assert ratio == plain["bytes_up_total"] / coded["bytes_up_total"] and ratio > 3
+    full = coded["full_model_bytes"] * sum(r["clients_sampled"] for r in coded_rows)
+    assert coded["compression"]["ratio_up_vs_full"] == full / coded["bytes_up_total"]
+
+
+def test_client_and_server_hold_bit_identical_copies_after_lossy_downlink(tmp_path) -> None:
+    _run(tmp_path, *COMPRESSED, "federation.rounds=3", "data.num_clients=3",
+         "federation.clients_per_round=2")  # fmt: skip
+    server = tmp_path / "server_state" / "copies"
+    clients = tmp_path / "client_state" / "codec"
+    checked = 0
+    for path in clients.glob("*.safetensors"):
+        mine = {k.removeprefix(HELD): v for k, v in load_file(str(path)).items() if HELD in k}
+        theirs = load_file(str(server / f"partition-{path.stem}.safetensors"))
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+        checked += 1
+    assert checked >= 2
+
+
+def _client_message(state: dict[str, torch.Tensor], scenario_json: str, server_round: int):
+    config = ConfigRecord(
+        {
+            records.SCENARIO: scenario_json,
+            records.SERVER_ROUND: server_round,
+            records.STATE_DIR: "",
+        }  # fmt: skip
+    )
+    content = RecordDict({records.ARRAYS: state_to_arrayrecord(state), records.CONFIG: config})
+    return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
+
+
+def test_error_feedback_books_balance_across_rounds_the_client_skips(tmp_path) -> None:
+    """Through the real mod: what the server decodes plus the residual on the client's
+    disk equals the sum of the client's raw updates, with a round the client sat out."""
+    scenario = load_scenario("smoke", ['compression.uplink=["topk","int4"]',
+                                       "compression.error_feedback=true"])  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    shapes = {"m.lora_A.weight": (4, 32), "m.lora_B.weight": (32, 4), "head.bias": (5,)}
+    context = Context(run_id=7, node_id=1, state=RecordDict(), run_config={},
+                      node_config={records.NODE_PARTITION_ID: 0,
+                                   records.NODE_STATE_DIR: str(tmp_path)})  # fmt: skip
+    raw_sum = {k: torch.zeros(s) for k, s in shapes.items()}
+    decoded_sum = {k: torch.zeros(s) for k, s in shapes.items()}
+    for server_round in (1, 2, 4, 5):  # round 3: not sampled
+        received = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+        update = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+
+        def handler(msg: Message, ctx: Context, update=update) -> Message:
+            got = arrayrecord_to_state(msg.content.array_records[records.ARRAYS])
+            out = {k: got[k] + update[k] for k in got}
+            reply = RecordDict({records.ARRAYS: state_to_arrayrecord(out)})
+            return Message(reply, reply_to=msg)
+
+        msg = _client_message(received, scenario.to_json(), server_round)
+        reply = compression_mod(msg, context, handler)
+        sent, _ = decode_update(blob_of(reply.content.array_records[records.COMPRESSED]),
+                                received)  # fmt: skip
+        for k in shapes:
+            raw_sum[k] += update[k]
+            decoded_sum[k] += sent[k] - received[k]
+    saved = load_file(str(tmp_path / "codec" / "0.safetensors"))
+    for k in shapes:
+        residual = saved[RESIDUAL + k]
+        assert residual.abs().sum() > 0
+        torch.testing.assert_close(decoded_sum[k] + residual, raw_sum[k], rtol=0, atol=1e-5)
+
+
+def test_a_node_that_lost_its_copy_gets_the_whole_adapter_next_time(tmp_path) -> None:
+    scenario = load_scenario("smoke", [*SMALL, "compression.downlink_delta=true",
+                                       'compression.downlink=["int8"]'])  # fmt: skip
+    counting = CountingGrid(InProcessGrid(client_app, 2))
+    grid = CodecGrid(counting, scenario.compression, tmp_path / "copies", seed=0)
+    strategy = build_strategy(scenario)
+    initial = state_to_arrayrecord(_initial_state(scenario))
+    state_dir = tmp_path / "clients"
+    config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.STATE_DIR: str(state_dir)})
+
+    def round_of(server_round: int) -> list[Message]:
+        msgs = strategy.configure_train(server_round, initial, ConfigRecord(dict(config)), grid)
+        return list(grid.send_and_receive(msgs))
+
+    assert not any(r.has_error() for r in round_of(1))
+    (state_dir / "codec" / "0.safetensors").unlink()  # node 0 forgets its copy
+    second = round_of(2)
+    failed = [r for r in second if r.has_error()]
+    assert len(failed) == 1 and "does not hold" in failed[0].error.reason
+    assert not (tmp_path / "copies" / "node-101.safetensors").exists()  # node 101: partition 0
+    third = round_of(3)  # node 0 gets the whole adapter again and answers
+    assert not any(r.has_error() for r in third)
+
+
+def _initial_state(scenario) -> dict[str, torch.Tensor]:
+    from fedpeft.data import load_task_data
+    from fedpeft.models import initial_adapter_state
+
+    num_labels = load_task_data(scenario.data).num_labels
+    return initial_adapter_state(scenario.model, scenario.peft, num_labels, scenario.seed)
+
+
+def _corrupt_uplink(msg: Message, context: Context, call_next) -> Message:
+    """Outermost mod of a hostile client: flips bytes of its coded reply."""
+    reply = call_next(msg, context)
+    if records.COMPRESSED in reply.content.array_records:
+        blob = blob_of(reply.content.array_records[records.COMPRESSED]).copy()
+        blob[len(blob) // 2 :] ^= 0x5A
+        reply.content[records.COMPRESSED] = coded_record(blob)
+    return reply
+
+
+def test_an_undecodable_update_is_rejected_and_the_run_goes_on(tmp_path) -> None:
+    hostile = ClientApp(mods=[_corrupt_uplink, compression_mod])
+    hostile.train()(train)
+    hostile.query()(describe_node)
+    hostile.evaluate()(evaluate_personal)
+    summary = _run(tmp_path, 'compression.uplink=["int8"]', app=hostile)
+    rows = _rows(tmp_path)
+    assert summary["rounds_completed"] == 2
+    assert all(r["clients_failed"] == r["clients_sampled"] for r in rows)
+    assert all("undecodable compressed update" in f for r in rows for f in r["failures"])
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_trains_on_decoded_updates(name: str, tmp_path) -> None:
+    spec = STRATEGIES[name]
+    ranks = ["peft.client_ranks=[2,4]"] if spec.heterogeneous_ranks else []
+    ef = ["compression.error_feedback=false"] if name == "flora" else []
+    summary = _run(tmp_path, f'strategy.name="{name}"', *ranks, *COMPRESSED, *ef)
+    rows = _rows(tmp_path)
+    assert summary["rounds_completed"] == 2 and all(r["clients_failed"] == 0 for r in rows)
+    assert summary["compression"]["ratio_up_vs_uncompressed"] > 1
+    adapter = _adapter(tmp_path)
+    assert all(torch.isfinite(v).all() for v in adapter.values())
+
+
+def test_flora_refuses_error_feedback_in_one_line() -> None:
+    scenario = load_scenario("smoke", ['strategy.name="flora"', *COMPRESSED])
+    with pytest.raises(ScenarioError, match="restarts LoRA every round") as err:
+        build_strategy(scenario)
+    assert "\n" not in str(err.value)
+
+
+def test_compare_varies_the_uplink_stages() -> None:
+    vary = parse_vary(['compression.uplink=[],["int8"],["topk","int8"]'])
+    assert vary == {"compression.uplink": ["[]", '["int8"]', '["topk","int8"]']}
+    cells = plan_cells(["fedavg"], vary, [0], [], Path("/nonexistent"))
+    validate_cells("quickstart", cells)
+    assert [c.error for c in cells] == [None, None, None]
+    bad = plan_cells(["fedavg"], parse_vary(['compression.uplink=["zip"]']), [0], [],
+                     Path("/nonexistent"))  # fmt: skip
+    validate_cells("quickstart", bad)
+    assert "unknown stage 'zip'" in (bad[0].error or "")
+
+
+def test_a_coded_payload_is_one_array(tmp_path) -> None:
+    state = {f"k{i}": torch.randn(8, 16) for i in range(26)}
+    coded = encode_update(state, Pipeline(("topk", "int8")))
+    record = coded_record(coded.blob)
+    assert len(record) == 1
+    assert payload_nbytes(record) < payload_nbytes(state_to_arrayrecord(state)) / 10
+    with pytest.raises(CodecError):
+        decode_update(coded.blob[:-8])
+    assert isinstance(record, ArrayRecord)
