@@ -356,24 +356,32 @@ def write_table(
     return [csv_path, md_path]
 
 
-def _mean_curve(cells: Sequence[Cell]) -> tuple[list[int], list[float], list[float]]:
-    """Per round: mean eval_accuracy and mean cumulative MB over the ok cells."""
+def _mean_curve(
+    cells: Sequence[Cell],
+) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per round: mean eval_accuracy, cumulative MB (up + down) and uplink MB over the cells."""
     acc: dict[int, list[float]] = {}
     mb: dict[int, list[float]] = {}
+    up_mb: dict[int, list[float]] = {}
     for cell in cells:
-        total = 0.0
+        total = up = 0.0
         for r in read_metrics(cell.out_dir):
             total += r.get("bytes_up", 0) + r.get("bytes_down", 0)
+            up += r.get("bytes_up", 0)
             if isinstance(r.get("eval_accuracy"), int | float):
                 acc.setdefault(r["round"], []).append(float(r["eval_accuracy"]))
                 mb.setdefault(r["round"], []).append(total / 1e6)
+                up_mb.setdefault(r["round"], []).append(up / 1e6)
     rounds = sorted(acc)
-    means = [sum(acc[r]) / len(acc[r]) for r in rounds]
-    return rounds, means, [sum(mb[r]) / len(mb[r]) for r in rounds]
+
+    def mean(d: dict[int, list[float]]) -> list[float]:
+        return [sum(d[r]) / len(d[r]) for r in rounds]
+
+    return rounds, mean(acc), mean(mb), mean(up_mb)
 
 
 def plot_rows(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Path]:
-    """Write ``plots/accuracy_vs_round.png`` and ``plots/accuracy_vs_megabytes.png``.
+    """Write accuracy against rounds, cumulative MB (up + down) and cumulative uplink MB.
 
     One line per table row (mean over its ok seeds), labelled by strategy and vary values.
     """
@@ -386,15 +394,18 @@ def plot_rows(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Pat
     plots.mkdir(parents=True, exist_ok=True)
     fig_r, ax_r = plt.subplots(figsize=(6, 4))
     fig_m, ax_m = plt.subplots(figsize=(6, 4))
+    fig_u, ax_u = plt.subplots(figsize=(6, 4))
     for members in _groups(cells).values():
-        rounds, acc, mb = _mean_curve([c for c in members if c.ok])
+        rounds, acc, mb, up = _mean_curve([c for c in members if c.ok])
         if rounds:
             ax_r.plot(rounds, acc, marker="o", label=members[0].label)
             ax_m.plot(mb, acc, marker="o", label=members[0].label)
+            ax_u.plot(up, acc, marker="o", label=members[0].label)
     written = [_plot_accuracy_vs_bytes(cells, plots, title)]
     for fig, ax, xlabel, name in (
         (fig_r, ax_r, "round", "accuracy_vs_round.png"),
         (fig_m, ax_m, "cumulative MB (up + down, all clients)", "accuracy_vs_megabytes.png"),
+        (fig_u, ax_u, "cumulative uplink MB (all clients)", "accuracy_vs_uplink_megabytes.png"),
     ):
         ax.set(xlabel=xlabel, ylabel="eval_accuracy (mean over seeds)", title=title)
         ax.grid(alpha=0.3)

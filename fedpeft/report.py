@@ -113,15 +113,18 @@ def plot_run(
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
 
-    cumulative, total = [], 0
-    for r in rows:
-        total += r["bytes_up"] + r["bytes_down"]
-        cumulative.append(total / 1e6)
     fig, ax = plt.subplots(figsize=(5, 4))
-    xs = ([0.0] + cumulative) if initial else cumulative
-    ax.plot(xs, series("eval_accuracy"), marker="o")
+    for label, keys in (("up + down", ("bytes_up", "bytes_down")), ("uplink", ("bytes_up",)),
+                        ("downlink", ("bytes_down",))):  # fmt: skip
+        cumulative, total = [], 0
+        for r in rows:
+            total += sum(r[k] for k in keys)
+            cumulative.append(total / 1e6)
+        xs = ([0.0] + cumulative) if initial else cumulative
+        ax.plot(xs, series("eval_accuracy"), marker="o", label=label)
     heading = f"{title}\naccuracy vs communication" if title else "accuracy vs communication"
-    ax.set(xlabel="cumulative MB (up + down, all clients)", ylabel="eval_accuracy", title=heading)
+    ax.set(xlabel="cumulative MB (all clients)", ylabel="eval_accuracy", title=heading)
+    ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(plots / "accuracy_vs_megabytes.png")

@@ -157,7 +157,7 @@ def test_write_table_and_plots(synthetic_cells, tmp_path):
     body = [line for line in md if line.startswith("| fed")]
     assert len(body) == 3
     assert (
-        "| 0.6000 | 0.2000 | 0.6500 | 0.7500 | 0.8000 |  |  | 4500000 | 9000000 | 15.0 | ok |"
+        "| 0.6000 | 0.2000 | 0.6500 | 0.7500 | 0.8000 |  |  |  | 4500000 | 9000000 | 15.0 | ok |"
         in body[0]
     )
     assert body[2].endswith("| failed: refuses ranks |")
@@ -167,14 +167,16 @@ def test_write_table_and_plots(synthetic_cells, tmp_path):
         "accuracy_vs_bytes_per_client_round.png",
         "accuracy_vs_round.png",
         "accuracy_vs_megabytes.png",
+        "accuracy_vs_uplink_megabytes.png",
     ]
     for png in written:
         assert png.parent == out / "plots" and png.read_bytes()[:8] == PNG
     # the fedavg line: per-round means over both seeds, cumulative MB per seed then averaged
-    rounds, acc, mb = _mean_curve(synthetic_cells[:2])
+    rounds, acc, mb, up = _mean_curve(synthetic_cells[:2])
     assert rounds == [1, 2, 3]
     assert acc == pytest.approx([0.25, 0.55, 0.6])
     assert mb == pytest.approx([4.5, 9.0, 13.5])  # seed 0: 3, 6, 9 MB; seed 1: 6, 12, 18 MB
+    assert up == pytest.approx([1.5, 3.0, 4.5])  # uplink only: seed 0 1 MB a round, seed 1 2 MB
 
 
 def test_failure_reason_is_the_last_stderr_line(tmp_path):

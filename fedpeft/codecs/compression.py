@@ -138,7 +138,7 @@ class Pipeline:
         if self.sparse:
             kept_idx, values, groups = [], [], []
             for t, (x, (_, cols)) in enumerate(zip(flat, rows, strict=True)):
-                k = max(1, math.ceil(self.topk_fraction * x.numel())) if x.numel() else 0
+                k = topk_count(self.topk_fraction, x.numel())
                 idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
                 kept_idx.append(idx)
                 values.append(x[idx])
@@ -198,7 +198,21 @@ class Pipeline:
 
     @staticmethod
     def decode(blob: np.ndarray | bytes) -> tuple[AdapterState, dict[str, Any]]:
-        """Inverse of :meth:`encode`: the tensors (original dtypes and shapes) and ``meta``."""
+        """Inverse of :meth:`encode`: the tensors (original dtypes and shapes) and ``meta``.
+
+        Anything that is not a well-formed payload raises :class:`CodecError`, whatever
+        is wrong with it: a payload comes from another machine and may be hostile.
+        """
+        try:
+            return Pipeline._decode(blob)
+        except CodecError:
+            raise
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            raise CodecError(f"malformed compressed payload ({reason})") from None
+
+    @staticmethod
+    def _decode(blob: np.ndarray | bytes) -> tuple[AdapterState, dict[str, Any]]:
         header, sections = _unpack(blob)
         stages = check_stages(header["stages"], "payload")
         specs = [(k, tuple(shape), getattr(torch, dtype)) for k, shape, dtype in header["tensors"]]
@@ -283,7 +297,7 @@ def encode_update(
 ) -> Encoded:
     """Code ``state`` as a change from ``reference``, plus the error-feedback ``residual``.
 
-    A tensor of ``state`` whose key and shape the reference has travels as a change:
+    A tensor of ``state`` whose key, shape and dtype the reference has travels as a change:
     ``state - reference`` under lossy stages, the XOR of the float bit patterns when the
     pipeline is lossless (exactly invertible, and mostly zero bits where little changed,
     which deflate removes). Other tensors travel whole. A residual of the wrong shape
@@ -295,10 +309,10 @@ def encode_update(
     changes: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         ref = reference.get(key)
-        if ref is not None and ref.shape == value.shape:
+        if ref is not None and ref.shape == value.shape and ref.dtype == value.dtype:
             if pipeline.lossless:
                 kinds[key] = "xor"
-                changes[key] = _bits(value) ^ _bits(ref.to(value.dtype))
+                changes[key] = _bits(value) ^ _bits(ref)
                 continue
             kinds[key] = "sub"
             change = value.detach().float() - ref.float()
@@ -324,11 +338,16 @@ def decode_update(
 ) -> tuple[AdapterState, dict[str, Any]]:
     """Rebuild the sender's tensors from a payload and the shared ``reference``."""
     changes, meta = Pipeline.decode(blob)
-    kinds = meta.get("kinds", {})
+    kinds = meta.get("kinds", {}) if isinstance(meta, dict) else {}
     missing = [k for k, kind in kinds.items() if kind != "abs" and k not in (reference or {})]
     if missing:
         raise CodecError(f"payload is a change from a reference this side lacks ({missing[0]})")
-    return apply_changes(changes, kinds, reference or {}), meta
+    try:
+        return apply_changes(changes, kinds, reference or {}), meta
+    except (KeyError, TypeError, RuntimeError) as exc:  # a change that does not fit its reference
+        raise CodecError(
+            f"payload does not fit the reference ({type(exc).__name__}: {exc})"
+        ) from None
 
 
 def apply_changes(
@@ -368,6 +387,14 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def topk_count(fraction: float, numel: int) -> int:
+    """Entries top-k keeps of ``numel``: ``ceil(fraction * numel)``, at least one.
+
+    The product is rounded to 9 decimals first, so that 0.07 * 100 keeps 7, not 8.
+    """
+    return max(1, math.ceil(round(fraction * numel, 9))) if numel else 0
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
