@@ -65,6 +65,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args.scenario, args.strategies, args.seeds, args.vary, args.set, args.out)
 
 
+STAGE_HELP = {
+    "topk": "keep the largest |x| share (topk_fraction) of each tensor; positions varint-coded",
+    "fp16 / bf16": "cast values to 16 bits",
+    "int8 / int4": "symmetric quantisation, a scale per tensor or row; stochastic_rounding",
+}
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     if args.keys:
         from fedpeft.config import help_lines
@@ -84,6 +91,9 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("strategies:")
     for s in sorted(STRATEGIES.values(), key=lambda s: s.name):
         print(f"  {s.name:<16} {s.description}")
+    print("compression stages ([compression] uplink / downlink, in this order):")
+    for name, text in STAGE_HELP.items():
+        print(f"  {name:<16} {text}")
     print("scenarios:")
     for name, path in scenarios.bundled().items():
         print(f"  {name:<16} {scenarios.describe(path)}")

@@ -73,15 +73,20 @@ class CodecGrid(Grid):
         part = self._grid.partitions.get(node_id)
         return f"partition-{part}" if part is not None else f"node-{node_id}"
 
-    def _encode(self, msg: Message) -> tuple[Message, AdapterState | None]:
-        """The coded message for ``msg`` and the adapter the node will rebuild from it."""
+    def _encode(self, msg: Message) -> tuple[Message, AdapterState, AdapterState]:
+        """The coded message for ``msg``, the adapter it carries, and the node's decoding.
+
+        Replies are rebuilt on the uncoded adapter, not on the node's decoded copy: a
+        client's update is its change from what it received, and the server applies that
+        change to its exact adapter, so downlink coding error never enters the aggregate.
+        """
         content = msg.content
         self.plain_down += payload_nbytes(content)
         if records.ARRAYS not in content.array_records:
-            return msg, None
+            return msg, {}, {}
         state = arrayrecord_to_state(content.array_records[records.ARRAYS])
         if not (self.down.stages or self.compression.downlink_delta):
-            return msg, state  # plain downlink: the node receives exactly this
+            return msg, state, state  # plain downlink: the node receives exactly this
         node = msg.metadata.dst_node_id
         server_round = int(str(content.config_records[records.CONFIG].get(records.SERVER_ROUND, 0)))
         held = self.copies.load(self._node_key(node)) if self.compression.downlink_delta else {}
@@ -91,7 +96,9 @@ class CodecGrid(Grid):
             pipeline,
             reference=held,
             meta={"reference": state_digest(held) if held else None},
-            generator=seeded_generator(self.seed, server_round, node, DOWNLINK),
+            generator=seeded_generator(
+                self.seed, server_round, self._grid.partitions.get(node, node), DOWNLINK
+            ),
         )
         new_content = RecordDict(
             {
@@ -99,22 +106,23 @@ class CodecGrid(Grid):
                 records.COMPRESSED: coded_record(coded.blob),
             }
         )
-        sent = Message(new_content, dst_node_id=node, message_type=msg.metadata.message_type)
+        meta = msg.metadata
+        sent = Message(new_content, dst_node_id=node, message_type=meta.message_type,
+                       ttl=meta.ttl, group_id=meta.group_id)  # fmt: skip
         if self.compression.downlink_delta:
             self.copies.save(self._node_key(node), coded.decoded)
-        return sent, coded.decoded
+        return sent, state, coded.decoded
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Code every instruction, send, and decode every coded reply."""
-        views: dict[int, AdapterState] = {}
+        exact: dict[int, AdapterState] = {}  # what each node was sent, uncoded
+        views: dict[int, AdapterState] = {}  # what each node decoded
         coded_messages: dict[int, Message] = {}
         for msg in messages:
-            sent, view = self._encode(msg)
-            if view is not None:
-                views[msg.metadata.dst_node_id] = view
-            coded_messages[msg.metadata.dst_node_id] = sent
+            node = msg.metadata.dst_node_id
+            coded_messages[node], exact[node], views[node] = self._encode(msg)
         replies = list(self._grid.send_and_receive(coded_messages.values(), timeout=timeout))
         out = []
         for reply in replies:
@@ -124,18 +132,31 @@ class CodecGrid(Grid):
                 self.copies.delete(self._node_key(node))
                 out.append(reply)
                 continue
-            out.append(self._decode(reply, views.get(node, {}), coded_messages[node]))
+            out.append(self._decode(reply, exact[node], views[node], coded_messages[node]))
         return out
 
-    def _decode(self, reply: Message, reference: AdapterState, sent: Message) -> Message:
+    def _decode(
+        self, reply: Message, exact: AdapterState, view: AdapterState, sent: Message
+    ) -> Message:
+        """Rebuild a reply's adapter on the exact adapter the node was sent."""
         content = reply.content
         if records.COMPRESSED not in content.array_records:
+            if self.down.stages and records.ARRAYS in content.array_records:
+                # an uncoded reply is the node's own adapter, trained from its lossy copy:
+                # move it onto the exact adapter, as a coded change would be
+                state = arrayrecord_to_state(content.array_records[records.ARRAYS])
+                for key, value in state.items():
+                    if key in view and view[key].shape == value.shape:
+                        moved = value.double() - view[key].double() + exact[key].double()
+                        state[key] = moved.to(value.dtype)
+                content[records.ARRAYS] = state_to_arrayrecord(state)
             self.plain_up += payload_nbytes(content)
             return reply
         try:
-            state, _ = decode_update(blob_of(content.array_records[records.COMPRESSED]), reference)
-        except (CodecError, KeyError, RuntimeError) as exc:
-            reason = f"undecodable compressed update: {exc}"
+            state, _ = decode_update(blob_of(content.array_records[records.COMPRESSED]), exact)
+        except Exception as exc:  # noqa: BLE001  # one hostile payload must not stop the server
+            text = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
+            reason = f"undecodable compressed update: {text}"
             logger.warning("node %s: %s", reply.metadata.src_node_id, reason)
             tally = self._grid.current
             tally.clients_failed += 1

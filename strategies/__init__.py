@@ -32,6 +32,11 @@ class StrategySpec:
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
+#: strategies whose clients get new LoRA factors every round (error feedback cannot apply)
+NEW_FACTORS_EACH_ROUND = {
+    "flora": "restarts LoRA every round",
+    "flexlora": "hands out freshly SVD-decomposed factors (a new basis) every round",
+}
 HETERO_HINT = "flora, flexlora or hetlora"
 
 
@@ -93,10 +98,10 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
             f"strategy.name={spec.name!r} aggregates LoRA factors and needs "
             f"peft.method='lora', not {scenario.peft.method!r}"
         )
-    if spec.name == "flora" and scenario.compression.error_feedback:
+    if spec.name in NEW_FACTORS_EACH_ROUND and scenario.compression.error_feedback:
         raise ScenarioError(
-            "strategy.name='flora' restarts LoRA every round, so an error-feedback residual "
-            "of last round's factors means nothing in the next; set "
+            f"strategy.name={spec.name!r} {NEW_FACTORS_EACH_ROUND[spec.name]}, so an "
+            "error-feedback residual of last round's factors means nothing in the next; set "
             "compression.error_feedback=false"
         )
 

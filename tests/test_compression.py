@@ -21,6 +21,7 @@ from fedpeft.codecs.compression import (
     decode_update,
     encode_update,
     seeded_generator,
+    topk_count,
     varint_decode,
     varint_encode,
 )
@@ -729,3 +730,53 @@ def test_topk_count_is_the_ceiling_of_the_exact_fraction():
 
     assert [topk_count(0.07, n) for n in (100, 200, 1000)] == [7, 14, 70]
     assert [topk_count(0.1, n) for n in (0, 1, 9, 10, 11)] == [0, 1, 1, 1, 2]
+
+
+def test_a_tensor_that_travels_whole_skips_topk():
+    reference = {"a": torch.randn(8, 16)}
+    state = {"a": reference["a"] + 0.01 * torch.randn(8, 16), "b": torch.randn(4, 32)}
+    enc = encode_update(state, Pipeline(("topk", "int8")), reference)
+    got, meta = decode_update(enc.blob, reference)
+    assert meta["kinds"] == {"a": "sub", "b": "abs"}
+    step = state["b"].abs().max().item() / 127
+    assert (got["b"] - state["b"]).abs().max().item() <= step / 2 * 1.0001
+    change = (got["a"] - reference["a"]) != 0
+    assert int(change.sum()) == topk_count(0.1, 128)  # the change is still sparsified
+
+
+def test_a_change_that_does_not_fit_its_reference_is_a_codec_error():
+    reference = {"w": torch.randn(4)}
+    wide = Pipeline(()).encode({"w": torch.zeros(4, 1)}, {"kinds": {"w": "sub"}})
+    with pytest.raises(CodecError, match="does not fit"):
+        decode_update(wide, reference)
+    wrong_width = Pipeline(()).encode({"w": torch.zeros(4, dtype=torch.int64)},
+                                      {"kinds": {"w": "xor"}})  # fmt: skip
+    with pytest.raises(CodecError, match="does not fit"):
+        decode_update(wrong_width, reference)
+    for kinds in ([], {"w": "rot13"}):
+        bad = Pipeline(()).encode({"w": torch.zeros(4)}, {"kinds": kinds})
+        with pytest.raises(CodecError, match="kinds"):
+            decode_update(bad, reference)
+
+
+def test_a_non_finite_update_does_not_poison_the_residual():
+    state = {"w": torch.tensor([1.0, float("nan"), 2.0, 3.0])}
+    enc = encode_update(state, Pipeline(("int8",)), residual={"w": torch.ones(4)})
+    assert torch.equal(enc.residual["w"], torch.zeros(4))
+
+
+def test_empty_and_zero_size_inputs_round_trip():
+    for stages in [(), ("topk",), ("topk", "int8"), ("int4",)]:
+        empty = Pipeline(stages).encode({})
+        assert Pipeline.decode(empty)[0] == {}
+        out, _ = Pipeline.decode(Pipeline(stages).encode({"z": torch.zeros(0, 3)}))
+        assert out["z"].shape == (0, 3)
+
+
+def test_a_payload_that_inflates_past_the_limit_is_refused(monkeypatch):
+    import fedpeft.codecs.compression as compression
+
+    blob = Pipeline(()).encode({"w": torch.zeros(1000)})
+    monkeypatch.setattr(compression, "MAX_PAYLOAD_BYTES", 512)
+    with pytest.raises(CodecError, match="inflates past 512"):
+        Pipeline.decode(blob)

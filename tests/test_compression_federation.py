@@ -212,7 +212,7 @@ def test_an_undecodable_update_is_rejected_and_the_run_goes_on(tmp_path) -> None
 def test_every_strategy_trains_on_decoded_updates(name: str, tmp_path) -> None:
     spec = STRATEGIES[name]
     ranks = ["peft.client_ranks=[2,4]"] if spec.heterogeneous_ranks else []
-    ef = ["compression.error_feedback=false"] if name == "flora" else []
+    ef = ["compression.error_feedback=false"] if name in ("flora", "flexlora") else []
     summary = _run(tmp_path, f'strategy.name="{name}"', *ranks, *COMPRESSED, *ef)
     rows = _rows(tmp_path)
     assert summary["rounds_completed"] == 2 and all(r["clients_failed"] == 0 for r in rows)
@@ -242,10 +242,63 @@ def test_compare_varies_the_uplink_stages() -> None:
 
 def test_a_coded_payload_is_one_array(tmp_path) -> None:
     state = {f"k{i}": torch.randn(8, 16) for i in range(26)}
-    coded = encode_update(state, Pipeline(("topk", "int8")))
+    reference = {k: torch.zeros_like(v) for k, v in state.items()}  # a change: top-k applies
+    coded = encode_update(state, Pipeline(("topk", "int8")), reference)
     record = coded_record(coded.blob)
     assert len(record) == 1
     assert payload_nbytes(record) < payload_nbytes(state_to_arrayrecord(state)) / 10
     with pytest.raises(CodecError):
-        decode_update(coded.blob[:-8])
+        decode_update(coded.blob[:-8], reference)
     assert isinstance(record, ArrayRecord)
+
+
+STEP = 0.01
+
+
+def _step_train(msg: Message, context: Context) -> Message:
+    """A client whose training adds STEP to every tensor it received."""
+    got = arrayrecord_to_state(msg.content.array_records[records.ARRAYS])
+    reply = RecordDict(
+        {records.ARRAYS: state_to_arrayrecord({k: v + STEP for k, v in got.items()})}
+    )
+    return Message(reply, reply_to=msg)
+
+
+@pytest.mark.parametrize("uplink", [[], ["int8"]], ids=["plain-uplink", "int8-uplink"])
+def test_downlink_error_stays_out_of_what_the_server_aggregates(uplink, tmp_path) -> None:
+    """Clients train from a lossy copy (top-k + int8 downlink deltas); the server applies
+    their change to its exact adapter, so the replies it hands the strategy are
+    exact + step (up to the uplink's own error), not the lossy copy + step."""
+    sets = ['compression.downlink=["topk","int8"]', "compression.downlink_delta=true",
+            f"compression.uplink={json.dumps(uplink)}"]  # fmt: skip
+    scenario = load_scenario("smoke", sets)
+    stepper = ClientApp(mods=[compression_mod])
+    stepper.train()(_step_train)
+    grid = CodecGrid(CountingGrid(InProcessGrid(stepper, 2)), scenario.compression,
+                     tmp_path / "copies", seed=0)  # fmt: skip
+    config = {records.SCENARIO: scenario.to_json(), records.STATE_DIR: str(tmp_path / "c")}
+    g = torch.Generator().manual_seed(0)
+    exact = {"m.lora_A.weight": torch.randn(4, 64, generator=g), "head.bias": torch.randn(6)}
+    for server_round in (1, 2, 3):
+        exact = {k: v + torch.randn(v.shape, generator=g) * 0.1 for k, v in exact.items()}
+        round_config = ConfigRecord({**config, records.SERVER_ROUND: server_round})
+        content = {records.ARRAYS: state_to_arrayrecord(exact), records.CONFIG: round_config}
+        messages = [
+            Message(RecordDict(dict(content)), dst_node_id=node, message_type=MessageType.TRAIN)
+            for node in (101, 102)
+        ]
+        for reply in grid.send_and_receive(messages):
+            got = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+            for k, v in exact.items():
+                tolerance = 1e-6 if not uplink else STEP / 127 / 2 * 1.001 + 1e-6
+                assert (got[k] - (v + STEP)).abs().max() <= tolerance
+    # ... while the clients' copies really were lossy (top-k deltas from round 2 on)
+    held = load_file(str(tmp_path / "copies" / "node-101.safetensors"))
+    assert not torch.equal(held["m.lora_A.weight"], exact["m.lora_A.weight"])
+
+
+def test_flexlora_refuses_error_feedback_in_one_line() -> None:
+    scenario = load_scenario("smoke", ['strategy.name="flexlora"', *COMPRESSED])
+    with pytest.raises(ScenarioError, match="new basis") as err:
+        build_strategy(scenario)
+    assert "\n" not in str(err.value)

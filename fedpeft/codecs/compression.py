@@ -41,6 +41,7 @@ CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTISERS = {"int8": 127, "int4": 7}  # largest integer level of each
 STAGES = ("topk", *CASTS, *QUANTISERS)
 FORMAT = 1
+MAX_PAYLOAD_BYTES = 2**31  # inflated size a payload may claim (a 7B model's LoRA is ~40 MB)
 UPLINK, DOWNLINK = 0, 1  # stream ids that seed stochastic rounding apart per direction
 
 
@@ -118,8 +119,13 @@ class Pipeline:
         tensors: Mapping[str, torch.Tensor],
         meta: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        dense: frozenset[str] = frozenset(),
     ) -> np.ndarray:
-        """Code ``tensors`` (and a JSON-able ``meta``) into one ``uint8`` array."""
+        """Code ``tensors`` (and a JSON-able ``meta``) into one ``uint8`` array.
+
+        Tensors named in ``dense`` keep every entry under ``topk`` (their gaps are all
+        zero, which deflate removes): top-k suits a change, not a whole tensor.
+        """
         header: dict[str, Any] = {
             "format": FORMAT,
             "stages": list(self.stages),
@@ -137,8 +143,8 @@ class Pipeline:
         rows = [_rows(v) for v in tensors.values()]
         if self.sparse:
             kept_idx, values, groups = [], [], []
-            for t, (x, (_, cols)) in enumerate(zip(flat, rows, strict=True)):
-                k = topk_count(self.topk_fraction, x.numel())
+            for t, (key, x, (_, cols)) in enumerate(zip(tensors, flat, rows, strict=True)):
+                k = x.numel() if key in dense else topk_count(self.topk_fraction, x.numel())
                 idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
                 kept_idx.append(idx)
                 values.append(x[idx])
@@ -146,7 +152,8 @@ class Pipeline:
             header["kept"] = [len(i) for i in kept_idx]
             gaps = [torch.diff(i, prepend=torch.tensor([-1])) - 1 for i in kept_idx]
             sections["gaps"] = varint_encode(torch.cat(gaps).numpy() if gaps else np.zeros(0))
-            value_vec, group_vec = torch.cat(values), torch.cat(groups)
+            value_vec = torch.cat(values) if values else torch.zeros(0)
+            group_vec = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long)
         else:
             value_vec = torch.cat(flat) if flat else torch.zeros(0)
             group_vec = torch.cat([
@@ -222,7 +229,12 @@ class Pipeline:
             raw = sections["raw"]
             for key, shape, dtype in specs:
                 n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+                if n == 0:
+                    out[key] = torch.empty(shape, dtype=dtype)
+                    continue
                 chunk = np.array(raw[offset : offset + n], copy=True)
+                if chunk.nbytes != n:
+                    raise CodecError(f"malformed compressed payload ({key} is cut short)")
                 out[key] = torch.frombuffer(bytearray(chunk.tobytes()), dtype=dtype).reshape(shape)
                 offset += n
             return out, header["meta"]
@@ -300,8 +312,9 @@ def encode_update(
     A tensor of ``state`` whose key, shape and dtype the reference has travels as a change:
     ``state - reference`` under lossy stages, the XOR of the float bit patterns when the
     pipeline is lossless (exactly invertible, and mostly zero bits where little changed,
-    which deflate removes). Other tensors travel whole. A residual of the wrong shape
-    (a client whose rank changed) is dropped.
+    which deflate removes). Other tensors travel whole, and skip ``topk``. A residual of
+    the wrong shape (a client whose rank changed) is dropped, and so is a non-finite one
+    (an update that held NaN must not poison every later round).
     """
     reference = reference or {}
     residual = residual or {}
@@ -323,13 +336,15 @@ def encode_update(
         if res is not None and res.shape == change.shape and not pipeline.lossless:
             change = change + res.float()
         changes[key] = change
-    blob = pipeline.encode(changes, {**(meta or {}), "kinds": kinds}, generator)
+    whole = frozenset(k for k, kind in kinds.items() if kind == "abs")
+    blob = pipeline.encode(changes, {**(meta or {}), "kinds": kinds}, generator, dense=whole)
     decoded_changes, _ = Pipeline.decode(blob)
     decoded = apply_changes(decoded_changes, kinds, reference)
-    dropped = (
-        {} if pipeline.lossless
-        else {k: changes[k] - decoded_changes[k].float() for k in changes}
-    )  # fmt: skip
+    dropped = {}
+    if not pipeline.lossless:
+        for key, change in changes.items():
+            left = change - decoded_changes[key].float()
+            dropped[key] = left if torch.isfinite(left).all() else torch.zeros_like(left)
     return Encoded(blob, decoded, dropped)
 
 
@@ -338,16 +353,13 @@ def decode_update(
 ) -> tuple[AdapterState, dict[str, Any]]:
     """Rebuild the sender's tensors from a payload and the shared ``reference``."""
     changes, meta = Pipeline.decode(blob)
-    kinds = meta.get("kinds", {}) if isinstance(meta, dict) else {}
+    kinds = meta.get("kinds", {}) if isinstance(meta, dict) else None
+    if not isinstance(kinds, dict) or not set(kinds.values()) <= {"abs", "sub", "xor"}:
+        raise CodecError("malformed compressed payload (its 'kinds' are not abs/sub/xor per key)")
     missing = [k for k, kind in kinds.items() if kind != "abs" and k not in (reference or {})]
     if missing:
         raise CodecError(f"payload is a change from a reference this side lacks ({missing[0]})")
-    try:
-        return apply_changes(changes, kinds, reference or {}), meta
-    except (KeyError, TypeError, RuntimeError) as exc:  # a change that does not fit its reference
-        raise CodecError(
-            f"payload does not fit the reference ({type(exc).__name__}: {exc})"
-        ) from None
+    return apply_changes(changes, kinds, reference or {}), meta
 
 
 def apply_changes(
@@ -359,14 +371,23 @@ def apply_changes(
     out = {}
     for key, change in changes.items():
         kind = kinds.get(key, "abs")
-        if kind == "xor":
-            ref = reference[key]
-            out[key] = (_bits(ref) ^ change).view(ref.dtype)
-        elif kind == "sub":
-            ref = reference[key]
-            out[key] = (ref.float() + change.float()).to(ref.dtype)
-        else:
+        if kind == "abs":
             out[key] = change
+            continue
+        ref = reference[key]
+        fits = change.shape == ref.shape and (
+            kind == "sub" or (not change.is_floating_point()
+                              and change.element_size() == ref.element_size())
+        )  # fmt: skip
+        if not fits:
+            raise CodecError(
+                f"the change of {key} ({tuple(change.shape)}, {change.dtype}) does not fit "
+                f"its reference ({tuple(ref.shape)}, {ref.dtype})"
+            )
+        if kind == "xor":
+            out[key] = (_bits(ref) ^ change).view(ref.dtype)
+        else:
+            out[key] = (ref.float() + change.float()).to(ref.dtype)
     return out
 
 
@@ -482,9 +503,14 @@ def _pack(header: dict[str, Any], sections: dict[str, np.ndarray]) -> np.ndarray
 
 
 def _unpack(blob: np.ndarray | bytes) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    data = blob if isinstance(blob, bytes) else bytes(np.asarray(blob, dtype=np.uint8))
     try:
-        raw = zlib.decompress(bytes(np.asarray(blob, dtype=np.uint8)) if not isinstance(
-            blob, bytes) else blob)  # fmt: skip
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(data, MAX_PAYLOAD_BYTES)
+        if inflater.unconsumed_tail:
+            raise CodecError(f"compressed payload inflates past {MAX_PAYLOAD_BYTES} bytes")
+        if not inflater.eof:
+            raise CodecError("compressed payload is cut short")
         n = int.from_bytes(raw[:4], "little")
         header = json.loads(raw[4 : 4 + n])
     except (zlib.error, ValueError, UnicodeDecodeError) as exc:
