@@ -310,7 +310,10 @@ class CompressionConfig:
         [], 'client -> server stages, in order: [] (none), "topk", then fp16|bf16|int8|int4'
     )
     downlink: list[str] = _f([], "server -> client stages (same names; topk needs downlink_delta)")
-    topk_fraction: float = _f(0.1, "topk: share of each tensor's entries kept (largest |x|)")
+    topk_fraction: float = _f(0.1, "topk: share of the update's entries kept (largest |x|)")
+    topk_scope: Literal["global", "tensor"] = _f(
+        "global", "topk: keep that share of the whole update (one threshold), or of each tensor"
+    )
     quant_granularity: Literal["tensor", "row"] = _f(
         "tensor", "int8/int4: one scale per tensor, or one per row"
     )
@@ -333,6 +336,7 @@ class CompressionConfig:
                     self.topk_fraction,
                     self.quant_granularity,
                     self.stochastic_rounding and self.quantises(direction),
+                    self.topk_scope,
                 )
             except CodecError as exc:
                 raise ScenarioError(str(exc)) from None
@@ -374,6 +378,7 @@ class CompressionConfig:
             self.topk_fraction,
             self.quant_granularity,
             self.stochastic_rounding and self.quantises(direction),
+            self.topk_scope,
         )
 
 

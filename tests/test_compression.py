@@ -301,7 +301,7 @@ TOPK_SHAPES = {"a": (10, 10), "b": (37,), "c": (4, 5, 6), "d": (1,), "e": (3, 1)
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 1.0])
 def test_topk_keeps_exactly_the_largest_entries(fraction):
     tensors = {k: _distinct(i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
-    blob = Pipeline(("topk",), topk_fraction=fraction).encode(tensors)
+    blob = Pipeline(("topk",), topk_fraction=fraction, topk_scope="tensor").encode(tensors)
     decoded, _ = Pipeline.decode(blob)
     all_gaps = []
     for key, x in tensors.items():
@@ -327,7 +327,8 @@ def test_topk_then_quantise_keeps_the_same_positions_within_half_a_step(stage, g
     levels = LEVELS[stage]
     fraction = 0.2
     tensors = {k: _distinct(i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
-    pipe = Pipeline(("topk", stage), topk_fraction=fraction, granularity=granularity)
+    pipe = Pipeline(("topk", stage), topk_fraction=fraction, granularity=granularity,
+                    topk_scope="tensor")  # fmt: skip
     decoded = _roundtrip(pipe, tensors)
     for key, x in tensors.items():
         idx = _top_indices(x, fraction)
@@ -345,9 +346,25 @@ def test_topk_then_quantise_keeps_the_same_positions_within_half_a_step(stage, g
             assert np.array_equal(np.flatnonzero(got), idx)
 
 
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 1.0])
+def test_global_topk_keeps_exactly_the_largest_entries_of_the_whole_update(fraction):
+    tensors = {k: _distinct(i, *shape) * (i + 1) for i, (k, shape) in
+               enumerate(TOPK_SHAPES.items())}  # fmt: skip
+    decoded = _roundtrip(Pipeline(("topk",), topk_fraction=fraction), tensors)
+    everything = np.concatenate([x.reshape(-1).numpy() for x in tensors.values()])
+    k = math.ceil(round(fraction * everything.size, 9))
+    threshold = np.sort(np.abs(everything))[-k]  # magnitudes are distinct
+    for key, x in tensors.items():
+        flat, got = x.reshape(-1).numpy(), decoded[key].reshape(-1).numpy()
+        keep = np.abs(flat) >= threshold
+        assert np.array_equal(got[keep], flat[keep]) and (got[~keep] == 0).all()
+    assert sum(int((v != 0).sum()) for v in decoded.values()) == k
+
+
 def test_topk_fraction_keeps_at_least_one_entry():
     x = {"x": _distinct(0, 3, 3)}
-    got = _roundtrip(Pipeline(("topk",), topk_fraction=0.01), x)["x"].reshape(-1)
+    got = _roundtrip(Pipeline(("topk",), topk_fraction=0.01, topk_scope="tensor"), x)["x"]
+    got = got.reshape(-1)
     expected = int(np.argmax(np.abs(x["x"].reshape(-1).numpy())))
     assert np.flatnonzero(got.numpy()).tolist() == [expected]
 

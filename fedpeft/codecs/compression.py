@@ -24,6 +24,7 @@ payload with the receiver's code, so both sides reconstruct bit-identical tensor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -76,6 +77,7 @@ class Pipeline:
     topk_fraction: float = 0.1
     granularity: str = "tensor"  # int8/int4 scales: "tensor" or "row"
     stochastic_rounding: bool = False
+    topk_scope: str = "global"  # one threshold over the whole update, or top-k per tensor
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", check_stages(self.stages))
@@ -87,6 +89,8 @@ class Pipeline:
             )
         if self.stochastic_rounding and self.quantiser is None:
             raise CodecError("stochastic_rounding needs an int8 or int4 stage")
+        if self.topk_scope not in ("tensor", "global"):
+            raise CodecError(f"topk scope must be 'tensor' or 'global', not {self.topk_scope!r}")
 
     @property
     def sparse(self) -> bool:
@@ -110,8 +114,7 @@ class Pipeline:
 
     def without_topk(self) -> Pipeline:
         """The same pipeline minus ``topk`` (for sending a whole adapter, not a change)."""
-        return Pipeline(tuple(s for s in self.stages if s != "topk"), self.topk_fraction,
-                        self.granularity, self.stochastic_rounding)  # fmt: skip
+        return dataclasses.replace(self, stages=tuple(s for s in self.stages if s != "topk"))
 
     # ------------------------------------------------------------------ encode / decode
     def encode(
@@ -143,9 +146,8 @@ class Pipeline:
         rows = [_rows(v) for v in tensors.values()]
         if self.sparse:
             kept_idx, values, groups = [], [], []
-            for t, (key, x, (_, cols)) in enumerate(zip(tensors, flat, rows, strict=True)):
-                k = x.numel() if key in dense else topk_count(self.topk_fraction, x.numel())
-                idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values
+            chosen = self._topk(list(tensors), flat, dense)
+            for t, (x, idx, (_, cols)) in enumerate(zip(flat, chosen, rows, strict=True)):
                 kept_idx.append(idx)
                 values.append(x[idx])
                 groups.append(self._groups(t, idx, cols, rows))
@@ -163,6 +165,29 @@ class Pipeline:
         num_groups = len(rows) if self.granularity == "tensor" else sum(r for r, _ in rows)
         sections.update(self._code_values(value_vec, group_vec, num_groups, generator))
         return _pack(header, sections)
+
+    def _topk(
+        self, keys: list[str], flat: list[torch.Tensor], dense: frozenset[str]
+    ) -> list[torch.Tensor]:
+        """Sorted indices kept in each tensor: per tensor, or under one global threshold."""
+        if self.topk_scope == "tensor":
+            return [
+                torch.arange(x.numel()) if key in dense else
+                torch.topk(x.abs(), topk_count(self.topk_fraction, x.numel()),
+                           sorted=False).indices.sort().values
+                for key, x in zip(keys, flat, strict=True)
+            ]  # fmt: skip
+        pool = [i for i, key in enumerate(keys) if key not in dense and flat[i].numel()]
+        chosen = {i: torch.arange(flat[i].numel()) for i in range(len(keys)) if i not in pool}
+        if pool:
+            magnitudes = torch.cat([flat[i].abs() for i in pool])
+            k = topk_count(self.topk_fraction, magnitudes.numel())
+            picked = torch.zeros(magnitudes.numel(), dtype=torch.bool)
+            picked[torch.topk(magnitudes, k, sorted=False).indices] = True
+            for i, part in zip(pool, torch.split(picked, [flat[i].numel() for i in pool]),
+                               strict=True):  # fmt: skip
+                chosen[i] = torch.nonzero(part).reshape(-1)
+        return [chosen[i] for i in range(len(keys))]
 
     def _groups(
         self, t: int, idx: torch.Tensor, cols: int, rows: list[tuple[int, int]]
