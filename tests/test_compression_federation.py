@@ -74,13 +74,17 @@ def test_lossless_coding_changes_nothing_but_the_bytes(tmp_path) -> None:
 def test_uplink_bytes_are_the_coded_payloads_and_the_ratio_is_against_the_same_traffic_uncoded(
     tmp_path,
 ) -> None:
+    """Per-tensor top-k, so that every decoded tensor differs from every other: Flower
+    sends identical arrays once, and a tiny model's update under a global threshold can
+    leave whole tensors unchanged (then uncoded size is counted deduplicated, smaller)."""
+    coding = ['compression.uplink=["topk","int8"]', 'compression.topk_scope="tensor"']
     plain = _run(tmp_path / "plain")
-    coded = _run(tmp_path / "coded", 'compression.uplink=["topk","int8"]')
+    coded = _run(tmp_path / "coded", *coding)
     plain_rows, coded_rows = _rows(tmp_path / "plain"), _rows(tmp_path / "coded")
     # what the coded replies would have weighed uncoded = what the uncoded run really sent
     assert [r["bytes_up_uncompressed"] for r in coded_rows] == [r["bytes_up"] for r in plain_rows]
     # the downlink is uncoded; its messages differ only by the scenario text they carry
-    longer = len(load_scenario("smoke", [*SMALL, 'compression.uplink=["topk","int8"]']).to_json())
+    longer = len(load_scenario("smoke", [*SMALL, *coding]).to_json())
     extra = longer - len(load_scenario("smoke", SMALL).to_json())
     assert [r["bytes_down"] for r in coded_rows] == [
         r["bytes_down"] + extra * r["clients_sampled"] for r in plain_rows
