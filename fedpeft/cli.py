@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from fedpeft.config import ScenarioError, load_scenario
+from fedpeft.deploy import DeployError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -63,6 +64,40 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from fedpeft.compare import run_compare
 
     return run_compare(args.scenario, args.strategies, args.seeds, args.vary, args.set, args.out)
+
+
+def _cmd_deploy_certs(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import make_certs
+
+    paths = make_certs(args.dir, args.host, days=args.days)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    print(f"the SuperLink uses {args.dir}; SuperNodes and `flwr` need only {paths['ca.crt']}; "
+          f"keep {paths['ca.key']} offline")  # fmt: skip
+    return 0
+
+
+def _cmd_deploy_node_key(args: argparse.Namespace) -> int:
+    from fedpeft.deploy import make_node_key
+
+    private, public = make_node_key(args.prefix)
+    print(f"wrote {private} (stays on the node) and {public} (register it: "
+          f"`flwr supernode register {public} CONNECTION`)")  # fmt: skip
+    return 0
+
+
+def _cmd_deploy_superlink(args: argparse.Namespace) -> int:
+    import shlex
+
+    from fedpeft.deploy import SuperLinkOptions, deploy_env, superlink_command
+
+    opts = SuperLinkOptions(
+        certs=Path(args.certs) if args.certs else None, insecure=args.insecure,
+        host=args.host, port=args.port, auth=not args.no_auth,
+        database=Path(args.database) if args.database else None,
+    )  # fmt: skip
+    cmd = superlink_command(opts)
+    print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, deploy_env())  # the SuperLink takes this process (and its PID)
 
 
 STAGE_HELP = {
@@ -131,6 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a scenario key in every cell (TOML value)")  # fmt: skip
     cmp.add_argument("--out", help="output folder (default: runs/compare-<scenario>-<timestamp>/)")
     cmp.set_defaults(func=_cmd_compare)
+    dep = sub.add_parser("deploy", help="certificates, keys and Flower processes for a deployment")
+    dsub = dep.add_subparsers(dest="deploy_command", required=True)
+    certs = dsub.add_parser("certs", help="a CA and a SuperLink certificate for the given hosts")
+    certs.add_argument("dir", help="output folder")
+    certs.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
+                       help="a name or IP SuperNodes use to reach the SuperLink (repeatable); "
+                            "localhost and 127.0.0.1 are always added")  # fmt: skip
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
+    certs.set_defaults(func=_cmd_deploy_certs)
+    nkey = dsub.add_parser("node-key", help="a SuperNode key pair: PREFIX and PREFIX.pub")
+    nkey.add_argument("prefix", help="path of the private key, e.g. keys/node0")
+    nkey.set_defaults(func=_cmd_deploy_node_key)
+    link = dsub.add_parser("superlink", help="start a SuperLink: TLS and node authentication")
+    link.add_argument("--certs", metavar="DIR", help="folder from `fedpeft deploy certs`")
+    link.add_argument("--insecure", action="store_true",
+                      help="plain text, no node authentication (trusted networks)")  # fmt: skip
+    link.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    link.add_argument("--port", type=int, default=8000, help="the one port of all its APIs")
+    link.add_argument("--no-auth", action="store_true",
+                      help="TLS, but let any SuperNode join (no key registration)")  # fmt: skip
+    link.add_argument("--database", help="SQLite file for the SuperLink's state (default: memory)")
+    link.set_defaults(func=_cmd_deploy_superlink)
     lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
     lst.add_argument("--keys", action="store_true", help="list every scenario key instead")
     lst.set_defaults(func=_cmd_list)
@@ -142,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ScenarioError as err:
+    except (ScenarioError, DeployError) as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

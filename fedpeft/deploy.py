@@ -1,0 +1,201 @@
+"""Deployment helpers: certificates, SuperNode keys, and Flower's SuperLink command line.
+
+``fedpeft deploy`` is a thin, documented layer over Flower's own deployment engine
+(``flower-superlink``, ``flower-supernode``, ``flwr``); it writes no transport of its own.
+What it adds is safe defaults: TLS and SuperNode authentication unless ``--insecure`` is
+asked for explicitly, certificates whose names cover every address in use, one key pair per
+node in the format Flower 1.42 reads, no runtime dependency installation, no telemetry.
+
+Flower 1.42 facts this relies on (docs/dev/flower-1.42-deployment-notes.md):
+- The SuperLink serves its Fleet, Control and Runtime APIs over HTTPS on one port
+  (``--host``/``--port``, default 127.0.0.1:8000). Its internal SuperExec connects to
+  127.0.0.1, so the server certificate always names 127.0.0.1 too.
+- SuperNode keys are EC keys on a NIST curve, the private key in OpenSSH format, the public
+  key an OpenSSH line (``flwr supernode register KEY.pub CONNECTION``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CA_CERT, CA_KEY = "ca.crt", "ca.key"
+SERVER_CERT, SERVER_KEY = "server.pem", "server.key"
+ALWAYS_NAMED = ("localhost", "127.0.0.1")  # the SuperLink's own SuperExec connects here
+
+
+class DeployError(ValueError):
+    """A deployment mistake; the message is one line meant for the user."""
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.chmod(mode)
+    os.replace(tmp, path)
+
+
+def _san(host: str):  # type: ignore[no-untyped-def]
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def make_certs(out: Path | str, hosts: list[str], days: int = 365) -> dict[str, Path]:
+    """Write a CA and a SuperLink server certificate naming ``hosts`` (and 127.0.0.1).
+
+    Returns the paths of ``ca.crt``, ``ca.key``, ``server.pem`` and ``server.key``. Keys
+    are unencrypted PEM with mode 0600: keep ``ca.key`` off the SuperLink machine.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    out = Path(out)
+    names = list(dict.fromkeys([*hosts, *ALWAYS_NAMED]))
+    for host in names:
+        if not host or any(c.isspace() for c in host) or "/" in host:
+            raise DeployError(f"--host {host!r} is not a host name or IP address")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = {"not_valid_before": now - datetime.timedelta(minutes=5),
+             "not_valid_after": now + datetime.timedelta(days=days)}  # fmt: skip
+
+    def pem(key: rsa.RSAPrivateKey) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM,
+                                 serialization.PrivateFormat.TraditionalOpenSSL,
+                                 serialization.NoEncryption())  # fmt: skip
+
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft federation CA")])
+    ca_cert = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in names]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = {name: out / name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
+    _write(paths[CA_KEY], pem(ca_key), 0o600)
+    _write(paths[CA_CERT], ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(paths[SERVER_KEY], pem(key), 0o600)
+    _write(paths[SERVER_CERT], cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    return paths
+
+
+def make_node_key(prefix: Path | str) -> tuple[Path, Path]:
+    """Write a SuperNode key pair: ``PREFIX`` (OpenSSH EC P-384 private key), ``PREFIX.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    private = Path(prefix)
+    public = private.with_name(private.name + ".pub")
+    if private.exists():
+        raise DeployError(f"{private} exists; a node key is never overwritten (delete it first)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(private, key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.OpenSSH,
+                                      serialization.NoEncryption()), 0o600)  # fmt: skip
+    line = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(public, line + b"\n", 0o644)
+    return private, public
+
+
+def flower_bin(name: str) -> str:
+    """Path of a Flower executable: next to this Python first (the venv), then on PATH."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name} not found next to {sys.executable} or on PATH; install flwr")
+    return found
+
+
+def deploy_env() -> dict[str, str]:
+    """Environment for every Flower process fedpeft starts: no telemetry, no installs.
+
+    This Python's folder goes first on PATH: the SuperLink and SuperNodes start
+    ``flower-superexec`` and ``flwr-clientapp`` by name, from the same environment.
+    """
+    bin_dir = str(Path(sys.executable).parent)
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+
+
+@dataclass
+class SuperLinkOptions:
+    """What ``fedpeft deploy superlink`` starts."""
+
+    certs: Path | None = None  # folder from `fedpeft deploy certs`
+    insecure: bool = False
+    host: str = "0.0.0.0"
+    port: int = 8000
+    auth: bool = True  # SuperNode authentication (needs TLS)
+    database: Path | None = None  # SuperLink state; default: in memory
+
+
+def superlink_command(opts: SuperLinkOptions) -> list[str]:
+    """The ``flower-superlink`` command line; refuses to run in plain text by accident."""
+    if opts.certs is None and not opts.insecure:
+        raise DeployError(
+            "the SuperLink needs TLS: pass --certs DIR (make one with `fedpeft deploy certs "
+            "DIR --host NAME_OR_IP`), or --insecure for plain text on a trusted network"
+        )
+    if opts.certs is not None and opts.insecure:
+        raise DeployError("pass either --certs DIR or --insecure, not both")
+    cmd = [flower_bin("flower-superlink"), "--host", opts.host, "--port", str(opts.port),
+           "--disable-runtime-dependency-installation"]  # fmt: skip
+    if opts.certs is not None:
+        certs = opts.certs.resolve()
+        missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (certs / n).is_file()]
+        if missing:
+            raise DeployError(
+                f"{certs} lacks {', '.join(missing)}; make them with `fedpeft deploy certs {certs}"
+                " --host NAME_OR_IP`"
+            )
+        cmd += ["--ssl-ca-certfile", str(certs / CA_CERT),
+                "--ssl-certfile", str(certs / SERVER_CERT),
+                "--ssl-keyfile", str(certs / SERVER_KEY)]  # fmt: skip
+        if opts.auth:
+            cmd.append("--enable-supernode-auth")
+    else:
+        cmd.append("--insecure")
+    if opts.database is not None:
+        cmd += ["--database", str(opts.database)]
+    return cmd
