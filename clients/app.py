@@ -116,7 +116,10 @@ def _prepare(msg: Message, context: Context) -> Job:
     peft_cfg = scenario.peft_for_rank(rank, shared_scaling)
     num_labels = load_task_data(scenario.data).num_labels
     model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed)
-    device = resolve_device(scenario.model.device)
+    # a real node may name its own device (flower-supernode --node-config 'device="cuda:0"')
+    device = resolve_device(
+        str(context.node_config.get(records.NODE_DEVICE, scenario.model.device))
+    )
     model.to(device)
     current = int(personal[RANK_KEY].item()) if RANK_KEY in personal else rank
     job = Job(scenario, config, partition_id, rank, min(current, rank), model, device, store)

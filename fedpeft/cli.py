@@ -100,6 +100,23 @@ def _cmd_deploy_superlink(args: argparse.Namespace) -> int:
     os.execve(cmd[0], cmd, deploy_env())  # the SuperLink takes this process (and its PID)
 
 
+def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
+    import shlex
+
+    from fedpeft.deploy import SuperNodeOptions, deploy_env, supernode_command
+
+    opts = SuperNodeOptions(
+        superlink=args.superlink, partition_id=args.partition_id,
+        num_partitions=args.num_partitions, certs=Path(args.certs) if args.certs else None,
+        key=Path(args.key) if args.key else None, insecure=args.insecure, port=args.port,
+        device=args.device, rank=args.rank,
+        state_dir=Path(args.state_dir) if args.state_dir else None,
+    )  # fmt: skip
+    cmd = supernode_command(opts)
+    print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    os.execve(cmd[0], cmd, deploy_env())  # the SuperNode takes this process (and its PID)
+
+
 STAGE_HELP = {
     "topk": "keep the largest |x| share (topk_fraction) of each tensor; positions varint-coded",
     "fp16 / bf16": "cast values to 16 bits",
@@ -188,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help="TLS, but let any SuperNode join (no key registration)")  # fmt: skip
     link.add_argument("--database", help="SQLite file for the SuperLink's state (default: memory)")
     link.set_defaults(func=_cmd_deploy_superlink)
+    node = dsub.add_parser("supernode", help="start a SuperNode serving one partition")
+    node.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    node.add_argument("--partition-id", type=int, required=True, metavar="I")
+    node.add_argument("--num-partitions", type=int, required=True, metavar="N")
+    node.add_argument("--certs", metavar="DIR", help="folder with the federation's ca.crt")
+    node.add_argument("--key", metavar="FILE", help="this node's key (`fedpeft deploy node-key`)")
+    node.add_argument("--insecure", action="store_true", help="plain-text SuperLink")
+    node.add_argument("--port", type=int, default=9094,
+                      help="this node's own API port (distinct per node on one host)")  # fmt: skip
+    node.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the scenario's)")
+    node.add_argument("--rank", type=int, help="this node's LoRA rank (heterogeneous ranks)")
+    node.add_argument("--state-dir", help="where this node keeps per-client state across rounds")
+    node.set_defaults(func=_cmd_deploy_supernode)
     lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
     lst.add_argument("--keys", action="store_true", help="list every scenario key instead")
     lst.set_defaults(func=_cmd_list)

@@ -199,3 +199,64 @@ def superlink_command(opts: SuperLinkOptions) -> list[str]:
     if opts.database is not None:
         cmd += ["--database", str(opts.database)]
     return cmd
+
+
+@dataclass
+class SuperNodeOptions:
+    """What ``fedpeft deploy supernode`` starts."""
+
+    superlink: str  # HOST:PORT of the SuperLink
+    partition_id: int
+    num_partitions: int
+    certs: Path | None = None  # a folder holding ca.crt (or the ca.crt file itself)
+    key: Path | None = None  # this node's private key, from `fedpeft deploy node-key`
+    insecure: bool = False
+    port: int = 9094  # this node's own Runtime API (distinct per node on one host)
+    device: str | None = None  # cuda:0, cpu, mps; default: the scenario's model.device
+    rank: int | None = None  # this node's LoRA rank, for heterogeneous-rank strategies
+    state_dir: Path | None = None  # per-client state (personal factors, codec residuals)
+
+
+def node_config(opts: SuperNodeOptions) -> str:
+    """Flower's ``--node-config`` string: space-separated ``key=TOML value`` pairs."""
+    if not 0 <= opts.partition_id < opts.num_partitions:
+        raise DeployError(
+            f"--partition-id {opts.partition_id} must be in 0..{opts.num_partitions - 1} "
+            f"(--num-partitions {opts.num_partitions})"
+        )
+    pairs = [f"partition-id={opts.partition_id}", f"num-partitions={opts.num_partitions}"]
+    if opts.rank is not None:
+        if opts.rank < 1:
+            raise DeployError(f"--rank must be a positive integer, got {opts.rank}")
+        pairs.append(f"rank={opts.rank}")
+    if opts.device is not None:
+        if opts.device.split(":")[0] not in {"cpu", "cuda", "mps"}:
+            raise DeployError(f"--device {opts.device!r}: expected cpu, cuda, cuda:N or mps")
+        pairs.append(f'device="{opts.device}"')
+    if opts.state_dir is not None:
+        pairs.append(f'state-dir="{opts.state_dir.resolve()}"')
+    return " ".join(pairs)
+
+
+def supernode_command(opts: SuperNodeOptions) -> list[str]:
+    """The ``flower-supernode`` command line: TLS and a node key unless ``insecure``."""
+    cmd = [flower_bin("flower-supernode"), "--superlink", opts.superlink,
+           "--port", str(opts.port), "--node-config", node_config(opts)]  # fmt: skip
+    if opts.insecure:
+        if opts.certs is not None or opts.key is not None:
+            raise DeployError("--insecure takes no --certs or --key (plain text has no TLS)")
+        return [*cmd, "--insecure"]
+    if opts.certs is None:
+        raise DeployError(
+            "the SuperNode needs the federation's CA: pass --certs DIR (or the ca.crt file), "
+            "or --insecure for a plain-text SuperLink"
+        )
+    ca = opts.certs / CA_CERT if opts.certs.is_dir() else opts.certs
+    if not ca.is_file():
+        raise DeployError(f"no CA certificate at {ca}")
+    cmd += ["--root-certificates", str(ca.resolve())]
+    if opts.key is not None:
+        if not opts.key.is_file():
+            raise DeployError(f"no node key at {opts.key}; make one with `fedpeft deploy node-key`")
+        cmd += ["--auth-supernode-private-key", str(opts.key.resolve())]
+    return cmd

@@ -33,6 +33,7 @@ NODE_PARTITION_ID = "partition-id"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_RANK = "rank"  # a node's own LoRA rank, for heterogeneous-rank strategies
 NODE_STATE_DIR = "state-dir"  # where a real node keeps its per-client state
+NODE_DEVICE = "device"  # a real node's own torch device (cpu, cuda:N, mps)
 
 # Run-config keys (pyproject's [tool.flwr.app.config])
 RUN_SCENARIO = "scenario"

@@ -7,6 +7,7 @@ node joins and an unregistered one is refused; it stops every process it started
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -27,11 +29,13 @@ from fedpeft.deploy import (
     SERVER_KEY,
     DeployError,
     SuperLinkOptions,
+    SuperNodeOptions,
     deploy_env,
     flower_bin,
     make_certs,
     make_node_key,
     superlink_command,
+    supernode_command,
 )
 
 
@@ -80,6 +84,29 @@ def test_superlink_command_is_tls_and_auth_by_default(tmp_path) -> None:
         superlink_command(SuperLinkOptions(certs=tmp_path / "empty"))
 
 
+def test_supernode_command_carries_the_node_config_and_refuses_what_cannot_work(tmp_path):
+    make_certs(tmp_path, ["localhost"])
+    key, _ = make_node_key(tmp_path / "node0")
+    opts = SuperNodeOptions("10.0.0.1:8000", 1, 3, certs=tmp_path, key=key, device="cuda:0",
+                            rank=4, state_dir=tmp_path / "state")  # fmt: skip
+    cmd = supernode_command(opts)
+    config = cmd[cmd.index("--node-config") + 1]
+    assert config == (f'partition-id=1 num-partitions=3 rank=4 device="cuda:0" '
+                      f'state-dir="{(tmp_path / "state").resolve()}"')  # fmt: skip
+    parsed = tomllib.loads("\n".join(config.split(" ")))  # Flower reads each value as TOML
+    assert parsed["partition-id"] == 1 and parsed["device"] == "cuda:0"
+    assert cmd[cmd.index("--root-certificates") + 1] == str((tmp_path / CA_CERT).resolve())
+    assert "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
+    for bad, match in [
+        (dataclasses.replace(opts, partition_id=3), "must be in 0..2"),
+        (dataclasses.replace(opts, certs=None), "needs the federation's CA"),
+        (dataclasses.replace(opts, insecure=True), "takes no --certs"),
+        (dataclasses.replace(opts, device="tpu"), "expected cpu"),
+    ]:
+        with pytest.raises(DeployError, match=match):
+            supernode_command(bad)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -121,10 +148,9 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
         return proc
 
     def supernode(key: Path, node_port: int) -> list[str]:
-        return [flower_bin("flower-supernode"), "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", str(certs / CA_CERT), "--auth-supernode-private-key",
-                str(key), "--port", str(node_port),
-                "--node-config", "partition-id=0 num-partitions=1"]  # fmt: skip
+        return [sys.executable, "-m", "fedpeft.cli", "deploy", "supernode", "--superlink",
+                f"127.0.0.1:{port}", "--partition-id", "0", "--num-partitions", "1",
+                "--certs", str(certs), "--key", str(key), "--port", str(node_port)]  # fmt: skip
 
     try:
         link_log = tmp_path / "superlink.log"
