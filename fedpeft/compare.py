@@ -392,25 +392,32 @@ def plot_rows(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Pat
 
     plots = out_dir / PLOTS_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    fig_r, ax_r = plt.subplots(figsize=(6, 4))
-    fig_m, ax_m = plt.subplots(figsize=(6, 4))
-    fig_u, ax_u = plt.subplots(figsize=(6, 4))
+    fig_r, ax_r = plt.subplots(figsize=(9, 4))
+    fig_m, ax_m = plt.subplots(figsize=(9, 4))
+    fig_u, ax_u = plt.subplots(figsize=(9, 4))
+    strategies = {c.strategy for c in cells}
     for members in _groups(cells).values():
         rounds, acc, mb, up = _mean_curve([c for c in members if c.ok])
         if rounds:
-            ax_r.plot(rounds, acc, marker="o", label=members[0].label)
-            ax_m.plot(mb, acc, marker="o", label=members[0].label)
-            ax_u.plot(up, acc, marker="o", label=members[0].label)
+            label = members[0].label
+            if len(strategies) == 1:  # one strategy: the vary values tell the rows apart
+                label = label.removeprefix(members[0].strategy).strip() or label
+            ax_r.plot(rounds, acc, marker="o", label=label)
+            ax_m.plot(mb, acc, marker="o", label=label)
+            ax_u.plot(up, acc, marker="o", label=label)
     written = [_plot_accuracy_vs_bytes(cells, plots, title)]
     for fig, ax, xlabel, name in (
         (fig_r, ax_r, "round", "accuracy_vs_round.png"),
-        (fig_m, ax_m, "cumulative MB (up + down, all clients)", "accuracy_vs_megabytes.png"),
-        (fig_u, ax_u, "cumulative uplink MB (all clients)", "accuracy_vs_uplink_megabytes.png"),
-    ):
+        (fig_m, ax_m, "cumulative MB (up + down, all clients; log)", "accuracy_vs_megabytes.png"),
+        (fig_u, ax_u, "cumulative uplink MB (all clients; log)",
+         "accuracy_vs_uplink_megabytes.png"),
+    ):  # fmt: skip
         ax.set(xlabel=xlabel, ylabel="eval_accuracy (mean over seeds)", title=title)
+        if "MB" in xlabel:  # traffic differs by orders of magnitude between rows
+            ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize="small")
+        if ax.get_legend_handles_labels()[0]:  # beside the axes, never over the curves
+            ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         written.append(plots / name)
         fig.savefig(written[-1], dpi=100)
