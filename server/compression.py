@@ -158,9 +158,8 @@ class CodecGrid(Grid):
             text = str(exc) if isinstance(exc, CodecError) else f"{type(exc).__name__}: {exc}"
             reason = f"undecodable compressed update: {text}"
             logger.warning("node %s: %s", reply.metadata.src_node_id, reason)
-            tally = self._grid.current
-            tally.clients_failed += 1
-            tally.failures.append(f"node {reply.metadata.src_node_id}: {reason}")
+            self._grid.reject(reply, reason)
+            self.plain_up += payload_nbytes(content)  # unknown uncoded size: count it as is
             self.copies.delete(self._node_key(reply.metadata.src_node_id))
             return Message(Error(code=0, reason=reason), reply_to=sent)
         del content.array_records[records.COMPRESSED]

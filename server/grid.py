@@ -115,6 +115,26 @@ class CountingGrid(Grid):
             tally.clients_failed += len(messages) - ok
         return replies
 
+    def reject(self, reply: Message, reason: str) -> None:
+        """Count a reply that arrived (its bytes stay counted) but will not be aggregated.
+
+        Its loss and metrics leave this round's tally, and it counts as a failed client.
+        """
+        tally = self.current
+        tally.clients_failed += 1
+        tally.failures.append(f"node {reply.metadata.src_node_id}: {reason}")
+        metrics = reply.content.metric_records.get(records.METRICS)
+        if metrics is None:
+            return
+        mine = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        if mine in tally.clients:
+            tally.clients.remove(mine)
+        if records.TRAIN_LOSS in metrics:
+            entry = (float(str(metrics[records.TRAIN_LOSS])),
+                     float(str(metrics.get(records.NUM_EXAMPLES, 1))))  # fmt: skip
+            if entry in tally.losses:
+                tally.losses.remove(entry)
+
     # --- delegated ---------------------------------------------------------------------
     def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
         return self._grid.set_run(run)

@@ -210,6 +210,9 @@ def test_an_undecodable_update_is_rejected_and_the_run_goes_on(tmp_path) -> None
     assert summary["rounds_completed"] == 2
     assert all(r["clients_failed"] == r["clients_sampled"] for r in rows)
     assert all("undecodable compressed update" in f for r in rows for f in r["failures"])
+    # nothing of a rejected update is reported as if it had been aggregated
+    assert all(r["train_loss"] is None and r["client_metrics"] == [] for r in rows)
+    assert all(r["bytes_up"] > 0 and r["bytes_up_uncompressed"] == r["bytes_up"] for r in rows)
 
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
