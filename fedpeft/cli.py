@@ -118,7 +118,7 @@ def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
 
 
 STAGE_HELP = {
-    "topk": "keep the largest |x| share (topk_fraction) of each tensor; positions varint-coded",
+    "topk": "keep the largest |x| share (topk_fraction) of the update; positions varint-coded",
     "fp16 / bf16": "cast values to 16 bits",
     "int8 / int4": "symmetric quantisation, a scale per tensor or row; stochastic_rounding",
 }
