@@ -326,22 +326,14 @@ class CompressionConfig:
     )
 
     def __post_init__(self) -> None:
-        from fedpeft.codecs.compression import CodecError, Pipeline, check_stages
+        from fedpeft.codecs.compression import CodecError, check_stages
 
         for direction in ("uplink", "downlink"):
             try:
                 check_stages(getattr(self, direction), f"compression.{direction}")
-                Pipeline(
-                    tuple(getattr(self, direction)),
-                    self.topk_fraction,
-                    self.quant_granularity,
-                    self.stochastic_rounding and self.quantises(direction),
-                    self.topk_scope,
-                )
+                self.pipeline(direction)  # checks topk_fraction and the other settings
             except CodecError as exc:
                 raise ScenarioError(str(exc)) from None
-        _need(0 < self.topk_fraction <= 1, "compression.topk_fraction", "a number in (0, 1]",
-              self.topk_fraction)  # fmt: skip
         if self.stochastic_rounding and not (
             self.quantises("uplink") or self.quantises("downlink")
         ):

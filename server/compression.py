@@ -21,7 +21,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flwr.app import Error, Message, RecordDict
-from flwr.serverapp import Grid
 
 from fedpeft import records
 from fedpeft.adapters import AdapterState
@@ -43,18 +42,19 @@ from fedpeft.codecs.compression import (
 )
 from fedpeft.config import CompressionConfig
 from fedpeft.state import ClientStateStore
-from server.grid import CountingGrid
+from server.grid import CountingGrid, DelegatingGrid
 
 logger = logging.getLogger(__name__)
 
 
-class CodecGrid(Grid):
+class CodecGrid(DelegatingGrid):
     """Codes adapter payloads on top of a :class:`CountingGrid` (see the module docstring)."""
 
     def __init__(
         self, grid: CountingGrid, compression: CompressionConfig, state_dir: Path, seed: int
     ) -> None:
-        self._grid = grid
+        super().__init__(grid)
+        self._grid: CountingGrid = grid
         self.compression = compression
         self.down: Pipeline = compression.pipeline("downlink")
         self.seed = seed
@@ -166,23 +166,3 @@ class CodecGrid(Grid):
         content[records.ARRAYS] = state_to_arrayrecord(state)
         self.plain_up += payload_nbytes(content)
         return reply
-
-    # --- delegated ---------------------------------------------------------------------
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self._grid.pull_messages(message_ids)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType
+from flwr.app import Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 
 from fedpeft import records
@@ -53,7 +53,49 @@ def _short(reason: str | None, limit: int = 300) -> str:
     return text[:limit]
 
 
-class CountingGrid(Grid):
+def _tally_entries(
+    metrics: MetricRecord,
+) -> tuple[dict[str, float], tuple[float, float] | None]:
+    """A training reply's numeric metrics, and its (loss, weight) when it reports a loss."""
+    numbers = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    if records.TRAIN_LOSS not in metrics:
+        return numbers, None
+    return numbers, (float(str(metrics[records.TRAIN_LOSS])),
+                     float(str(metrics.get(records.NUM_EXAMPLES, 1))))  # fmt: skip
+
+
+class DelegatingGrid(Grid):
+    """A Grid that hands every call to the Grid it wraps; subclasses override what they add."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.set_run(run)
+
+    @property
+    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.run
+
+    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102
+        return self._grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(  # noqa: D102
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class CountingGrid(DelegatingGrid):
     """Delegates to a real Grid and records the serialized size of every message content.
 
     Each instruction's content is counted once per destination node (every node receives
@@ -61,7 +103,7 @@ class CountingGrid(Grid):
     """
 
     def __init__(self, grid: Grid) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.current = RoundTraffic()
         #: node id -> partition id, once known; node ids are random per run, so nodes are
         #: listed in partition order to make seeded client sampling reproducible
@@ -101,15 +143,10 @@ class CountingGrid(Grid):
                          float(str(m.get(records.NUM_EXAMPLES, 1))))
                     )  # fmt: skip
             if is_train and records.METRICS in reply.content.metric_records:
-                m = reply.content.metric_records[records.METRICS]
-                tally.clients.append({k: v for k, v in m.items() if isinstance(v, int | float)})
-                if records.TRAIN_LOSS in m:
-                    tally.losses.append(
-                        (
-                            float(str(m[records.TRAIN_LOSS])),
-                            float(str(m.get(records.NUM_EXAMPLES, 1))),
-                        )
-                    )
+                numbers, loss = _tally_entries(reply.content.metric_records[records.METRICS])
+                tally.clients.append(numbers)
+                if loss is not None:
+                    tally.losses.append(loss)
         if is_train:
             tally.clients_sampled += len(messages)
             tally.clients_failed += len(messages) - ok
@@ -126,33 +163,13 @@ class CountingGrid(Grid):
         metrics = reply.content.metric_records.get(records.METRICS)
         if metrics is None:
             return
-        mine = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
-        if mine in tally.clients:
-            tally.clients.remove(mine)
-        if records.TRAIN_LOSS in metrics:
-            entry = (float(str(metrics[records.TRAIN_LOSS])),
-                     float(str(metrics.get(records.NUM_EXAMPLES, 1))))  # fmt: skip
-            if entry in tally.losses:
-                tally.losses.remove(entry)
-
-    # --- delegated ---------------------------------------------------------------------
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
-        return self._grid.create_message(*args, **kwargs)
+        numbers, loss = _tally_entries(metrics)
+        if numbers in tally.clients:
+            tally.clients.remove(numbers)
+        if loss is not None and loss in tally.losses:
+            tally.losses.remove(loss)
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected nodes, in partition order where partitions are known."""
         ids = list(self._grid.get_node_ids())
         return sorted(ids, key=lambda n: (self.partitions.get(n, len(self.partitions)), n))
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
-        return self._grid.pull_messages(message_ids)
