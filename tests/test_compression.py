@@ -151,16 +151,9 @@ def test_per_tensor_quantisation_error_is_at_most_half_a_step(stage):
     for key, x in tensors.items():
         got = decoded[key]
         assert got.shape == x.shape and got.dtype == x.dtype
-        x64, got64 = x.double().numpy(), got.double().numpy()
-        step = np.abs(x64).max() / levels
-        if step == 0:
-            assert np.array_equal(got64, np.zeros_like(x64))
-            continue
-        assert np.abs(got64 - x64).max() <= step / 2 * (1 + 1e-5)
-        # every decoded value is a grid point k * step with |k| <= levels
-        k = got64 / step
-        assert np.allclose(k, np.round(k), atol=1e-4)
-        assert np.abs(np.round(k)).max() == levels  # the largest entry hits the top level
+        k = _on_the_grid(x.double().numpy(), got.double().numpy(), levels)
+        if k is not None:
+            assert np.abs(np.round(k)).max() == levels  # the largest entry hits the top level
     # one float32 scale per tensor; codes: 1 byte each (int8) or a nibble each (int4)
     header, sections = _wire(blob)
     assert header["stages"] == [stage] and header["granularity"] == "tensor"
@@ -170,6 +163,22 @@ def test_per_tensor_quantisation_error_is_at_most_half_a_step(stage):
     expected_scales = [np.abs(x.numpy()).max() / np.float32(levels) for x in tensors.values()]
     expected_scales = [s if s > 0 else 1.0 for s in expected_scales]  # all-zero: any scale
     assert np.allclose(sections["scales"], expected_scales, rtol=1e-6)
+
+
+def _on_the_grid(x: np.ndarray, got: np.ndarray, levels: int) -> np.ndarray | None:
+    """Check a decoded block against its step ``max|x| / levels``; return its grid indices.
+
+    All zero decodes to all zero. Otherwise every entry is within half a step, and every
+    decoded value is a grid point ``k * step``.
+    """
+    step = np.abs(x).max() / levels
+    if step == 0:
+        assert np.array_equal(got, np.zeros_like(x))
+        return None
+    assert np.abs(got - x).max() <= step / 2 * (1 + 1e-5)
+    k = got / step
+    assert np.allclose(k, np.round(k), atol=1e-4)
+    return k
 
 
 @pytest.mark.parametrize("stage", ["int8", "int4"])
@@ -184,13 +193,7 @@ def test_per_row_quantisation_error_is_at_most_half_a_row_step(stage):
         x_rows = _as_rows(x.double().numpy())
         got_rows = _as_rows(decoded[key].double().numpy())
         for x_row, got_row in zip(x_rows, got_rows, strict=True):
-            step = np.abs(x_row).max() / levels
-            if step == 0:
-                assert np.array_equal(got_row, np.zeros_like(x_row))
-                continue
-            assert np.abs(got_row - x_row).max() <= step / 2 * (1 + 1e-5)
-            k = got_row / step
-            assert np.allclose(k, np.round(k), atol=1e-4)
+            _on_the_grid(x_row, got_row, levels)
     # row 0 of "a" is decoded far finer than a per-tensor step would allow
     tensor_step = a.abs().max().item() / levels
     row0_error = (decoded["a"][0] - a[0]).abs().max().item()
