@@ -26,11 +26,9 @@ from fedpeft.codecs import arrayrecord_to_state, blob_of, coded_record, state_to
 from fedpeft.codecs.compression import (
     UPLINK,
     CodecError,
-    Pipeline,
-    apply_changes,
+    decode_update,
     encode_update,
     seeded_generator,
-    state_digest,
 )
 from fedpeft.config import Scenario
 from fedpeft.state import ClientStateStore
@@ -72,7 +70,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
     held, residual = _split(saved, HELD), _split(saved, RESIDUAL)
 
     if coded_in:
-        received = _decode_downlink(blob_of(content.array_records[records.COMPRESSED]), held)
+        received, _ = decode_update(blob_of(content.array_records[records.COMPRESSED]), held)
         del content.array_records[records.COMPRESSED]
         content[records.ARRAYS] = state_to_arrayrecord(received)
         if comp.downlink_delta:
@@ -107,15 +105,3 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
             },
         )
     return reply
-
-
-def _decode_downlink(blob: object, held: AdapterState) -> AdapterState:
-    """The server's adapter, from its payload and (for a change) this node's copy."""
-    changes, meta = Pipeline.decode(blob)  # type: ignore[arg-type]
-    wanted = meta.get("reference")
-    if wanted is not None and (not held or state_digest(held) != wanted):
-        raise CodecError(
-            "the server sent a change from an adapter copy this node does not hold "
-            f"(reference {wanted}); it sends the whole adapter next time"
-        )
-    return apply_changes(changes, meta.get("kinds", {}), held)

@@ -376,8 +376,18 @@ def encode_update(
 def decode_update(
     blob: np.ndarray | bytes, reference: Mapping[str, torch.Tensor] | None = None
 ) -> tuple[AdapterState, dict[str, Any]]:
-    """Rebuild the sender's tensors from a payload and the shared ``reference``."""
+    """Rebuild the sender's tensors from a payload and the shared ``reference``.
+
+    A payload that names its reference by hash (a downlink delta) is refused unless this
+    side's reference has that hash.
+    """
     changes, meta = Pipeline.decode(blob)
+    wanted = meta.get("reference") if isinstance(meta, dict) else None
+    if wanted is not None and (not reference or state_digest(reference) != wanted):
+        raise CodecError(
+            "the payload is a change from an adapter copy this side does not hold "
+            f"(reference {wanted}); the sender sends the whole adapter next time"
+        )
     kinds = meta.get("kinds", {}) if isinstance(meta, dict) else None
     if not isinstance(kinds, dict) or not set(kinds.values()) <= {"abs", "sub", "xor"}:
         raise CodecError("malformed compressed payload (its 'kinds' are not abs/sub/xor per key)")
