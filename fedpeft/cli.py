@@ -117,6 +117,73 @@ def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
     os.execve(cmd[0], cmd, deploy_env())  # the SuperNode takes this process (and its PID)
 
 
+def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None):  # type: ignore[no-untyped-def]
+    """The scenario to deploy, checked here before any process starts."""
+    from fedpeft.methods import check_methods
+    from strategies import build_strategy
+
+    scenario = load_scenario(args.scenario, [*args.set, *(extra or [])])
+    check_methods(scenario.peft, scenario.model.task)
+    build_strategy(scenario)
+    return scenario
+
+
+def _cmd_deploy_local(args: argparse.Namespace) -> int:
+    from fedpeft.local_federation import deploy_local
+    from server.run import default_out_dir
+
+    if args.nodes < 1:
+        raise DeployError(f"--nodes must be at least 1, got {args.nodes}")
+    sizes = [f"data.num_clients={args.nodes}"]
+    scenario = _deploy_scenario(args, sizes)
+    if scenario.federation.clients_per_round > args.nodes:  # every node trains each round
+        sizes.append(f"federation.clients_per_round={args.nodes}")
+        scenario = _deploy_scenario(args, sizes)
+    out_dir = Path(args.out) if args.out else default_out_dir(scenario)
+    summary = deploy_local(scenario, args.nodes, out_dir, strangers=args.unregistered)
+    final = summary["final"].get("eval_accuracy", float("nan"))
+    print(f"fedpeft deploy: done: {summary['rounds_completed']} rounds on {args.nodes} "
+          f"SuperNodes, eval_accuracy {final:.4f}; outputs in {out_dir}; every process "
+          "it started is stopped")  # fmt: skip
+    return 0
+
+
+def _cmd_deploy_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from fedpeft.deploy import (
+        CA_CERT,
+        check_superlink_address,
+        deploy_env,
+        flwr_run_command,
+        write_app,
+        write_connection,
+        write_run_config,
+    )
+
+    address = check_superlink_address(args.superlink)
+    if bool(args.certs) == bool(args.insecure):
+        raise DeployError("pass --certs DIR (the federation's ca.crt) or --insecure, not both")
+    scenario = _deploy_scenario(args)
+    ca = None
+    if args.certs:
+        certs = Path(args.certs)
+        ca = certs / CA_CERT if certs.is_dir() else certs
+    secure = ca is not None and not args.no_node_auth
+    with tempfile.TemporaryDirectory(prefix="fedpeft-deploy-") as tmp:
+        work = Path(tmp)
+        home = work / "flwr-home"
+        connection = write_connection(home, address, ca)
+        app = write_app(work / "app")
+        config = write_run_config(work / "run-config.toml", scenario.to_json(),
+                                  args.out or "", secure=secure)  # fmt: skip
+        cmd = flwr_run_command(app, connection, config)
+        env = {**deploy_env(), "FLWR_HOME": str(home)}
+        import subprocess
+
+        return subprocess.call(cmd, env=env)
+
+
 STAGE_HELP = {
     "topk": "keep the largest |x| share (topk_fraction) of the update; positions varint-coded",
     "fp16 / bf16": "cast values to 16 bits",
@@ -218,6 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--rank", type=int, help="this node's LoRA rank (heterogeneous ranks)")
     node.add_argument("--state-dir", help="where this node keeps per-client state across rounds")
     node.set_defaults(func=_cmd_deploy_supernode)
+    drun = dsub.add_parser("run", help="submit a scenario to a SuperLink and stream its progress")
+    drun.add_argument("scenario", help="scenario TOML path or bundled name")
+    drun.add_argument("--superlink", required=True, metavar="HOST:PORT")
+    drun.add_argument("--certs", metavar="DIR", help="folder with the federation's ca.crt (TLS)")
+    drun.add_argument("--insecure", action="store_true", help="plain-text SuperLink")
+    drun.add_argument("--no-node-auth", action="store_true",
+                      help="the SuperLink lets any node join (secure=false)")  # fmt: skip
+    drun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a scenario key; VALUE is a TOML value")  # fmt: skip
+    drun.add_argument("--out", help="output folder ON THE SUPERLINK'S MACHINE (absolute; "
+                      "default: runs/<scenario>-<timestamp>/ in its folder)")  # fmt: skip
+    drun.set_defaults(func=_cmd_deploy_run)
+    dloc = dsub.add_parser("local", help="a whole TLS + node-auth federation on 127.0.0.1")
+    dloc.add_argument("scenario", nargs="?", default="smoke",
+                      help="scenario TOML path or bundled name (default: smoke)")  # fmt: skip
+    dloc.add_argument("--nodes", type=int, default=2, help="SuperNodes (= data.num_clients)")
+    dloc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a scenario key; VALUE is a TOML value")  # fmt: skip
+    dloc.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
+    dloc.add_argument("--unregistered", type=int, default=0, metavar="K",
+                      help="also start K nodes with unregistered keys (refused)")  # fmt: skip
+    dloc.set_defaults(func=_cmd_deploy_local)
     lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
     lst.add_argument("--keys", action="store_true", help="list every scenario key instead")
     lst.set_defaults(func=_cmd_list)

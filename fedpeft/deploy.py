@@ -149,8 +149,11 @@ def deploy_env() -> dict[str, str]:
     This Python's folder goes first on PATH: the SuperLink and SuperNodes start
     ``flower-superexec`` and ``flwr-clientapp`` by name, from the same environment.
     """
+    from server.simulation import QUIET_ENV
+
     bin_dir = str(Path(sys.executable).parent)
     return {
+        **QUIET_ENV,
         **os.environ,
         "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
@@ -260,3 +263,98 @@ def supernode_command(opts: SuperNodeOptions) -> list[str]:
             raise DeployError(f"no node key at {opts.key}; make one with `fedpeft deploy node-key`")
         cmd += ["--auth-supernode-private-key", str(opts.key.resolve())]
     return cmd
+
+
+# --- submitting a run: `flwr run APP CONNECTION --stream` -------------------------------------
+
+#: run-config keys of the fedpeft Flower app, with their defaults. The repository's
+#: pyproject.toml declares the same keys (a test checks); Flower refuses any key a run
+#: passes that the app does not declare.
+APP_CONFIG: dict[str, str | bool] = {
+    "scenario": "quickstart",  # a bundled scenario name or a scenario TOML path
+    "out-dir": "",  # output folder on the SuperLink's machine; empty: runs/<name>-<time>/
+    "scenario-json": "",  # the resolved scenario (what `fedpeft run` and `deploy run` pass)
+    "engine": "",  # "deployment", "simulation"; empty: the ServerApp tells from its Grid
+    "secure": False,  # the caller's word that TLS and SuperNode authentication are on
+}
+CONNECTION = "fedpeft"  # the connection name fedpeft writes into its own FLWR_HOME
+
+
+def _toml_value(value: str | bool) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a JSON string is a valid TOML basic string
+
+
+def write_app(folder: Path) -> Path:
+    """Write the Flower app that ``flwr run`` packs (a FAB holding only this pyproject.toml).
+
+    Its components, ``server.app:app`` and ``clients.app:app``, are imported from the
+    fedpeft installed next to the SuperLink and every SuperNode, so the FAB carries no code
+    and the run uses exactly the fedpeft those machines have.
+    """
+    from fedpeft import __version__
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in APP_CONFIG.items())
+    (folder / "pyproject.toml").write_text(
+        "# Written by `fedpeft deploy`: the app code is the installed fedpeft package.\n"
+        '[build-system]\nrequires = ["setuptools>=68"]\nbuild-backend = "setuptools.build_meta"\n\n'
+        f'[project]\nname = "fedpeft-app"\nversion = "{__version__}"\n'
+        'description = "fedpeft ServerApp and ClientApp"\nlicense = "Apache-2.0"\n'
+        "dependencies = []\n\n"
+        '[tool.flwr.app]\npublisher = "fedpeft"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "server.app:app"\n'
+        'clientapp = "clients.app:app"\n\n'
+        f"[tool.flwr.app.config]\n{config}\n",
+        encoding="utf-8",
+    )
+    return folder
+
+
+def write_connection(home: Path, superlink: str, ca: Path | None) -> str:
+    """Write ``FLWR_HOME/config.toml`` with one connection to ``superlink``; return its name.
+
+    ``ca`` is the federation's CA certificate (TLS), or None for a plain-text SuperLink.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    if ca is not None and not ca.is_file():
+        raise DeployError(f"no CA certificate at {ca}")
+    trust = (
+        f"root-certificates = {_toml_value(str(ca.resolve()))}\n"  # Flower needs it absolute
+        if ca is not None
+        else "insecure = true\n"
+    )
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f"address = {_toml_value(superlink)}\n{trust}",
+        encoding="utf-8",
+    )
+    return CONNECTION
+
+
+def write_run_config(path: Path, scenario_json: str, out_dir: str, secure: bool) -> Path:
+    """The ``--run-config`` file of a deployed run: the resolved scenario and where to write."""
+    values: dict[str, str | bool] = {
+        "scenario-json": scenario_json, "out-dir": out_dir, "engine": "deployment",
+        "secure": secure,
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
+    return path
+
+
+def flwr_run_command(app: Path, connection: str, run_config: Path) -> list[str]:
+    """``flwr run APP CONNECTION --stream --run-config FILE``."""
+    return [flower_bin("flwr"), "run", str(app), connection, "--stream",
+            "--run-config", str(run_config)]  # fmt: skip
+
+
+def check_superlink_address(address: str) -> str:
+    """``HOST:PORT`` as Flower takes it (no scheme), or a one-line DeployError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or "://" in address:
+        raise DeployError(f"--superlink {address!r}: expected HOST:PORT, e.g. 10.0.0.5:8000")
+    return address

@@ -39,3 +39,5 @@ NODE_DEVICE = "device"  # a real node's own torch device (cpu, cuda:N, mps)
 RUN_SCENARIO = "scenario"
 RUN_SCENARIO_JSON = "scenario-json"
 RUN_OUT_DIR = "out-dir"
+RUN_ENGINE = "engine"  # "deployment" or "simulation"; empty: told from the Grid
+RUN_SECURE = "secure"  # the submitter's word that TLS and SuperNode authentication are on

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedpeft import records
 from fedpeft.config import Scenario, load_scenario
@@ -26,5 +28,12 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run-config's scenario."""
     scenario = scenario_from_run_config(dict(context.run_config))
     out = str(context.run_config.get(records.RUN_OUT_DIR, "") or "")
-    engine = str(context.run_config.get("engine", "simulation"))
-    run_federation(grid, scenario, Path(out) if out else default_out_dir(scenario), engine)
+    # `fedpeft deploy` says "deployment"; else Flower's in-memory Grid means simulation
+    engine = str(context.run_config.get(records.RUN_ENGINE, "") or "") or (
+        "simulation" if isinstance(grid, InMemoryGrid) else "deployment"
+    )
+    if engine == "deployment":  # fedpeft's own progress lines say what Flower's INFO logs do
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    secure = bool(context.run_config.get(records.RUN_SECURE, False))
+    out_dir = Path(out) if out else default_out_dir(scenario)
+    run_federation(grid, scenario, out_dir, engine, secure=secure)

@@ -138,6 +138,24 @@ def check_node_count(grid: Grid, scenario: Scenario) -> None:
         )
 
 
+def wait_for_nodes(grid: Grid, scenario: Scenario, poll_s: float = 1.0) -> None:
+    """Deployment: wait (5 minutes at most) for ``data.num_clients`` nodes to connect.
+
+    SuperNodes join when they start, so the first round could otherwise begin with only
+    some of them known. Past the deadline the run goes on with the nodes it has.
+    """
+    wanted = scenario.data.num_clients
+    deadline = time.monotonic() + min(scenario.federation.round_timeout, 300.0)
+    shown = -1
+    while (have := len(list(grid.get_node_ids()))) < wanted and time.monotonic() < deadline:
+        if have != shown:
+            console.print(f"waiting for SuperNodes: {have}/{wanted} connected")
+            shown = have
+        time.sleep(poll_s)
+    if have < wanted:
+        console.print(f"[yellow]going on with {have}/{wanted} SuperNodes[/]")
+
+
 def compression_summary(
     scenario: Scenario, rows: list[dict[str, Any]], full_model_bytes: int
 ) -> dict[str, Any]:
@@ -171,9 +189,17 @@ def seed_everything(seed: int) -> None:
 
 
 def run_federation(
-    grid: Grid, scenario: Scenario, out_dir: Path, engine: str = "simulation"
+    grid: Grid,
+    scenario: Scenario,
+    out_dir: Path,
+    engine: str = "simulation",
+    *,
+    secure: bool = False,
 ) -> dict[str, Any]:
-    """Run every round of ``scenario`` on ``grid`` and write the run's outputs to ``out_dir``."""
+    """Run every round of ``scenario`` on ``grid`` and write the run's outputs to ``out_dir``.
+
+    ``secure`` is recorded in summary.json: a deployment with TLS and node authentication.
+    """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -200,6 +226,8 @@ def run_federation(
     strategy = build_strategy(scenario)
     if engine == "simulation":
         check_node_count(grid, scenario)
+    elif engine == "deployment":
+        wait_for_nodes(grid, scenario)
     counting = CountingGrid(grid)
     discover_nodes(counting, scenario, strategy)
     copies = out_dir / "server_state" / "copies"  # what each node holds (downlink deltas)
@@ -280,6 +308,7 @@ def run_federation(
     summary = {
         "scenario": scenario.to_dict(),
         "engine": engine,
+        "secure": secure,
         "methods": [
             {"name": name, "family": get_method(name).family} for name in scenario.peft.methods
         ],

@@ -8,22 +8,27 @@ node joins and an unregistered one is refused; it stops every process it started
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, lingering, run_fedpeft
 
 from fedpeft.cli import main
 from fedpeft.deploy import (
+    APP_CONFIG,
     CA_CERT,
     SERVER_CERT,
     SERVER_KEY,
@@ -36,6 +41,8 @@ from fedpeft.deploy import (
     make_node_key,
     superlink_command,
     supernode_command,
+    write_app,
+    write_run_config,
 )
 
 
@@ -183,3 +190,95 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
                     os.kill(proc.pid, signal.SIGKILL)
                     proc.wait()
     assert all(proc.poll() is not None for proc in started)
+
+
+def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
+    tmp_path,
+) -> None:
+    out = tmp_path / "out"
+    proc = run_fedpeft("deploy", "local", "smoke", "--nodes", "2", "--unregistered", "1",
+                       "--out", str(out), cwd=tmp_path, timeout=420)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the outputs of a simulation, from a deployment with TLS and node authentication
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        assert CONTRACT_ROW_KEYS <= set(row)
+        assert row["clients_sampled"] == 2 and row["clients_failed"] == 0
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert sorted(c["partition-id"] for c in row["client_metrics"]) == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["engine"] == "deployment" and summary["secure"] is True
+    assert summary["scenario"]["data"]["num_clients"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "plots" / "metrics_vs_round.png").read_bytes()[:4] == b"\x89PNG"
+    # the unregistered node was refused by the SuperLink, and the run went on without it
+    record = json.loads((out / "deploy" / "deployment.json").read_text())
+    assert [s["refused"] for s in record["strangers"]] == [True]
+    assert len({n["node_id"] for n in record["nodes"]}) == 2
+    stranger_log = Path(record["strangers"][0]["log"]).read_text()
+    assert "Failed to activate SuperNode" in stranger_log
+    # every process it started was stopped (run_fedpeft also checks none is left)
+    assert all(not psutil.pid_exists(p["pid"]) or _is_zombie(p["pid"]) for p in record["stopped"])
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_an_interrupted_deploy_local_stops_every_process_it_started(tmp_path) -> None:
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", "deploy", "local", "smoke", "--nodes", "2",
+         "--set", "federation.rounds=50", "--out", str(tmp_path / "out")],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "FEDPEFT_TEST_RUN": marker},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("round 1/"):  # the federation is up and training
+                break
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    leftovers = lingering(marker)
+    for pid in leftovers:  # started by this run, so ours to stop; the test still fails
+        psutil.Process(pid).kill()
+    assert code == 130
+    assert not leftovers, f"processes left behind: {sorted(leftovers)}"
+    assert (tmp_path / "out" / "deploy" / "deployment.json").is_file()
+
+
+def test_the_deployed_app_declares_the_run_config_keys_of_the_repository_app(tmp_path) -> None:
+    """`flwr run` refuses run-config keys the FAB's pyproject does not declare."""
+    repo = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    app = tomllib.loads((write_app(tmp_path / "app") / "pyproject.toml").read_text())
+    assert app["tool"]["flwr"]["app"]["config"] == repo["tool"]["flwr"]["app"]["config"]
+    assert app["tool"]["flwr"]["app"]["components"] == repo["tool"]["flwr"]["app"]["components"]
+    config = tomllib.loads(
+        write_run_config(tmp_path / "rc.toml", '{"a": "b \\" c"}', "/x", secure=True).read_text()
+    )
+    assert set(config) <= set(APP_CONFIG) and config["scenario-json"] == '{"a": "b \\" c"}'
+    assert config["engine"] == "deployment" and config["secure"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--superlink", "https://h:8000", "--insecure"], "expected HOST:PORT"),
+        (["--superlink", "h:8000"], "--certs DIR"),
+        (["--superlink", "h:8000", "--insecure", "--certs", "c"], "not both"),
+        (["--superlink", "h:8000", "--insecure", "--set", "strategy.name=nope"], "nope"),
+    ],
+)
+def test_deploy_run_refuses_bad_arguments_in_one_line(args, expected, capsys) -> None:
+    assert main(["deploy", "run", "smoke", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err

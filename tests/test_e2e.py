@@ -5,64 +5,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import psutil
 import pytest
+from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, lingering, run_fedpeft
 
 REPO = Path(__file__).resolve().parents[1]
-CONTRACT_ROW_KEYS = {
-    "round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "clients_sampled",
-    "clients_failed", "bytes_up", "bytes_down", "round_seconds",
-}  # fmt: skip
-SUMMARY_KEYS = {
-    "scenario", "final", "bytes_up_total", "bytes_down_total", "wall_seconds",
-    "trainable_params", "total_params", "full_model_bytes", "engine", "clients",
-}  # fmt: skip
-
-
-def _pids_marked(marker: str) -> set[int]:
-    """Processes whose environment carries ``marker``: exactly those a run started
-    (Ray's daemons and workers inherit the environment of the command that started them)."""
-    pids = set()
-    for p in psutil.process_iter(["pid"]):
-        try:
-            if p.environ().get("FEDPEFT_TEST_RUN") == marker:
-                pids.add(p.info["pid"])
-        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
-            continue
-    return pids
-
-
-def _lingering(marker: str, grace: float = 15.0) -> set[int]:
-    """Marked processes still alive after ``grace`` seconds (exiting ones get time to go)."""
-    deadline = time.monotonic() + grace
-    while (pids := _pids_marked(marker)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return pids
-
-
-def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run the console script in a fresh process; stop only the processes it left behind."""
-    marker = uuid.uuid4().hex
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
-    )
-    leftovers = _lingering(marker)
-    for pid in leftovers:  # started by this run, so ours to stop; the test still fails
-        try:
-            psutil.Process(pid).kill()
-        except psutil.NoSuchProcess:
-            pass
-    assert not leftovers, f"processes left behind by the run: {sorted(leftovers)}"
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +140,7 @@ def test_interrupted_run_stops_promptly_and_keeps_finished_rounds(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    leftovers = _lingering(marker)
+    leftovers = lingering(marker)
     for pid in leftovers:
         psutil.Process(pid).kill()
     assert code == 130

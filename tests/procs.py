@@ -1,0 +1,67 @@
+"""Run the ``fedpeft`` console script in a fresh process, and find what it left behind.
+
+Every process a run starts inherits its environment, so a marker variable set for one
+run identifies exactly the processes that run started (Ray's daemons, Flower's SuperLink,
+SuperNodes and app processes alike); tests stop only those.
+"""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+# what the output contract (../shared/DESIGN.md) promises in metrics.jsonl rows and summary.json
+CONTRACT_ROW_KEYS = {
+    "round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "clients_sampled",
+    "clients_failed", "bytes_up", "bytes_down", "round_seconds",
+}  # fmt: skip
+SUMMARY_KEYS = {
+    "scenario", "final", "bytes_up_total", "bytes_down_total", "wall_seconds",
+    "trainable_params", "total_params", "full_model_bytes", "engine", "clients",
+}  # fmt: skip
+
+
+def pids_marked(marker: str) -> set[int]:
+    """Processes whose environment carries ``marker``: exactly those a run started
+    (Ray's daemons and workers inherit the environment of the command that started them)."""
+    pids = set()
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get("FEDPEFT_TEST_RUN") == marker:
+                pids.add(p.info["pid"])
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return pids
+
+
+def lingering(marker: str, grace: float = 15.0) -> set[int]:
+    """Marked processes still alive after ``grace`` seconds (exiting ones get time to go)."""
+    deadline = time.monotonic() + grace
+    while (pids := pids_marked(marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return pids
+
+
+def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run the console script in a fresh process; stop only the processes it left behind."""
+    marker = uuid.uuid4().hex
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
+    )
+    leftovers = lingering(marker)
+    for pid in leftovers:  # started by this run, so ours to stop; the test still fails
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+    assert not leftovers, f"processes left behind by the run: {sorted(leftovers)}"
+    return proc
