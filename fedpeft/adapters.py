@@ -145,6 +145,14 @@ def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
     with torch.no_grad():
         for name, layer in layers.items():
             weight = layer.get_base_layer().weight  # type: ignore[operator]
+            if not weight.is_floating_point():  # 8-bit codes would silently take the sum
+                from fedpeft.config import ScenarioError
+
+                raise ScenarioError(
+                    f"this strategy changes the frozen base weights (FLoRA, FedEx-LoRA), which "
+                    f"model.quantization made {weight.dtype} in {name}: set "
+                    "model.quantization='none' or use another strategy"
+                )
             if not hasattr(layer, _PRISTINE):
                 setattr(layer, _PRISTINE, weight.detach().clone())
             pristine = getattr(layer, _PRISTINE)

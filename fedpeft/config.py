@@ -45,6 +45,12 @@ class ModelConfig:
         "seq-cls", "seq-cls (text classes), causal-lm (instruction tuning), image-cls"
     )
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
+    quantization: Literal["none", "4bit", "8bit"] = _f(
+        "none", "load pretrained base weights in 4-bit (QLoRA, nf4) or 8-bit: CUDA + bitsandbytes"
+    )
+    gradient_checkpointing: bool = _f(
+        False, "recompute the base model's activations in the backward pass: less memory, slower"
+    )
 
     def __post_init__(self) -> None:
         _need(bool(self.name), "model.name", "a model alias, hub id or path", self.name)
@@ -256,6 +262,9 @@ class TrainConfig:
     lr: float = _f(2e-3, "AdamW learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     max_grad_norm: float = _f(0.0, "clip gradients to this norm; 0 = no clipping")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "autocast of the forward pass: auto (bf16 on CUDA if supported), fp32, bf16, fp16"
+    )
     eval_batch_size: int = _f(64, "batch size for evaluation")
     eval_generate: int = _f(
         16, "causal-lm: exact-match of greedy generation on the first N held-out examples"

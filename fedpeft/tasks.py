@@ -73,10 +73,13 @@ class Task(abc.ABC):
         config.num_labels = num_labels
         return self.auto_model.from_config(config)  # type: ignore[no-any-return]
 
-    def model_from_pretrained(self, source: str, num_labels: int) -> PreTrainedModel:
-        """Pretrained weights from a hub id or local folder, with a fresh head if any."""
+    def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
+        """Pretrained weights from a hub id or local folder, with a fresh head if any.
+
+        ``kwargs`` go to ``from_pretrained`` (a quantized load's config and device map).
+        """
         return self.auto_model.from_pretrained(  # type: ignore[no-any-return]
-            source, num_labels=num_labels
+            source, num_labels=num_labels, **kwargs
         )
 
     def check_data(self, data: datasets.Dataset, cfg: DataConfig) -> None:
@@ -363,9 +366,11 @@ class CausalLanguageModeling(_TextTask):
         """A random decoder; ``num_labels`` does not apply (the vocabulary is the output)."""
         return AutoModelForCausalLM.from_config(config)  # type: ignore[no-any-return]
 
-    def model_from_pretrained(self, source: str, num_labels: int) -> PreTrainedModel:
+    def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
         """A pretrained decoder from a hub id or local folder."""
-        return AutoModelForCausalLM.from_pretrained(source)  # type: ignore[no-any-return]
+        return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
+            source, **kwargs
+        )
 
     def make_collate(self, processor: Any, max_length: int) -> Collate:
         """Prompt + response tokens, right-padded; labels are -100 outside the response."""
@@ -584,10 +589,10 @@ class ImageClassification(Task):
     auto_model = AutoModelForImageClassification
     columns = ("image", "label")
 
-    def model_from_pretrained(self, source: str, num_labels: int) -> PreTrainedModel:
+    def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
         """Pretrained weights; the head is replaced when its class count differs."""
         return AutoModelForImageClassification.from_pretrained(  # type: ignore[no-any-return]
-            source, num_labels=num_labels, ignore_mismatched_sizes=True
+            source, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs
         )
 
     def load_processor(self, name: str) -> ImagePrep:

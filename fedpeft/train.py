@@ -6,6 +6,9 @@ the model takes (``labels`` included), and the task scores a model (:mod:`fedpef
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +17,7 @@ import datasets
 import torch
 
 from fedpeft.adapters import trainable_parameters
-from fedpeft.config import Scenario
+from fedpeft.config import Scenario, ScenarioError
 from fedpeft.tasks import Collate, get_task
 
 
@@ -25,6 +28,8 @@ class TrainResult:
     train_loss: float  # mean loss over the local steps
     num_examples: int  # examples (rows) seen, steps x batch; FedAvg's weight
     steps: int
+    step_seconds: float  # mean wall time of one local step
+    peak_memory_mb: float  # see peak_memory_mb()
 
 
 def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict[str, list]]:
@@ -38,6 +43,61 @@ def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict
             idx = order[start : start + batch_size].tolist()
             yield data[idx]
         epoch += 1
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype ``train.precision`` runs the forward pass in on ``device``; None: fp32.
+
+    ``auto`` is bf16 only on CUDA devices that compute it natively; on mps and the CPU it
+    stays fp32. fp16 needs CUDA (where a gradient scaler guards against underflow).
+    """
+    from fedpeft.models import native_bf16
+
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and native_bf16() else None
+    if precision == "fp32":
+        return None
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ScenarioError(
+                f"train.precision='fp16' needs a CUDA device, but this node trains on "
+                f"'{device}': use 'bf16', 'fp32' or 'auto'"
+            )
+        return torch.float16
+    if precision == "bf16":
+        if device.type == "cuda" and not native_bf16():
+            raise ScenarioError(
+                "train.precision='bf16' needs a GPU with native bf16 (Ampere or newer), "
+                f"which '{device}' is not: use 'fp16' or 'auto'"
+            )
+        return torch.bfloat16
+    raise ScenarioError(
+        f"invalid value {precision!r} for 'train.precision': expected auto, fp32, bf16 or fp16"
+    )
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_mb` (CUDA keeps one; elsewhere a no-op)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA's allocated peak since :func:`reset_peak_memory`.
+
+    mps keeps no peak: this is what its driver holds now (its allocator caches, so it
+    rarely shrinks). On the CPU it is the process's peak resident set size.
+    """
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    if device.type == "mps":
+        return float(torch.mps.driver_allocated_memory()) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes / KiB
 
 
 def scenario_collate(scenario: Scenario, processor: Any | None = None) -> Collate:
@@ -63,6 +123,7 @@ def train_steps(
     proximal_mu: float = 0.0,
     regulariser: Callable[[], torch.Tensor] | None = None,
     device: torch.device | None = None,
+    precision: str = "auto",
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable (adapter) parameters of ``model``.
 
@@ -71,33 +132,63 @@ def train_steps(
     ``mu/2 * ||w - w_global||^2`` is added, where ``w_global`` are the trainable values at
     the start of the call. ``regulariser`` adds a strategy's own penalty (e.g. HetLoRA's
     rank self-pruning term) to every step.
+
+    ``precision`` (``train.precision``, see :func:`autocast_dtype`) sets the autocast of
+    the forward pass; the penalties, backward pass and optimizer step stay outside it.
     """
     device = device or next(model.parameters()).device
+    dtype = autocast_dtype(precision, device)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     torch.manual_seed(seed)  # dropout and friends: the same seed gives the same update
     params = trainable_parameters(model)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    reset_peak_memory(device)
     model.train()
     total_loss, seen = 0.0, 0
     stream = batches(data, batch_size, seed)
+    started = time.perf_counter()
     for _ in range(steps):
         rows = next(stream)
         batch = {k: v.to(device) for k, v in collate(rows).items()}
-        loss = model(**batch).loss
+        autocast = (
+            torch.autocast(device.type, dtype=dtype)
+            if dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            loss = model(**batch).loss
         total_loss += loss.item()
         if anchors:
             prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
             loss = loss + 0.5 * proximal_mu * prox
         if regulariser is not None:
             loss = loss + regulariser()
-        loss.backward()
-        if max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if max_grad_norm > 0:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(next(iter(rows.values())))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last step's kernels count in its time
+    elapsed = time.perf_counter() - started
     model.eval()
-    return TrainResult(train_loss=total_loss / steps, num_examples=seen, steps=steps)
+    return TrainResult(
+        train_loss=total_loss / steps,
+        num_examples=seen,
+        steps=steps,
+        step_seconds=elapsed / steps,
+        peak_memory_mb=peak_memory_mb(device),
+    )
 
 
 def evaluate(
