@@ -8,10 +8,13 @@ each, and per-client state (a personal B, a pruned rank) lives in a state store 
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
+import datasets
 import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -31,9 +34,14 @@ from fedpeft.adapters import (
 )
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
-from fedpeft.data import client_split, load_task_data
+from fedpeft.data import client_split, load_task_data, node_split
 from fedpeft.methods import before_round
-from fedpeft.models import cached_peft_model, initial_adapter_state, resolve_device
+from fedpeft.models import (
+    cached_peft_model,
+    device_label,
+    initial_adapter_state,
+    resolve_device,
+)
 from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, scenario_collate, train_steps
 from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
@@ -115,11 +123,11 @@ def _prepare(msg: Message, context: Context) -> Job:
     rank = int(str(context.node_config.get(records.NODE_RANK, scenario.rank_of(partition_id))))
     peft_cfg = scenario.peft_for_rank(rank, shared_scaling)
     num_labels = load_task_data(scenario.data).num_labels
-    model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed)
     # a real node may name its own device (flower-supernode --node-config 'device="cuda:0"')
     device = resolve_device(
         str(context.node_config.get(records.NODE_DEVICE, scenario.model.device))
     )
+    model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed, device)
     model.to(device)
     current = int(personal[RANK_KEY].item()) if RANK_KEY in personal else rank
     job = Job(scenario, config, partition_id, rank, min(current, rank), model, device, store)
@@ -146,6 +154,22 @@ def _prepare(msg: Message, context: Context) -> Job:
         state = _zero_tail(state, int(personal[RANK_KEY].item()))
     set_adapter_state(model, state)
     return job
+
+
+def local_data(job: Job, context: Context) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The client's (train, local held-out) data.
+
+    A real node may bring its own file (``fedpeft deploy supernode --data PATH``); else it
+    serves its partition of the scenario's data set. A node with a state folder keeps its
+    partition there, so its ClientApp (a fresh process per message) reads it back.
+    """
+    node = context.node_config
+    data = job.scenario.data
+    if (path := node.get(records.NODE_DATA_PATH)) is not None:
+        return node_split(data, str(path), load_task_data(data).label_names or None)
+    folder = node.get(records.NODE_STATE_DIR)
+    cache = Path(str(folder)) / "cache" if folder is not None else None
+    return client_split(data, job.scenario.seed, job.partition_id, cache_dir=cache)
 
 
 def _zero_tail(state: AdapterState, rank: int) -> AdapterState:
@@ -186,7 +210,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         set_trainable(job.model, job.factors(records.TRAIN_FACTORS) or None)
         end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
-        train_part, _ = client_split(scenario.data, scenario.seed, job.partition_id)
+        train_part, _ = local_data(job, context)
         t = scenario.train
         result = train_steps(
             job.model,
@@ -202,6 +226,7 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(str(config.get(records.PROXIMAL_MU, 0.0))),
             regulariser=_pruning_penalty(job),
             device=job.device,
+            precision=t.precision,
         )
     finally:  # the cached model serves the next message: leave it as it was
         if end_round is not None:
@@ -229,9 +254,20 @@ def train(msg: Message, context: Context) -> Message:
             records.CLIENT_RANK: sent_rank,
             records.TRAIN_SECONDS: time.perf_counter() - started,
             records.MODEL_LOADS: models.LOADS["base_model"],
+            records.STEP_SECONDS: result.step_seconds,
+            records.PEAK_MEMORY_MB: result.peak_memory_mb,
         }
     )
-    content = RecordDict({records.ARRAYS: state_to_arrayrecord(sent), records.METRICS: metrics})
+    node_info = ConfigRecord(
+        {records.INFO_DEVICE: device_label(job.device), records.INFO_HOST: socket.gethostname()}
+    )
+    content = RecordDict(
+        {
+            records.ARRAYS: state_to_arrayrecord(sent),
+            records.METRICS: metrics,
+            records.NODE_INFO: node_info,
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -268,7 +304,7 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
     """Evaluate this client's model (global part + its own part) on its local held-out part."""
     job = _prepare(msg, context)
     scenario = job.scenario
-    _, holdout = client_split(scenario.data, scenario.seed, job.partition_id)
+    _, holdout = local_data(job, context)
     result = evaluate(job.model, scenario, holdout, device=job.device)
     metrics = MetricRecord(
         {

@@ -5,6 +5,7 @@ CONFIG = "config"  # ConfigRecord sent with each instruction
 COMPRESSED = "compressed"  # ArrayRecord: a coded adapter payload in place of ARRAYS (codecs)
 BASE_DELTA = "base-delta"  # ArrayRecord: factored change of the frozen base (FLoRA, FedEx-LoRA)
 METRICS = "metrics"  # MetricRecord in each reply
+NODE_INFO = "node-info"  # ConfigRecord in each training reply: what the node trained on
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # set by Flower strategies
@@ -27,6 +28,12 @@ CLIENT_RANK = "rank"  # LoRA rank the client trained (and sent)
 PERSONAL_ACCURACY = "personal_accuracy"  # evaluation with the client's own local part
 PERSONAL_LOSS = "personal_loss"
 MODEL_LOADS = "model_loads"  # times this client process built its base model so far
+STEP_SECONDS = "step_seconds"  # mean wall time of one local training step
+PEAK_MEMORY_MB = "peak_memory_mb"  # peak device memory in training (CPU: process peak RSS)
+
+# NODE_INFO keys (strings, which a MetricRecord cannot hold)
+INFO_DEVICE = "device"  # the torch device trained on: cpu, mps, "cuda:0 (NVIDIA H200)"
+INFO_HOST = "host"  # the node's host name
 
 # Node-config keys (set by Flower's simulation engine, or by `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"
@@ -34,6 +41,7 @@ NODE_NUM_PARTITIONS = "num-partitions"
 NODE_RANK = "rank"  # a node's own LoRA rank, for heterogeneous-rank strategies
 NODE_STATE_DIR = "state-dir"  # where a real node keeps its per-client state
 NODE_DEVICE = "device"  # a real node's own torch device (cpu, cuda:N, mps)
+NODE_DATA_PATH = "data-path"  # a real node's own data file, in place of its partition
 
 # Run-config keys (pyproject's [tool.flwr.app.config])
 RUN_SCENARIO = "scenario"

@@ -119,3 +119,27 @@ def test_fit_rank_keeps_the_update_under_per_rank_scaling():
 def test_equal_client_ranks_are_not_heterogeneous():
     assert not load_scenario("smoke", ["peft.client_ranks=[16,16]"]).heterogeneous_ranks
     assert load_scenario("smoke", ["peft.client_ranks=[4,16]"]).heterogeneous_ranks
+
+
+def test_a_node_trains_on_its_own_file_or_its_cached_partition(tmp_path):
+    from clients.app import local_data
+    from fedpeft.data import client_split
+
+    job = _prepare(_message(_initial(), {}, tmp_path), _context(1))
+    names = load_task_data(SCENARIO.data).label_names
+    own = tmp_path / "own.jsonl"
+    own.write_text("".join(f'{{"text": "word {i}", "label": "{names[2]}"}}\n' for i in range(20)))
+    context = _context(1)
+    context.node_config[records.NODE_DATA_PATH] = str(own)
+    train, holdout = local_data(job, context)
+    assert len(train) + len(holdout) == 20 and set(train["label"]) == {2}
+    reply = client_train(_message(_initial(), {}, tmp_path), context)  # trains on it
+    assert not reply.has_error() and reply.content.metric_records[records.METRICS]["train_loss"]
+
+    context = _context(1)
+    context.node_config[records.NODE_STATE_DIR] = str(tmp_path / "node")
+    expected = client_split(SCENARIO.data, SCENARIO.seed, 1)
+    for _ in range(2):  # written on the first message, read back on the next
+        got = local_data(job, context)
+        assert [p["text"] for p in got] == [p["text"] for p in expected]
+    assert len(list((tmp_path / "node" / "cache").glob("partition-1-*"))) == 1

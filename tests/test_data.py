@@ -74,3 +74,48 @@ def test_local_csv_file(tmp_path):
     assert set(data.train.column_names) == {"text", "label"}
     with pytest.raises(ScenarioError, match="data.text_column='review'"):
         load_task_data(DataConfig(name=str(path), text_column="review", label_column="stars"))
+
+
+def test_a_node_reads_its_cached_split_back_without_partitioning_again(tmp_path, monkeypatch):
+    import fedpeft.data as data
+
+    cfg = DataConfig(num_clients=3, partitioner="dirichlet", alpha=0.5)
+    train, holdout = data.client_split(cfg, 7, 1)
+    first = data.client_split(cfg, 7, 1, cache_dir=tmp_path)
+    assert [p["text"] for p in first] == [train["text"], holdout["text"]]
+
+    def no_partitioning(*args, **kwargs):
+        raise AssertionError("partitioned again")
+
+    monkeypatch.setattr(data, "_client_split", no_partitioning)
+    cached = data.client_split(cfg, 7, 1, cache_dir=tmp_path)
+    assert [p["text"] for p in cached] == [train["text"], holdout["text"]]
+    assert [p["label"] for p in cached] == [train["label"], holdout["label"]]
+    assert cached[0].features == train.features  # the ClassLabel names survive
+    with pytest.raises(AssertionError, match="partitioned again"):  # another seed: new entry
+        data.client_split(cfg, 8, 1, cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_a_nodes_own_file_is_read_in_the_federations_label_space(tmp_path):
+    from fedpeft.data import node_split
+
+    names = load_task_data(DataConfig()).label_names
+    file = tmp_path / "mine.csv"
+    rows = [("a cut", names[3]), ("a walk", names[0]), ("an idea", names[3])] * 4
+    file.write_text("gloss,sense\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
+    cfg = DataConfig(text_column="gloss", label_column="sense", client_holdout=0.25)
+    train, holdout = node_split(cfg, str(file), names)
+    assert (len(train), len(holdout)) == (9, 3)
+    assert train.features["label"].names == names  # the head's classes, not the file's two
+    both = sorted([*train["label"], *holdout["label"]])
+    assert both == sorted([3, 0, 3] * 4) and set(train.column_names) == {"text", "label"}
+    ids = tmp_path / "ids.jsonl"
+    ids.write_text('{"text": "x", "label": 5}\n{"text": "y", "label": 1}\n')
+    mine, none = node_split(DataConfig(client_holdout=0.0), str(ids), names)
+    assert sorted(mine["label"]) == [1, 5] and len(none) == 0
+    file.write_text("gloss,sense\nz,not.a.sense\n")
+    with pytest.raises(ScenarioError, match="not among the federation's 26 classes"):
+        node_split(cfg, str(file), names)
+    with pytest.raises(ScenarioError, match="expected an existing"):
+        node_split(cfg, str(tmp_path / "missing.csv"), names)

@@ -5,6 +5,7 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from fedpeft import records
 from fedpeft.codecs import payload_nbytes, state_to_arrayrecord
+from fedpeft.config import load_scenario
 from server.grid import CountingGrid
 from strategies.testing import StaticGrid, _ensure_task_identity, train_reply
 
@@ -39,3 +40,40 @@ def test_counts_both_directions_and_failures():
     assert (tally.clients_sampled, tally.clients_failed) == (2, 1)
     assert "boom" in tally.failures[0]
     assert grid.take().bytes_up == 0  # a new tally starts after take()
+
+
+def test_polling_grid_collects_late_replies_and_gives_up_at_the_timeout():
+    import time
+
+    from clients.app import app as client_app
+    from server.grid import PollingGrid
+    from server.inprocess import InProcessGrid
+
+    class OneReplyPerPull(InProcessGrid):  # replies trickle in, as from a real SuperLink
+        pulls = 0
+
+        def pull_messages(self, message_ids):
+            self.pulls += 1
+            ready = [i for i in message_ids if i in self._replies][:1]
+            return super().pull_messages(ready)
+
+    _ensure_task_identity()
+    grid = OneReplyPerPull(client_app, 3)
+    query = ConfigRecord(
+        {records.SCENARIO: load_scenario("smoke", ["data.num_clients=3"]).to_json()}
+    )
+    messages = [Message(RecordDict({records.CONFIG: query}), dst_node_id=n,
+                        message_type=MessageType.QUERY) for n in grid.get_node_ids()]  # fmt: skip
+    polling = PollingGrid(grid, first_s=0.01, max_s=0.02)
+    replies = list(polling.send_and_receive(messages, timeout=60))
+    assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.get_node_ids())
+    assert grid.pulls == 3
+
+    class Silent(InProcessGrid):
+        def pull_messages(self, message_ids):
+            return []
+
+    started = time.monotonic()
+    silent = PollingGrid(Silent(client_app, 1), first_s=0.01, max_s=0.05)
+    assert list(silent.send_and_receive(messages[:1], timeout=0.3)) == []
+    assert 0.3 <= time.monotonic() - started < 5

@@ -12,20 +12,21 @@ partitioners, as a pure function of the scenario's seed.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner.partitioner import Partitioner
 
 import datasets
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    PathologicalPartitioner,
-)
-from flwr_datasets.partitioner.partitioner import Partitioner
 
 from fedpeft.config import DataConfig, ScenarioError
 from fedpeft.data import digits, wordnet
@@ -141,11 +142,14 @@ def _load_bundled(name: str) -> datasets.DatasetDict:
     return datasets.load_from_disk(str(target))
 
 
-def _normalise(dd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDict:
+def _normalise(
+    dd: datasets.DatasetDict, cfg: DataConfig, label_names: list[str] | None = None
+) -> datasets.DatasetDict:
     """Keep the configured columns under their canonical names, encode labels, split.
 
     Which columns a task needs is the task's business (``Task.check_data``); here every
     configured column the set has is kept, and it needs a text or an image column.
+    ``label_names`` (a node's own file) encodes labels as the federation's classes.
     """
     if "train" not in dd:
         first = next(iter(dd))
@@ -165,11 +169,61 @@ def _normalise(dd: datasets.DatasetDict, cfg: DataConfig) -> datasets.DatasetDic
     renames = {column: canonical for canonical, column in found.items() if column != canonical}
     if renames:
         dd = dd.rename_columns(renames)
-    if "label" in found and not isinstance(dd["train"].features["label"], datasets.ClassLabel):
+    if "label" in found and label_names is not None:
+        dd = _encode_as(dd, label_names, cfg.name)
+    elif "label" in found and not isinstance(dd["train"].features["label"], datasets.ClassLabel):
         dd = dd.class_encode_column("label")
     if "test" not in dd:
         dd = dd["train"].train_test_split(test_size=cfg.test_fraction, seed=SPLIT_SEED)
     return datasets.DatasetDict({"train": dd["train"], "test": dd["test"]})
+
+
+def _encode_as(dd: datasets.DatasetDict, names: list[str], source: str) -> datasets.DatasetDict:
+    """Labels (names or class ids) as ``ClassLabel(names)``; anything else is one error line."""
+    feature = dd["train"].features["label"]
+
+    def name_of(value: Any) -> Any:
+        return feature.int2str(value) if isinstance(feature, datasets.ClassLabel) else value
+
+    values = {name_of(v) for v in dd["train"]["label"]}
+    if all(isinstance(v, int) for v in values):
+        bad: list[Any] = sorted(v for v in values if not 0 <= v < len(names))
+
+        def to_id(value: Any) -> int:
+            return int(value)
+    else:
+        bad = sorted(str(v) for v in values if str(v) not in names)
+        index = {name: i for i, name in enumerate(names)}
+
+        def to_id(value: Any) -> int:
+            return index[str(value)]
+
+    if bad:
+        raise ScenarioError(
+            f"{source}: labels {bad[:5]} are not among the federation's {len(names)} classes "
+            f"({', '.join(names[:5])}, ...)"
+        )
+    features = dd["train"].features.copy()
+    features["label"] = datasets.ClassLabel(names=names)
+    return dd.map(lambda row: {"label": to_id(name_of(row["label"]))}, features=features)
+
+
+def node_split(
+    cfg: DataConfig, path: str, label_names: list[str] | None
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A deployed node's own data file (``--data PATH``): its (train, local held-out) parts.
+
+    Columns are named by the scenario's ``data.*_column`` keys; labels (names or class
+    ids) must be classes of the federation's data set, which fixes the model's head.
+    """
+    file = Path(path)
+    if file.suffix not in LOCAL_SUFFIXES or not file.is_file():
+        raise ScenarioError(f"node data {path!r}: expected an existing "
+                            f"{'/'.join(LOCAL_SUFFIXES)} file")  # fmt: skip
+    rows = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file))["train"]
+    dd = datasets.DatasetDict({"train": rows, "test": rows.select([])})  # no split of its own
+    part = _normalise(dd, dataclasses.replace(cfg, name=path), label_names)["train"]
+    return _holdout(part, cfg, SPLIT_SEED)
 
 
 def _load_uncached(cfg: DataConfig) -> datasets.DatasetDict:
@@ -217,6 +271,14 @@ def eval_split(cfg: DataConfig) -> datasets.Dataset:
 
 def build_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
     """Divide the training split among ``cfg.num_clients`` clients, deterministically."""
+    # imported here: flwr-datasets pulls in its plotting helpers, ~0.7 s a fresh process
+    # (a deployed ClientApp) saves when it reads its partition from the disk cache
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
+
     key = ("partitioner", cfg.name, cfg.partitioner, cfg.alpha, cfg.classes_per_client,
            cfg.num_clients, seed)  # fmt: skip
     if key in _CACHE:
@@ -255,17 +317,51 @@ def client_partition(cfg: DataConfig, seed: int, partition_id: int) -> datasets.
 
 
 def client_split(
-    cfg: DataConfig, seed: int, partition_id: int
+    cfg: DataConfig, seed: int, partition_id: int, cache_dir: Path | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Client ``partition_id``'s (train, local held-out) parts.
 
     The held-out part is the ``data.client_holdout`` share, for personalised evaluation.
+    With ``cache_dir`` (a deployed node, whose ClientApp is a fresh process per message)
+    both parts are saved there once, as Arrow files read back memory-mapped, instead of
+    re-partitioning the whole training split every round.
     """
-    part = client_partition(cfg, seed, partition_id)
+    if cache_dir is None:
+        return _client_split(cfg, seed, partition_id)
+    key = hashlib.sha256(
+        json.dumps([CACHE_VERSION, dataclasses.asdict(cfg), seed], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    folder = Path(cache_dir) / f"partition-{partition_id}-{key}"
+    if not (folder / "done").is_file():
+        parts = _client_split(cfg, seed, partition_id)
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        for name, part in zip(("train", "holdout"), parts, strict=True):
+            part.save_to_disk(str(tmp / name))
+        (tmp / "done").write_text("")
+        shutil.rmtree(folder, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)  # whole or absent: a killed process leaves no half cache
+        except OSError:  # another process of this node cached it first
+            shutil.rmtree(tmp, ignore_errors=True)
+        return parts
+    return (datasets.load_from_disk(str(folder / "train")),
+            datasets.load_from_disk(str(folder / "holdout")))  # fmt: skip
+
+
+def _client_split(
+    cfg: DataConfig, seed: int, partition_id: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    return _holdout(client_partition(cfg, seed, partition_id), cfg, SPLIT_SEED + partition_id)
+
+
+def _holdout(
+    part: datasets.Dataset, cfg: DataConfig, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """``part`` less its ``data.client_holdout`` share, and that share."""
     n_holdout = int(round(len(part) * cfg.client_holdout))
     if n_holdout == 0 or len(part) - n_holdout < 1:
         return part, part.select([])
-    split = part.train_test_split(test_size=n_holdout, seed=SPLIT_SEED + partition_id)
+    split = part.train_test_split(test_size=n_holdout, seed=seed)
     return split["train"], split["test"]
 
 
