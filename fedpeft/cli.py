@@ -47,14 +47,16 @@ def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
     """Fail on a bad scenario before any Ray process starts (and warm this process's caches)."""
     from fedpeft.data import load_task_data
     from fedpeft.methods import check_methods
-    from fedpeft.models import cached_peft_model
+    from fedpeft.models import cached_peft_model, resolve_device
     from fedpeft.tasks import check_scenario
+    from fedpeft.train import autocast_dtype
     from strategies import build_strategy
 
     check_methods(scenario.peft, scenario.model.task)
     build_strategy(scenario)
     data = load_task_data(scenario.data)
     check_scenario(scenario)  # the task's processor loads and its data columns exist
+    autocast_dtype(scenario.train.precision, resolve_device(scenario.model.device))
     # the server's own model (largest rank), so the ServerApp thread reuses this one
     server_peft = scenario.peft_for_rank(scenario.max_rank)
     cached_peft_model(scenario.model, server_peft, data.num_labels, scenario.seed)
@@ -111,6 +113,7 @@ def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
         key=Path(args.key) if args.key else None, insecure=args.insecure, port=args.port,
         device=args.device, rank=args.rank,
         state_dir=Path(args.state_dir) if args.state_dir else None,
+        data=Path(args.data) if args.data else None,
     )  # fmt: skip
     cmd = supernode_command(opts)
     print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
@@ -151,15 +154,7 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
 def _cmd_deploy_run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from fedpeft.deploy import (
-        CA_CERT,
-        check_superlink_address,
-        deploy_env,
-        flwr_run_command,
-        write_app,
-        write_connection,
-        write_run_config,
-    )
+    from fedpeft.deploy import CA_CERT, check_superlink_address, submit_run
 
     address = check_superlink_address(args.superlink)
     if bool(args.certs) == bool(args.insecure):
@@ -171,17 +166,7 @@ def _cmd_deploy_run(args: argparse.Namespace) -> int:
         ca = certs / CA_CERT if certs.is_dir() else certs
     secure = ca is not None and not args.no_node_auth
     with tempfile.TemporaryDirectory(prefix="fedpeft-deploy-") as tmp:
-        work = Path(tmp)
-        home = work / "flwr-home"
-        connection = write_connection(home, address, ca)
-        app = write_app(work / "app")
-        config = write_run_config(work / "run-config.toml", scenario.to_json(),
-                                  args.out or "", secure=secure)  # fmt: skip
-        cmd = flwr_run_command(app, connection, config)
-        env = {**deploy_env(), "FLWR_HOME": str(home)}
-        import subprocess
-
-        return subprocess.call(cmd, env=env)
+        return submit_run(scenario.to_json(), address, ca, args.out or "", secure, Path(tmp))
 
 
 STAGE_HELP = {
@@ -284,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the scenario's)")
     node.add_argument("--rank", type=int, help="this node's LoRA rank (heterogeneous ranks)")
     node.add_argument("--state-dir", help="where this node keeps per-client state across rounds")
+    node.add_argument("--data", metavar="PATH",
+                      help="the node's own csv/jsonl/parquet data, not partition I")  # fmt: skip
     node.set_defaults(func=_cmd_deploy_supernode)
     drun = dsub.add_parser("run", help="submit a scenario to a SuperLink and stream its progress")
     drun.add_argument("scenario", help="scenario TOML path or bundled name")

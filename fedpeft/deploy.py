@@ -158,6 +158,11 @@ def deploy_env() -> dict[str, str]:
         "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
         "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        # a SuperNode's SuperExec looks for new messages every 1 s by default; every
+        # message starts a ClientApp process, so each poll saved is a round's latency
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get(
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1"
+        ),
     }
 
 
@@ -218,6 +223,7 @@ class SuperNodeOptions:
     device: str | None = None  # cuda:0, cpu, mps; default: the scenario's model.device
     rank: int | None = None  # this node's LoRA rank, for heterogeneous-rank strategies
     state_dir: Path | None = None  # per-client state (personal factors, codec residuals)
+    data: Path | None = None  # this node's own csv/jsonl/parquet file, in place of a partition
 
 
 def node_config(opts: SuperNodeOptions) -> str:
@@ -238,6 +244,10 @@ def node_config(opts: SuperNodeOptions) -> str:
         pairs.append(f'device="{opts.device}"')
     if opts.state_dir is not None:
         pairs.append(f'state-dir="{opts.state_dir.resolve()}"')
+    if opts.data is not None:
+        if not opts.data.is_file():
+            raise DeployError(f"--data {opts.data}: no such file")
+        pairs.append(f'data-path="{opts.data.resolve()}"')
     return " ".join(pairs)
 
 
@@ -350,6 +360,44 @@ def flwr_run_command(app: Path, connection: str, run_config: Path) -> list[str]:
     """``flwr run APP CONNECTION --stream --run-config FILE``."""
     return [flower_bin("flwr"), "run", str(app), connection, "--stream",
             "--run-config", str(run_config)]  # fmt: skip
+
+
+def submit_run(
+    scenario_json: str,
+    superlink: str,
+    ca: Path | None,
+    out_dir: str,
+    secure: bool,
+    work: Path,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Submit a scenario with ``flwr run --stream``; echo its progress; return its exit code.
+
+    ``work`` receives the FLWR_HOME with one connection, the app and the run-config file,
+    and ``flwr-run.log``, a copy of what was streamed. ``out_dir`` is where the ServerApp
+    writes the outputs, on the SuperLink's machine (empty: its runs/ folder).
+    """
+    import subprocess
+
+    home = work / "flwr-home"
+    connection = write_connection(home, superlink, ca)
+    app = write_app(work / "app")
+    config = write_run_config(work / "run-config.toml", scenario_json, out_dir, secure)
+    run_env = {**(env or deploy_env()), "FLWR_HOME": str(home)}
+    with (work / "flwr-run.log").open("w") as log:
+        proc = subprocess.Popen(flwr_run_command(app, connection, config), env=run_env,
+                                cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+            return proc.wait()
+        finally:
+            if proc.poll() is None:  # interrupted: the CLI goes; the run stays on the SuperLink
+                proc.terminate()
+                proc.wait()
 
 
 def check_superlink_address(address: str) -> str:

@@ -15,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,14 +30,12 @@ from fedpeft.deploy import (
     SuperNodeOptions,
     deploy_env,
     flower_bin,
-    flwr_run_command,
     make_certs,
     make_node_key,
+    submit_run,
     superlink_command,
     supernode_command,
-    write_app,
     write_connection,
-    write_run_config,
 )
 
 READY_SUPERLINK = "Uvicorn running on https://"
@@ -89,17 +86,65 @@ class Processes:
         return proc
 
     def stop_all(self, grace: float = 15.0) -> None:
-        """SIGTERM each group (its Flower children too), newest first; SIGKILL after ``grace``."""
+        """Stop what this run started: each process, its group, and its descendants.
+
+        Flower detaches some children into sessions of their own (the SuperLink's
+        SuperExec, which starts the ServerApp), so a group signal alone would miss them;
+        they are found by walking the parent links down from the processes started here.
+        SIGTERM first, SIGKILL for whatever is left after ``grace`` seconds.
+        """
+        family = {d for _, proc in self.started for d in descendants(proc.pid)}
         for _, proc in reversed(self.started):
             _signal_group(proc, signal.SIGTERM)
+        for pid in family:
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         for _, proc in reversed(self.started):
             try:
                 proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
-            _signal_group(proc, signal.SIGKILL)  # whatever of the group is still there
+        while (alive := {pid for pid in family if _alive(pid)}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for _, proc in self.started:
+            _signal_group(proc, signal.SIGKILL)  # whatever of each group is still there
             proc.wait()
+        for pid in alive:
+            _signal(pid, signal.SIGKILL)
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live descendant of ``pid`` (Linux ``/proc``; an empty set elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"  # a zombie has exited; its parent has yet to reap it
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -138,7 +183,11 @@ def deploy_local(
     work = out_dir / "deploy"
     certs, keys, home, logs = (work / d for d in ("certs", "keys", "flwr-home", "logs"))
     make_certs(certs, ["localhost"])
-    procs = Processes({**deploy_env(), "FLWR_HOME": str(home)}, cwd=work)
+    env = {**deploy_env(), "FLWR_HOME": str(home)}
+    # N nodes share this machine's cores: torch's default (every core per process) would
+    # oversubscribe them when several ClientApps train at once
+    env.setdefault("FEDPEFT_THREADS_PER_CLIENT", str(max(1, (os.cpu_count() or 1) // nodes)))
+    procs = Processes(env, cwd=work)
     record: dict[str, Any] = {"nodes": [], "strangers": [], "secure": True}
     clock = time.perf_counter()
     with _sigterm_as_interrupt():
@@ -152,7 +201,7 @@ def deploy_local(
             if not wait_for_text(link_log, READY_SUPERLINK, link, wait_s):
                 raise DeployError(f"the SuperLink did not start: {last_line(link_log)} "
                                   f"(log: {link_log})")  # fmt: skip
-            write_connection(home, address, certs / CA_CERT)
+            write_connection(home, address, certs / CA_CERT)  # for the registrations below
             _print(f"SuperLink up at https://{address} (TLS, node authentication)")
 
             keypairs = [make_node_key(keys / f"node-{i}") for i in range(nodes)]
@@ -191,15 +240,13 @@ def deploy_local(
                                                       else "NOT refused"))  # fmt: skip
             record["setup_seconds"] = time.perf_counter() - clock
 
-            app = write_app(work / "app")
-            config = write_run_config(work / "run-config.toml", scenario.to_json(),
-                                      str(out_dir), secure=True)  # fmt: skip
             started = time.perf_counter()
-            code = _stream(flwr_run_command(app, "fedpeft", config), procs.env, work,
-                           logs / "flwr-run.log")  # fmt: skip
+            code = submit_run(scenario.to_json(), address, certs / CA_CERT, str(out_dir),
+                              secure=True, work=work, env=procs.env)  # fmt: skip
             record["run_seconds"] = time.perf_counter() - started
             if code != 0 or not (out_dir / "summary.json").is_file():
-                raise DeployError(f"the run failed (flwr run exit {code}); logs in {logs}")
+                raise DeployError(f"the run failed (flwr run exit {code}); logs in {logs} and "
+                                  f"{work / 'flwr-run.log'}")  # fmt: skip
         finally:
             procs.stop_all()
             record["stopped"] = [
@@ -237,20 +284,3 @@ def _node_id(log: Path) -> int | None:
             digits = "".join(c for c in line.rsplit(READY_SUPERNODE, 1)[1] if c.isdigit())
             return int(digits) if digits else None
     return None
-
-
-def _stream(cmd: list[str], env: dict[str, str], cwd: Path, log: Path) -> int:
-    """Run ``cmd``, echoing its output here and into ``log``; return its exit code."""
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
-        try:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                out.write(line)
-            return proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait()

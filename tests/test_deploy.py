@@ -282,3 +282,31 @@ def test_deploy_run_refuses_bad_arguments_in_one_line(args, expected, capsys) ->
     assert main(["deploy", "run", "smoke", *args]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and expected in err
+
+
+def test_a_supernode_may_bring_its_own_data_file(tmp_path) -> None:
+    own = tmp_path / "mine.csv"
+    own.write_text("text,label\nx,noun.act\n")
+    opts = SuperNodeOptions("h:8000", 0, 2, insecure=True, data=own)
+    config = supernode_command(opts)[supernode_command(opts).index("--node-config") + 1]
+    assert tomllib.loads("\n".join(config.split(" ")))["data-path"] == str(own.resolve())
+    with pytest.raises(DeployError, match="no such file"):
+        supernode_command(dataclasses.replace(opts, data=tmp_path / "nope.csv"))
+
+
+def test_stop_all_reaches_children_that_left_the_process_group(tmp_path) -> None:
+    from fedpeft.local_federation import Processes, descendants
+
+    procs = Processes(dict(os.environ), cwd=tmp_path)
+    # a parent whose child detaches into its own session, as Flower's SuperExec does
+    parent = procs.start("parent", ["sh", "-c", "setsid sleep 300 & sleep 300"], tmp_path / "l")
+    deadline = time.monotonic() + 10
+    while len(descendants(parent.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    family = descendants(parent.pid)
+    assert len(family) == 2
+    detached = [p for p in family if os.getpgid(p) != parent.pid]
+    assert len(detached) == 1  # out of reach of a group signal
+    procs.stop_all(grace=5)
+    assert parent.poll() is not None
+    assert not any(psutil.pid_exists(p) and not _is_zombie(p) for p in family)
