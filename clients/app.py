@@ -35,6 +35,7 @@ from fedpeft.adapters import (
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.data import client_split, load_task_data, node_split
+from fedpeft.faults import fault_mod
 from fedpeft.methods import before_round
 from fedpeft.models import (
     cached_peft_model,
@@ -46,7 +47,8 @@ from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, scenario_collate, train_steps
 from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
 
-app = ClientApp(mods=[compression_mod])  # codes adapter payloads per scenario.compression
+# outermost first: payloads are decoded, then faults injected (if asked), then the handler
+app = ClientApp(mods=[compression_mod, fault_mod])
 
 RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store
 

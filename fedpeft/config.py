@@ -205,9 +205,27 @@ class FederationConfig:
     rounds: int = _f(5, "federated rounds")
     clients_per_round: int = _f(5, "clients sampled for training each round")
     round_timeout: float = _f(3600.0, "seconds to wait for client replies in a round")
+    min_fit_clients: int = _f(
+        1, "fewest valid training replies a round aggregates; with fewer the global stays"
+    )
+    max_update_norm: float = _f(
+        0.0, "reject an update whose L2 distance from what its client was sent is larger; 0 = off"
+    )
 
     def __post_init__(self) -> None:
         _need(self.rounds >= 1, "federation.rounds", "an integer >= 1", self.rounds)
+        _need(
+            self.min_fit_clients >= 1,
+            "federation.min_fit_clients",
+            "an integer >= 1",
+            self.min_fit_clients,
+        )
+        _need(
+            self.max_update_norm >= 0,
+            "federation.max_update_norm",
+            "a number >= 0 (0 = no bound)",
+            self.max_update_norm,
+        )
         _need(
             self.clients_per_round >= 1,
             "federation.clients_per_round",
@@ -384,6 +402,31 @@ class CompressionConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Injected failures, for simulations and tests (docs/reliability.md).
+
+    Each is drawn per (seed, round, client), so a run's failures are reproducible.
+    """
+
+    drop_rate: float = _f(0.0, "share of training instructions lost: the client never answers")
+    crash_rate: float = _f(0.0, "share of training calls whose ClientApp raises")
+    slow_rate: float = _f(0.0, "share of training calls that first sleep slow_seconds")
+    slow_seconds: float = _f(5.0, "how long a slow client sleeps (past round_timeout: it is late)")
+    nan_rate: float = _f(0.0, "share of training replies whose update holds NaN")
+
+    def __post_init__(self) -> None:
+        for key in ("drop_rate", "crash_rate", "slow_rate", "nan_rate"):
+            value = getattr(self, key)
+            _need(0 <= value <= 1, f"faults.{key}", "a share in [0, 1]", value)
+        _need(self.slow_seconds >= 0, "faults.slow_seconds", "seconds >= 0", self.slow_seconds)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any failure is injected."""
+        return any((self.drop_rate, self.crash_rate, self.slow_rate, self.nan_rate))
+
+
+@dataclass
 class Scenario:
     """One federated fine-tuning experiment, fully resolved."""
 
@@ -397,6 +440,7 @@ class Scenario:
     train: TrainConfig = field(default_factory=TrainConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         _need(
@@ -404,6 +448,12 @@ class Scenario:
             "federation.clients_per_round",
             f"at most data.num_clients ({self.data.num_clients})",
             self.federation.clients_per_round,
+        )
+        _need(
+            self.federation.min_fit_clients <= self.federation.clients_per_round,
+            "federation.min_fit_clients",
+            f"at most federation.clients_per_round ({self.federation.clients_per_round})",
+            self.federation.min_fit_clients,
         )
 
     def peft_for_rank(self, rank: int, shared_scaling: bool = False) -> PeftSection:

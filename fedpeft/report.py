@@ -63,7 +63,14 @@ class RoundLog:
             f"  {row['round_seconds']:.1f}s  ETA {_clock(eta)}"
         )
         if row.get("failures"):
-            console.print(f"  [yellow]{len(row['failures'])} failed:[/] {row['failures'][0]}")
+            rejected = (
+                f" ({row['updates_rejected']} rejected)" if row.get("updates_rejected") else ""
+            )
+            console.print(
+                f"  [yellow]{len(row['failures'])} failed{rejected}:[/] {row['failures'][0]}"
+            )
+        if row.get("aggregated") is False:
+            console.print("  [yellow]not aggregated: too few valid replies; the global stays[/]")
 
 
 def _fmt(value: float | None) -> str:

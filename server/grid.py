@@ -37,7 +37,9 @@ class RoundTraffic:
             "personal_loss": sum(loss * n for _, loss, n in self.personal) / total,
         }
 
-    failures: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # every failed client, with its reason
+    rejections: list[str] = field(default_factory=list)  # the failures that were rejected updates
+    not_aggregated: str | None = None  # why the round aggregated nothing, if it did not
 
     @property
     def train_loss(self) -> float | None:
@@ -193,6 +195,11 @@ class CountingGrid(DelegatingGrid):
         if is_train:
             tally.clients_sampled += len(messages)
             tally.clients_failed += len(messages) - ok
+            answered = {r.metadata.src_node_id for r in replies}
+            for msg in messages:
+                if msg.metadata.dst_node_id not in answered:
+                    tally.failures.append(f"node {msg.metadata.dst_node_id}: no reply within "
+                                          f"the round timeout ({timeout} s)")  # fmt: skip
         return replies
 
     def reject(self, reply: Message, reason: str) -> None:
@@ -203,6 +210,7 @@ class CountingGrid(DelegatingGrid):
         tally = self.current
         tally.clients_failed += 1
         tally.failures.append(f"node {reply.metadata.src_node_id}: {reason}")
+        tally.rejections.append(f"node {reply.metadata.src_node_id}: {reason}")
         entries = _tally_entries(reply.content)
         if entries is None:
             return
@@ -211,6 +219,12 @@ class CountingGrid(DelegatingGrid):
             tally.clients.remove(entry)
         if loss is not None and loss in tally.losses:
             tally.losses.remove(loss)
+
+    def lost(self, node: int, reason: str) -> None:
+        """Count a training instruction that never reached ``node`` (a failed client)."""
+        self.current.clients_sampled += 1
+        self.current.clients_failed += 1
+        self.current.failures.append(f"node {node}: {reason}")
 
     def get_node_ids(self) -> Iterable[int]:
         """Connected nodes, in partition order where partitions are known."""

@@ -46,6 +46,7 @@ from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json
 from fedpeft.train import evaluate
 from server.compression import CodecGrid
 from server.grid import CountingGrid, PollingGrid
+from server.reliability import FaultyGrid, ValidatingGrid
 from strategies import build_strategy
 from strategies.adapter_strategy import AdapterStrategy
 
@@ -255,6 +256,12 @@ def run_federation(
         if scenario.compression.enabled
         else None
     )
+    # strategy -> validation -> lost instructions (faults) -> codec -> byte counting -> Flower
+    inner: Grid = codec or counting
+    if scenario.faults.drop_rate > 0:
+        inner = FaultyGrid(inner, counting, scenario)
+    reference = initial_adapter_state(local.model, server_peft, data.num_labels, scenario.seed)
+    validating = ValidatingGrid(inner, counting, reference, scenario)
     log = RoundLog(out_dir, scenario.federation.rounds)
     initial_metrics: dict[str, float] = {}
     round_clock = [time.perf_counter()]
@@ -287,6 +294,9 @@ def run_federation(
                     "clients_sampled": traffic.clients_sampled,
                     "clients_failed": traffic.clients_failed,
                     "failures": traffic.failures,
+                    "updates_rejected": len(traffic.rejections),
+                    "rejections": traffic.rejections,
+                    "aggregated": traffic.not_aggregated is None,
                     "bytes_up": traffic.bytes_up,
                     "bytes_down": traffic.bytes_down,
                     "bytes_up_uncompressed": plain_up,
@@ -304,7 +314,7 @@ def run_federation(
     )
     round_clock[0] = time.perf_counter()
     result = strategy.start(
-        grid=codec or counting,
+        grid=validating,
         initial_arrays=initial,
         num_rounds=scenario.federation.rounds,
         timeout=scenario.federation.round_timeout,

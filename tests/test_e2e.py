@@ -164,3 +164,22 @@ def test_same_seed_same_run(tmp_path):
         sampled.append([sorted(c["partition-id"] for c in r["client_metrics"]) for r in rows])
     assert sampled[0] == sampled[1]
     assert adapters[0] == adapters[1]
+
+
+def test_smoke_faults_finishes_through_lost_crashing_slow_and_nan_clients(tmp_path):
+    """The bundled fault scenario on Flower's Simulation Engine (a real round timeout)."""
+    from safetensors.torch import load_file
+
+    proc = run_fedpeft("run", "smoke-faults", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [
+        json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == 4
+    failures = [f for r in rows for f in r["failures"]]
+    for kind in ("instruction lost", "injected crash", "no reply within the round timeout"):
+        assert any(kind in f for f in failures), (kind, failures)
+    assert sum(r["updates_rejected"] for r in rows) > 0
+    assert all(r["clients_failed"] == len(r["failures"]) for r in rows)
+    adapter = load_file(tmp_path / "o" / "adapter" / "adapter_model.safetensors")
+    assert all(bool(v.isfinite().all()) for v in adapter.values())

@@ -1,0 +1,62 @@
+"""Injected failures (a scenario's ``[faults]``): lost, crashing, slow and NaN-sending clients.
+
+Whether a client fails in a round is a pure function of (seed, round, client, kind), so a
+run's failures are the same every time and the same in simulation and deployment. The
+server drops lost instructions (:class:`server.reliability.FaultyGrid`); the rest happens
+in the client, in :func:`fault_mod`, around the real training handler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+
+from flwr.app import Context, Message, MessageType
+from flwr.clientapp.typing import ClientAppCallable
+
+from fedpeft import records
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.config import FaultsConfig, Scenario
+
+
+def strikes(seed: int, server_round: int, partition_id: int, kind: str, rate: float) -> bool:
+    """Whether fault ``kind`` hits this client in this round (probability ``rate``)."""
+    if rate <= 0:
+        return False
+    digest = hashlib.sha256(f"{seed}/{server_round}/{partition_id}/{kind}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < rate
+
+
+def faults_of(scenario: Scenario, server_round: int, partition_id: int) -> set[str]:
+    """The faults that hit client ``partition_id`` in ``server_round``."""
+    f: FaultsConfig = scenario.faults
+    rates = {"drop": f.drop_rate, "crash": f.crash_rate, "slow": f.slow_rate, "nan": f.nan_rate}
+    return {k for k, r in rates.items() if strikes(scenario.seed, server_round, partition_id, k, r)}
+
+
+def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Crash, stall or poison a training reply as the scenario's ``[faults]`` ask."""
+    if msg.metadata.message_type != MessageType.TRAIN or msg.has_error():
+        return call_next(msg, context)
+    config = msg.content.config_records.get(records.CONFIG)
+    if config is None or records.SCENARIO not in config:
+        return call_next(msg, context)
+    scenario = Scenario.from_json(str(config[records.SCENARIO]))
+    if not scenario.faults.enabled:
+        return call_next(msg, context)
+    server_round = int(str(config.get(records.SERVER_ROUND, 0)))
+    partition_id = int(str(context.node_config[records.NODE_PARTITION_ID]))
+    hits = faults_of(scenario, server_round, partition_id)
+    if "crash" in hits:
+        raise RuntimeError(f"injected crash (faults.crash_rate={scenario.faults.crash_rate})")
+    if "slow" in hits:
+        time.sleep(scenario.faults.slow_seconds)
+    reply = call_next(msg, context)
+    if "nan" in hits and records.ARRAYS in reply.content.array_records:
+        state = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+        first = next(iter(state), None)
+        if first is not None:
+            state[first] = state[first].clone().fill_(math.nan)
+            reply.content[records.ARRAYS] = state_to_arrayrecord(state)
+    return reply

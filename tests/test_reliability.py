@@ -1,0 +1,139 @@
+"""Failing clients and unsound updates: validation, injected faults, min_fit_clients."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from safetensors.torch import load_file
+
+import clients.app
+from fedpeft import records
+from fedpeft.config import ScenarioError, load_scenario
+from fedpeft.faults import fault_mod, faults_of, strikes
+from server.inprocess import InProcessGrid
+from server.reliability import check_update
+from server.run import run_federation
+from strategies.testing import _ensure_task_identity
+
+A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
+REF = {A: torch.zeros(4, 6), B: torch.zeros(5, 4), "head.weight": torch.zeros(3, 5)}
+
+
+def _update(**changes: torch.Tensor) -> dict[str, torch.Tensor]:
+    state = {k: v.clone() for k, v in REF.items()}
+    state.update({{"a": A, "b": B, "head": "head.weight"}[k]: v for k, v in changes.items()})
+    return state
+
+
+def test_a_sound_update_passes_and_a_factor_may_have_a_lower_rank() -> None:
+    assert check_update(_update(), REF, set(), {}) is None
+    assert check_update(_update(a=torch.ones(2, 6), b=torch.ones(5, 2)), REF, set(), {}) is None
+    wide = {k: v.double() for k, v in REF.items()}  # a server optimiser sent float64
+    assert check_update(wide, REF, set(), wide) is None
+
+
+@pytest.mark.parametrize(
+    ("update", "reason"),
+    [
+        ({k: v for k, v in REF.items() if k != B}, "missing tensors"),
+        ({**REF, "m.extra": torch.zeros(1)}, "unexpected tensors"),
+        (_update(a=torch.zeros(4, 6, dtype=torch.float64)), "is torch.float64, expected"),
+        (_update(a=torch.zeros(8, 6)), "has shape (8, 6), expected (4, 6)"),  # rank above r_max
+        (_update(a=torch.zeros(4, 7)), "has shape (4, 7)"),
+        (_update(b=torch.zeros(6, 4)), "has shape (6, 4)"),
+        (_update(head=torch.zeros(3, 4)), "has shape (3, 4)"),
+        (_update(head=torch.tensor([[math.inf] * 5] * 3)), "non-finite"),
+        (_update(b=torch.full((5, 4), math.nan)), "non-finite"),
+    ],
+)
+def test_an_unsound_update_is_refused_with_its_reason(update, reason) -> None:
+    assert reason in (check_update(update, REF, set(), {}) or "")
+
+
+def test_only_the_factors_a_client_was_told_to_send_are_expected() -> None:
+    only_b = {B: torch.zeros(5, 4)}
+    assert check_update(only_b, REF, {"lora_B"}, {}) is None
+    assert "unexpected tensors" in (check_update(_update(), REF, {"lora_B"}, {}) or "")
+
+
+def test_the_norm_bound_is_on_the_change_from_what_the_client_was_sent() -> None:
+    sent = {k: torch.full_like(v, 2.0) for k, v in REF.items()}
+    update = {k: v.clone() for k, v in sent.items()}
+    update["head.weight"][0, :2] += torch.tensor([3.0, 4.0])  # the change has norm 5
+    assert check_update(update, REF, set(), sent, max_norm=5.0001) is None
+    reason = check_update(update, REF, set(), sent, max_norm=4.999)
+    assert reason is not None and "update norm 5 exceeds" in reason
+
+
+def test_fault_draws_are_reproducible_and_have_their_rate() -> None:
+    draws = [strikes(3, r, p, "nan", 0.2) for r in range(100) for p in range(100)]
+    assert abs(sum(draws) / len(draws) - 0.2) < 0.02
+    assert draws == [strikes(3, r, p, "nan", 0.2) for r in range(100) for p in range(100)]
+    assert not any(strikes(3, r, 0, "nan", 0.0) for r in range(100))
+    assert all(strikes(3, r, 0, "nan", 1.0) for r in range(100))
+    with pytest.raises(ScenarioError, match="faults.nan_rate"):
+        load_scenario("smoke", ["faults.nan_rate=1.5"])
+    with pytest.raises(ScenarioError, match="federation.min_fit_clients"):
+        load_scenario("smoke", ["federation.min_fit_clients=3"])
+
+
+def test_a_slow_client_sleeps_before_it_trains(tmp_path: Path) -> None:
+    scenario = load_scenario(
+        "smoke", ["faults.slow_rate=1.0", "faults.slow_seconds=0.4", "federation.rounds=1"]
+    )
+    _ensure_task_identity()  # Flower's messages read the running app's identity
+    config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
+    msg = Message(RecordDict({records.CONFIG: config}), dst_node_id=1,
+                  message_type=MessageType.TRAIN)  # fmt: skip
+    context = Context(run_id=1, node_id=1, node_config={records.NODE_PARTITION_ID: 0},
+                      state=RecordDict(), run_config={})  # fmt: skip
+    started = time.perf_counter()
+    reply = fault_mod(msg, context, lambda m, c: Message(RecordDict(), reply_to=m))
+    assert time.perf_counter() - started >= 0.4 and not reply.has_error()
+
+
+def _run(tmp_path: Path, *sets: str) -> tuple[dict, list[dict]]:
+    scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
+                                       "federation.rounds=3", *sets])  # fmt: skip
+    out = tmp_path / "out"
+    summary = run_federation(InProcessGrid(clients.app.app, 5), scenario, out, "in-process")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, rows
+
+
+def test_failing_clients_are_counted_with_reasons_and_never_reach_the_aggregate(tmp_path) -> None:
+    sets = ["faults.drop_rate=0.3", "faults.crash_rate=0.1", "faults.nan_rate=0.3"]
+    summary, rows = _run(tmp_path, *sets)
+    scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
+                                       "federation.rounds=3", *sets])  # fmt: skip
+    assert summary["rounds_completed"] == 3
+    for row in rows:
+        hits = [faults_of(scenario, row["round"], p) for p in range(5)]
+        lost = sum("drop" in h for h in hits)
+        crashed = sum("crash" in h and "drop" not in h for h in hits)
+        poisoned = sum("nan" in h and not {"drop", "crash"} & h for h in hits)
+        assert row["clients_sampled"] == 5
+        assert row["clients_failed"] == lost + crashed + poisoned == len(row["failures"])
+        assert row["updates_rejected"] == poisoned == len(row["rejections"])
+        assert sum("instruction lost" in f for f in row["failures"]) == lost
+        assert sum("injected crash" in f for f in row["failures"]) == crashed
+        assert all("holds non-finite values" in r for r in row["rejections"])
+        assert len(row["client_metrics"]) == 5 - row["clients_failed"]
+    assert sum(r["updates_rejected"] for r in rows) > 0 and sum(r["clients_failed"] for r in rows)
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(v).all() for v in adapter.values())
+
+
+def test_a_round_with_too_few_valid_replies_keeps_the_global_adapter(tmp_path) -> None:
+    summary, rows = _run(tmp_path, "faults.nan_rate=1.0", "federation.min_fit_clients=1")
+    assert all(r["aggregated"] is False and r["updates_rejected"] == 5 for r in rows)
+    assert len({r["eval_loss"] for r in rows} | {summary["initial"]["eval_loss"]}) == 1
+    _, rows = _run(tmp_path, "federation.max_update_norm=1e-9")
+    assert all(r["updates_rejected"] == 5 and r["aggregated"] is False for r in rows)
+    assert all("exceeds federation.max_update_norm" in r["rejections"][0] for r in rows)
