@@ -43,12 +43,14 @@ from fedpeft.models import (
     initial_adapter_state,
     resolve_device,
 )
+from fedpeft.privacy import local_dp_mod
 from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, scenario_collate, train_steps
 from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
 
-# outermost first: payloads are decoded, then faults injected (if asked), then the handler
-app = ClientApp(mods=[compression_mod, fault_mod])
+# outermost first: payloads are decoded (and the reply coded last), local DP noises the
+# reply, faults are injected (if asked), then the handler
+app = ClientApp(mods=[compression_mod, local_dp_mod, fault_mod])
 
 RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store
 

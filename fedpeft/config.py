@@ -427,6 +427,26 @@ class FaultsConfig:
 
 
 @dataclass
+class PrivacySection:
+    """Differential privacy of client updates (docs/privacy.md)."""
+
+    dp: Literal["none", "central", "local"] = _f(
+        "none",
+        "central: the server clips each update and adds Gaussian noise to the aggregate; "
+        "local: each client clips and noises its own update",
+    )
+    noise_multiplier: float = _f(1.0, "Gaussian noise std in units of clipping_norm")
+    clipping_norm: float = _f(0.1, "L2 bound on each client's update (change from what it got)")
+    delta: float = _f(1e-5, "delta at which epsilon is reported (RDP accountant)")
+
+    def __post_init__(self) -> None:
+        _need(self.noise_multiplier > 0, "privacy.noise_multiplier", "a number > 0",
+              self.noise_multiplier)  # fmt: skip
+        _need(self.clipping_norm > 0, "privacy.clipping_norm", "a number > 0", self.clipping_norm)
+        _need(0 < self.delta < 1, "privacy.delta", "a number in (0, 1)", self.delta)
+
+
+@dataclass
 class Scenario:
     """One federated fine-tuning experiment, fully resolved."""
 
@@ -441,6 +461,7 @@ class Scenario:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     compression: CompressionConfig = field(default_factory=CompressionConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def __post_init__(self) -> None:
         _need(

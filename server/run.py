@@ -46,6 +46,7 @@ from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json
 from fedpeft.train import evaluate
 from server.compression import CodecGrid
 from server.grid import CountingGrid, PollingGrid
+from server.privacy import PrivacyGrid
 from server.reliability import FaultyGrid, ValidatingGrid
 from strategies import build_strategy
 from strategies.adapter_strategy import AdapterStrategy
@@ -262,6 +263,7 @@ def run_federation(
         inner = FaultyGrid(inner, counting, scenario)
     reference = initial_adapter_state(local.model, server_peft, data.num_labels, scenario.seed)
     validating = ValidatingGrid(inner, counting, reference, scenario)
+    private = PrivacyGrid(validating, scenario) if scenario.privacy.dp != "none" else None
     log = RoundLog(out_dir, scenario.federation.rounds)
     initial_metrics: dict[str, float] = {}
     round_clock = [time.perf_counter()]
@@ -297,6 +299,7 @@ def run_federation(
                     "updates_rejected": len(traffic.rejections),
                     "rejections": traffic.rejections,
                     "aggregated": traffic.not_aggregated is None,
+                    **({"epsilon": private.epsilon()} if private else {}),
                     "bytes_up": traffic.bytes_up,
                     "bytes_down": traffic.bytes_down,
                     "bytes_up_uncompressed": plain_up,
@@ -314,7 +317,7 @@ def run_federation(
     )
     round_clock[0] = time.perf_counter()
     result = strategy.start(
-        grid=validating,
+        grid=private or validating,
         initial_arrays=initial,
         num_rounds=scenario.federation.rounds,
         timeout=scenario.federation.round_timeout,
@@ -354,6 +357,10 @@ def run_federation(
         "bytes_up_per_client_round": per_client_up,
         "saving_vs_full": full_model_bytes / per_client_up if per_client_up else None,
         "compression": compression_summary(scenario, rows, full_model_bytes),
+        "privacy": {
+            **dataclasses.asdict(scenario.privacy),
+            "epsilon": private.epsilon() if private else None,
+        },  # fmt: skip
         "clients": [
             {**row, "rank": scenario.rank_of(row["client"])}
             for row in partition_summary(scenario.data, scenario.seed)

@@ -38,6 +38,9 @@ NEW_FACTORS_EACH_ROUND = {
     "flexlora": "hands out freshly SVD-decomposed factors (a new basis) every round",
 }
 HETERO_HINT = "flora, flexlora or hetlora"
+#: strategies whose rule is a weighted sum of what clients send: DP noise in shares, and
+#: secure aggregation, hold only for these
+WEIGHTED_SUM = ("fedavg", "fedit", "fedprox", "ffa_lora", "fedsa_lora", "rolora")
 
 
 def register_strategy(
@@ -97,6 +100,11 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
         raise ScenarioError(
             f"strategy.name={spec.name!r} aggregates LoRA factors and needs "
             f"peft.method='lora', not {scenario.peft.method!r}"
+        )
+    if scenario.privacy.dp != "none" and spec.name not in WEIGHTED_SUM:
+        raise ScenarioError(
+            f"privacy.dp={scenario.privacy.dp!r} needs a strategy whose rule is a weighted sum "
+            f"of client updates ({', '.join(WEIGHTED_SUM)}), not strategy.name={spec.name!r}"
         )
     if spec.name in NEW_FACTORS_EACH_ROUND and scenario.compression.error_feedback:
         raise ScenarioError(

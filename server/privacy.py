@@ -1,0 +1,84 @@
+"""The server's side of differential privacy (see :mod:`fedpeft.privacy` for the maths).
+
+:class:`PrivacyGrid` sits between the strategy and validation. Under ``dp = "central"`` it
+clips each valid training reply's change and adds this reply's share of the Gaussian noise,
+so the strategy's weighted average is the Gaussian mechanism; under ``dp = "local"`` the
+clients did that themselves and it only counts who took part. Either way it keeps the
+books the accountant needs for epsilon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable
+
+from flwr.app import Message, MessageType
+from flwr.serverapp import Grid
+
+from fedpeft import records
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.config import Scenario
+from fedpeft.privacy import add_noise, clip_update, epsilon, noise_generator
+from server.grid import DelegatingGrid
+
+
+def central_noise_std(weights: list[float], noise_multiplier: float, clip: float) -> float:
+    """Std of the noise each reply gets so that the weighted mean carries N(0, (s C max p)^2).
+
+    With p_i = w_i / sum(w), the mean's noise variance is sum(p_i^2) v; setting it to
+    (s C max p)^2 gives v = (s C max p)^2 / sum(p_i^2).
+    """
+    total = sum(weights)
+    shares = [w / total for w in weights]
+    target = noise_multiplier * clip * max(shares)
+    return target / math.sqrt(sum(p * p for p in shares))
+
+
+class PrivacyGrid(DelegatingGrid):
+    """Clip and noise replies (central DP), and count the releases for the accountant."""
+
+    def __init__(self, grid: Grid, scenario: Scenario) -> None:
+        super().__init__(grid)
+        self.privacy = scenario.privacy
+        self.population = scenario.data.num_clients
+        self.releases = 0  # central: aggregated rounds
+        self.participations: Counter[int] = Counter()  # local: valid replies per node
+
+    def epsilon(self) -> float:
+        """Epsilon at ``privacy.delta`` so far (local: of the client that took part most)."""
+        if self.privacy.dp == "central":
+            return epsilon(self.privacy, self.releases, self.population)
+        most = max(self.participations.values(), default=0)
+        return epsilon(self.privacy, most, self.population)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        """Send; under central DP return clipped, noised training replies."""
+        messages = list(messages)
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+            return replies
+        valid = [r for r in replies if not r.has_error()]
+        if not valid:
+            return replies
+        if self.privacy.dp == "local":
+            self.participations.update(r.metadata.src_node_id for r in valid)
+            return replies
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        weights = [
+            float(str(r.content.metric_records[records.METRICS].get(records.NUM_EXAMPLES, 1)))
+            if records.METRICS in r.content.metric_records else 1.0
+            for r in valid
+        ]  # fmt: skip
+        std = central_noise_std(weights, self.privacy.noise_multiplier, self.privacy.clipping_norm)
+        generator = noise_generator()
+        for reply in valid:
+            given = sent[reply.metadata.src_node_id].content.array_records.get(records.ARRAYS)
+            update = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+            base = arrayrecord_to_state(given) if given is not None else {}
+            clipped, _ = clip_update(update, base, self.privacy.clipping_norm)
+            reply.content[records.ARRAYS] = state_to_arrayrecord(add_noise(clipped, std, generator))
+        self.releases += 1
+        return replies
