@@ -211,6 +211,9 @@ class FederationConfig:
     max_update_norm: float = _f(
         0.0, "reject an update whose L2 distance from what its client was sent is larger; 0 = off"
     )
+    clip_update_norm: float = _f(
+        0.0, "scale each update's change from what its client was sent to at most this; 0 = off"
+    )
 
     def __post_init__(self) -> None:
         _need(self.rounds >= 1, "federation.rounds", "an integer >= 1", self.rounds)
@@ -219,6 +222,12 @@ class FederationConfig:
             "federation.min_fit_clients",
             "an integer >= 1",
             self.min_fit_clients,
+        )
+        _need(
+            self.clip_update_norm >= 0,
+            "federation.clip_update_norm",
+            "a number >= 0 (0 = no clipping)",
+            self.clip_update_norm,
         )
         _need(
             self.max_update_norm >= 0,
@@ -241,6 +250,7 @@ class StrategySection:
 
     name: str = _f("fedavg", "aggregation strategy (see `fedpeft list`)")
     proximal_mu: float = _f(0.01, "FedProx proximal weight mu")
+    trim_beta: float = _f(0.2, "fedtrimmedavg: share cut from each tail, per coordinate")
     server_lr: float = _f(1e-2, "server learning rate eta (FedAdam, FedYogi, FedAdagrad)")
     momentum_lr: float = _f(1.0, "server learning rate of FedAvgM (1.0 = plain averaged step)")
     server_momentum: float = _f(0.9, "server momentum (FedAvgM)")
@@ -413,17 +423,30 @@ class FaultsConfig:
     slow_rate: float = _f(0.0, "share of training calls that first sleep slow_seconds")
     slow_seconds: float = _f(5.0, "how long a slow client sleeps (past round_timeout: it is late)")
     nan_rate: float = _f(0.0, "share of training replies whose update holds NaN")
+    poison: Literal["none", "scale", "sign_flip"] = _f(
+        "none", "what poison_clients do to their update (its change from what they got)"
+    )
+    poison_scale: float = _f(10.0, "the poisoned change: x this (scale) or x -this (sign_flip)")
+    poison_clients: list[int] = _f([], "partition ids of the poisoning clients")
 
     def __post_init__(self) -> None:
         for key in ("drop_rate", "crash_rate", "slow_rate", "nan_rate"):
             value = getattr(self, key)
             _need(0 <= value <= 1, f"faults.{key}", "a share in [0, 1]", value)
         _need(self.slow_seconds >= 0, "faults.slow_seconds", "seconds >= 0", self.slow_seconds)
+        _need(self.poison_scale > 0, "faults.poison_scale", "a number > 0", self.poison_scale)
+        _need(
+            self.poison == "none" or bool(self.poison_clients),
+            "faults.poison_clients",
+            "the partition ids that poison (faults.poison is set)",
+            self.poison_clients,
+        )
 
     @property
     def enabled(self) -> bool:
         """Whether any failure is injected."""
-        return any((self.drop_rate, self.crash_rate, self.slow_rate, self.nan_rate))
+        rates = (self.drop_rate, self.crash_rate, self.slow_rate, self.nan_rate)
+        return any(rates) or self.poison != "none"
 
 
 @dataclass

@@ -53,10 +53,27 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if "slow" in hits:
         time.sleep(scenario.faults.slow_seconds)
     reply = call_next(msg, context)
+    if scenario.faults.poison != "none" and partition_id in scenario.faults.poison_clients:
+        reply = _poisoned(msg, reply, scenario.faults)
     if "nan" in hits and records.ARRAYS in reply.content.array_records:
         state = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
         first = next(iter(state), None)
         if first is not None:
             state[first] = state[first].clone().fill_(math.nan)
             reply.content[records.ARRAYS] = state_to_arrayrecord(state)
+    return reply
+
+
+def _poisoned(msg: Message, reply: Message, faults: FaultsConfig) -> Message:
+    """The reply with its change from the received adapter scaled (or sign-flipped)."""
+    if reply.has_error() or records.ARRAYS not in reply.content.array_records:
+        return reply
+    given = msg.content.array_records.get(records.ARRAYS)
+    sent = arrayrecord_to_state(given) if given is not None else {}
+    factor = faults.poison_scale * (-1.0 if faults.poison == "sign_flip" else 1.0)
+    state = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+    for key, value in state.items():
+        if key in sent and sent[key].shape == value.shape:
+            state[key] = sent[key] + factor * (value - sent[key])
+    reply.content[records.ARRAYS] = state_to_arrayrecord(state)
     return reply

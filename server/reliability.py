@@ -7,7 +7,9 @@ Two Grid wrappers sit between the strategy and the rest (see ``run_federation``)
   values and, optionally, a bound on the update's norm. A rejected reply is logged with its
   reason, counted (``updates_rejected``) and handed to the strategy as an error, so it never
   touches the aggregate. A round with fewer valid replies than
-  ``federation.min_fit_clients`` aggregates nothing: the global adapter stays.
+  ``federation.min_fit_clients`` aggregates nothing: the global adapter stays. With
+  ``federation.clip_update_norm`` each valid update's change is scaled to that norm at
+  most (norm clipping, a robust rule against scaled updates that works with any strategy).
 - :class:`FaultyGrid` loses the training instructions that ``faults.drop_rate`` picks, so
   those clients never answer (:mod:`fedpeft.faults` injects the other faults client-side).
 """
@@ -24,9 +26,10 @@ from flwr.serverapp import Grid
 
 from fedpeft import records
 from fedpeft.adapters import AdapterState, factor_of
-from fedpeft.codecs import arrayrecord_to_state
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.faults import strikes
+from fedpeft.privacy import clip_update
 from server.grid import CountingGrid, DelegatingGrid
 
 logger = logging.getLogger(__name__)
@@ -94,6 +97,7 @@ class ValidatingGrid(DelegatingGrid):
         self.counting, self.reference = counting, reference
         self.min_replies = scenario.federation.min_fit_clients
         self.max_norm = scenario.federation.max_update_norm
+        self.clip = scenario.federation.clip_update_norm
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -117,6 +121,8 @@ class ValidatingGrid(DelegatingGrid):
                                     reply_to=sent) if sent is not None else reply  # fmt: skip
                 else:
                     valid += 1
+                    if self.clip > 0 and sent is not None:
+                        self._clip(reply, sent)
             checked.append(reply)
         if valid < self.min_replies:
             why = f"{valid} valid replies < federation.min_fit_clients={self.min_replies}"
@@ -124,6 +130,15 @@ class ValidatingGrid(DelegatingGrid):
             self.counting.current.not_aggregated = why
             return [r for r in checked if r.has_error()]
         return checked
+
+    def _clip(self, reply: Message, sent: Message) -> None:
+        """Scale the reply's change from what its client got to ``clip_update_norm``."""
+        given = sent.content.array_records.get(records.ARRAYS)
+        update = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+        base = arrayrecord_to_state(given) if given is not None else {}
+        reply.content[records.ARRAYS] = state_to_arrayrecord(
+            clip_update(update, base, self.clip)[0]
+        )
 
     def _check(self, reply: Message, sent: Message | None) -> str | None:
         if sent is None:

@@ -1,4 +1,4 @@
-"""FedAvg, FedProx and FedAvgM: Flower's own strategies, registered for scenarios.
+"""FedAvg, FedProx, FedAvgM and the robust rules: Flower's own strategies, registered.
 
 On adapter tensors, FedAvg is FedIT (Zhang et al., 2024): the LoRA factors A and B are
 averaged separately, weighted by each client's ``num-examples``.
@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAvg, FedAvgM, FedProx, Strategy
+from flwr.serverapp.strategy import (
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
 
 from fedpeft.config import Scenario
 from strategies import register_strategy
@@ -36,3 +43,23 @@ def build_fedavgm(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 register_strategy("fedavg", "weighted average of adapter tensors (FedIT on LoRA)", build_fedavg)
 register_strategy("fedprox", "FedAvg + client-side proximal term (mu)", build_fedprox)
 register_strategy("fedavgm", "FedAvg with server momentum", build_fedavgm)
+
+
+def build_fedmedian(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """Coordinate-wise median of the clients' tensors (each LoRA factor on its own)."""
+    return FedMedian(**sampling)
+
+
+def build_fedtrimmedavg(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
+    """Coordinate-wise mean after cutting ``strategy.trim_beta`` of each tail."""
+    return FedTrimmedAvg(beta=scenario.strategy.trim_beta, **sampling)
+
+
+register_strategy(
+    "fedmedian", "coordinate-wise median (robust to a few poisoners)", build_fedmedian
+)
+register_strategy(
+    "fedtrimmedavg",
+    "coordinate-wise trimmed mean (strategy.trim_beta per tail)",
+    build_fedtrimmedavg,
+)

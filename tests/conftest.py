@@ -4,9 +4,36 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture
+def moved_from_initial(tmp_path):
+    """``moved(scenario, out_dir)``: L2 distance of a run's saved adapter from its initial one."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from fedpeft.adapters import save_adapter, set_adapter_state
+    from fedpeft.data import load_task_data
+    from fedpeft.models import cached_peft_model, initial_adapter_state
+
+    def moved(scenario, out_dir) -> float:
+        labels = load_task_data(scenario.data).num_labels
+        peft_cfg = scenario.peft_for_rank(scenario.max_rank)
+        model = cached_peft_model(scenario.model, peft_cfg, labels, scenario.seed)
+        initial = initial_adapter_state(scenario.model, peft_cfg, labels, scenario.seed)
+        set_adapter_state(model, initial)
+        save_adapter(model, tmp_path / "initial-adapter")
+        start = load_file(tmp_path / "initial-adapter" / "adapter_model.safetensors")
+        end = load_file(out_dir / "adapter" / "adapter_model.safetensors")
+        return math.sqrt(sum(float((end[k] - start[k]).double().square().sum()) for k in start))
+
+    return moved

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import clients.app
 from fedpeft.config import PrivacySection, ScenarioError, load_scenario
@@ -66,7 +64,9 @@ def test_dp_refuses_strategies_whose_rule_is_not_a_weighted_sum(strategy) -> Non
 
 
 @pytest.mark.parametrize("dp", ["central", "local"])
-def test_a_private_round_moves_the_global_by_at_most_the_clipping_norm(dp, tmp_path) -> None:
+def test_a_private_round_moves_the_global_by_at_most_the_clipping_norm(
+    dp, tmp_path, moved_from_initial
+) -> None:
     """With negligible noise, the average of clipped changes is within the bound."""
     sets = [f'privacy.dp="{dp}"', "privacy.noise_multiplier=1e-9", "privacy.clipping_norm=0.05",
             "federation.rounds=1", "train.lr=0.05"]  # fmt: skip
@@ -75,26 +75,8 @@ def test_a_private_round_moves_the_global_by_at_most_the_clipping_norm(dp, tmp_p
     summary = run_federation(InProcessGrid(clients.app.app, 2), scenario, out, "in-process")
     plain = load_scenario("smoke", ["federation.rounds=1", "train.lr=0.05"])
     run_federation(InProcessGrid(clients.app.app, 2), plain, tmp_path / "plain", "in-process")
-    private = load_file(out / "adapter" / "adapter_model.safetensors")
-    free = load_file(tmp_path / "plain" / "adapter" / "adapter_model.safetensors")
-    start = _initial_adapter(scenario, tmp_path / "initial")
-    moved = math.sqrt(sum(float((private[k] - start[k]).double().square().sum()) for k in start))
-    free_moved = math.sqrt(sum(float((free[k] - start[k]).double().square().sum()) for k in start))
-    assert free_moved > 0.05 and moved <= 0.05 * (1 + 1e-4)
+    assert moved_from_initial(plain, tmp_path / "plain") > 0.05
+    assert moved_from_initial(scenario, out) <= 0.05 * (1 + 1e-4)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["epsilon"] > 0 and summary["privacy"]["dp"] == dp
     assert summary["privacy"]["epsilon"] == rows[-1]["epsilon"]
-
-
-def _initial_adapter(scenario, where: Path) -> dict[str, torch.Tensor]:
-    """The initial adapter as saved (the keys of adapter_model.safetensors)."""
-    from fedpeft.adapters import save_adapter, set_adapter_state
-    from fedpeft.data import load_task_data
-    from fedpeft.models import cached_peft_model, initial_adapter_state
-
-    labels = load_task_data(scenario.data).num_labels
-    peft_cfg = scenario.peft_for_rank(scenario.max_rank)
-    model = cached_peft_model(scenario.model, peft_cfg, labels, scenario.seed)
-    set_adapter_state(model, initial_adapter_state(scenario.model, peft_cfg, labels, scenario.seed))
-    save_adapter(model, where)
-    return load_file(where / "adapter_model.safetensors")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import clients.app
 from fedpeft import records
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.faults import fault_mod, faults_of, strikes
 from server.inprocess import InProcessGrid
@@ -137,3 +138,65 @@ def test_a_round_with_too_few_valid_replies_keeps_the_global_adapter(tmp_path) -
     _, rows = _run(tmp_path, "federation.max_update_norm=1e-9")
     assert all(r["updates_rejected"] == 5 and r["aggregated"] is False for r in rows)
     assert all("exceeds federation.max_update_norm" in r["rejections"][0] for r in rows)
+
+
+def test_a_poisoner_sends_its_change_flipped_and_scaled(tmp_path) -> None:
+    scenario = load_scenario(
+        "smoke", ['faults.poison="sign_flip"', "faults.poison_scale=3", "faults.poison_clients=[1]"]
+    )
+    _ensure_task_identity()
+    sent = {"w": torch.ones(2, 2), "v": torch.zeros(3)}
+    config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
+    msg = Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(sent)}),
+                  dst_node_id=1, message_type=MessageType.TRAIN)  # fmt: skip
+    trained = {"w": torch.full((2, 2), 1.5), "v": torch.tensor([0.0, 1.0, -2.0])}
+
+    def handler(m, c):
+        return Message(RecordDict({records.ARRAYS: state_to_arrayrecord(trained)}), reply_to=m)
+
+    def context(pid):
+        return Context(run_id=1, node_id=1, node_config={records.NODE_PARTITION_ID: pid},
+                       state=RecordDict(), run_config={})  # fmt: skip
+
+    def reply_of(pid):
+        return arrayrecord_to_state(fault_mod(msg, context(pid), handler).content["arrays"])
+
+    out = reply_of(1)
+    assert torch.equal(out["w"], torch.full((2, 2), 1.0 - 3 * 0.5))  # sent - 3 x change
+    assert torch.equal(out["v"], torch.tensor([0.0, -3.0, 6.0]))
+    honest = arrayrecord_to_state(
+        fault_mod(msg, context(0), handler).content.array_records["arrays"]
+    )
+    assert all(torch.equal(honest[k], trained[k]) for k in trained)
+
+
+@pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg"])
+def test_robust_rules_aggregate_adapters_and_ignore_one_poisoner(name, tmp_path) -> None:
+    """Three clients, one sending -50x its change: the robust rule stays near the honest."""
+    base = ["data.num_clients=3", "federation.clients_per_round=3", "federation.rounds=1",
+            f'strategy.name="{name}"', "strategy.trim_beta=0.34"]  # fmt: skip
+    poison = ['faults.poison="sign_flip"', "faults.poison_scale=50", "faults.poison_clients=[2]"]
+    moved = {}
+    for label, sets in {
+        "robust": base + poison,
+        "plain": base,
+        "fedavg": [*base[:-2], *poison],
+    }.items():
+        scenario = load_scenario("smoke", sets)
+        out = tmp_path / label
+        run_federation(InProcessGrid(clients.app.app, 3), scenario, out, "in-process")
+        moved[label] = load_file(out / "adapter" / "adapter_model.safetensors")
+    distance = {
+        k: math.sqrt(sum(float((moved[k][n] - moved["plain"][n]).square().sum()) for n in moved[k]))
+        for k in ("robust", "fedavg")
+    }
+    assert distance["robust"] < distance["fedavg"] / 5, distance
+
+
+def test_norm_clipping_bounds_each_update_before_any_strategy(tmp_path, moved_from_initial):
+    sets = ["federation.clip_update_norm=0.01", "federation.rounds=1", "train.lr=0.05"]
+    _, rows = _run(tmp_path, *sets)
+    assert rows[0]["clients_failed"] == 0
+    scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
+                                       *sets])  # fmt: skip
+    assert 0 < moved_from_initial(scenario, tmp_path / "out") <= 0.01 * (1 + 1e-4)
