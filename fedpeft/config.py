@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -278,6 +279,9 @@ class StrategySection:
             "strategy.hetlora_prune_threshold",
             "a number >= 0",
             self.hetlora_prune_threshold,
+        )
+        _need(
+            0 <= self.trim_beta < 0.5, "strategy.trim_beta", "a share in [0, 0.5)", self.trim_beta
         )
 
 
@@ -554,9 +558,12 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in get_args(tp))
     if origin is list:
         return f"a list of {_type_name(get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
+    return {
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        bool: "true or false",
+    }.get(tp, getattr(tp, "__name__", str(tp)))
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -581,7 +588,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
+        # no setting means anything with inf or nan: refuse them here, once for every key
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -61,6 +61,7 @@ class RoundLog:
             f"  clients {row['clients_sampled'] - row['clients_failed']}/{row['clients_sampled']}"
             f"  up {row['bytes_up'] / 1e6:.2f} MB  down {row['bytes_down'] / 1e6:.2f} MB"
             f"  {row['round_seconds']:.1f}s  ETA {_clock(eta)}"
+            + (f"  epsilon {row['epsilon']:.2f}" if "epsilon" in row else "")
         )
         if row.get("failures"):
             rejected = (
