@@ -237,9 +237,8 @@ def run_federation(
     set_trainable(model, None)
     model.to(device)
     processor = load_processor(scenario.model)  # tokenizer or image preparation
-    initial = state_to_arrayrecord(
-        initial_adapter_state(local.model, server_peft, data.num_labels, scenario.seed)
-    )
+    reference = initial_adapter_state(local.model, server_peft, data.num_labels, scenario.seed)
+    initial = state_to_arrayrecord(reference)
     adapter_bytes = payload_nbytes(initial)
     full_model_bytes = tensors_nbytes(base_model_tensors(model))
 
@@ -257,11 +256,11 @@ def run_federation(
         if scenario.compression.enabled
         else None
     )
-    # strategy -> validation -> lost instructions (faults) -> codec -> byte counting -> Flower
+    # what the strategy talks to: [central DP] -> validation -> [lost instructions (faults)]
+    # -> [codec] -> byte counting -> Flower's Grid
     inner: Grid = codec or counting
     if scenario.faults.drop_rate > 0:
         inner = FaultyGrid(inner, counting, scenario)
-    reference = initial_adapter_state(local.model, server_peft, data.num_labels, scenario.seed)
     validating = ValidatingGrid(inner, counting, reference, scenario)
     private = PrivacyGrid(validating, scenario) if scenario.privacy.dp != "none" else None
     log = RoundLog(out_dir, scenario.federation.rounds)
