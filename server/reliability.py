@@ -117,8 +117,10 @@ class ValidatingGrid(DelegatingGrid):
                     node = reply.metadata.src_node_id
                     logger.warning("node %s: update rejected: %s", node, reason)
                     self.counting.reject(reply, f"update rejected: {reason}")
+                    if sent is None:  # answers nothing this round asked: leave it out
+                        continue
                     reply = Message(Error(code=0, reason=f"update rejected: {reason}"),
-                                    reply_to=sent) if sent is not None else reply  # fmt: skip
+                                    reply_to=sent)  # fmt: skip
                 else:
                     valid += 1
                     if self.clip > 0 and sent is not None:
