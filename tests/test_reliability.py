@@ -200,3 +200,25 @@ def test_norm_clipping_bounds_each_update_before_any_strategy(tmp_path, moved_fr
     scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
                                        *sets])  # fmt: skip
     assert 0 < moved_from_initial(scenario, tmp_path / "out") <= 0.01 * (1 + 1e-4)
+
+
+def test_a_reply_to_no_instruction_is_counted_rejected_and_left_out() -> None:
+    from server.grid import CountingGrid
+    from server.reliability import ValidatingGrid
+    from strategies.testing import StaticGrid, train_reply
+
+    good = {k: v.clone() for k, v in REF.items()}
+
+    class Unsolicited(StaticGrid):  # answers node 1, and node 9 replies unasked
+        def send_and_receive(self, messages, *, timeout=None):
+            return [train_reply(good, 4, node_id=1), train_reply(good, 4, node_id=9)]
+
+    _ensure_task_identity()
+    counting = CountingGrid(Unsolicited([1]))
+    grid = ValidatingGrid(counting, counting, REF, load_scenario("smoke"))
+    instruction = Message(RecordDict({records.ARRAYS: state_to_arrayrecord(REF)}), dst_node_id=1,
+                          message_type=MessageType.TRAIN)  # fmt: skip
+    replies = list(grid.send_and_receive([instruction]))
+    assert [r.metadata.src_node_id for r in replies] == [1] and not replies[0].has_error()
+    assert counting.current.rejections == ["node 9: update rejected: a reply to no instruction "
+                                           "of this round"]  # fmt: skip
