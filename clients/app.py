@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -265,6 +266,9 @@ def train(msg: Message, context: Context) -> Message:
     node_info = ConfigRecord(
         {records.INFO_DEVICE: device_label(job.device), records.INFO_HOST: socket.gethostname()}
     )
+    ray = sys.modules.get("ray")  # in simulation: which Ray node ran this client
+    if ray is not None and ray.is_initialized():
+        node_info[records.INFO_RAY_NODE] = str(ray.get_runtime_context().get_node_id())
     content = RecordDict(
         {
             records.ARRAYS: state_to_arrayrecord(sent),

@@ -34,6 +34,7 @@ PEAK_MEMORY_MB = "peak_memory_mb"  # peak device memory in training (CPU: proces
 # NODE_INFO keys (strings, which a MetricRecord cannot hold)
 INFO_DEVICE = "device"  # the torch device trained on: cpu, mps, "cuda:0 (NVIDIA H200)"
 INFO_HOST = "host"  # the node's host name
+INFO_RAY_NODE = "ray_node"  # simulation: the id of the Ray node whose worker ran the client
 
 # Node-config keys (set by Flower's simulation engine, or by `flower-supernode --node-config`)
 NODE_PARTITION_ID = "partition-id"

@@ -36,6 +36,8 @@ def test_run_writes_the_contract_files(minilm_run):
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
     # each client process built its base model once and reused it in round 2
     loads = {c["partition-id"]: c["model_loads"] for c in rows[1]["client_metrics"]}
+    # placement: the Ray node and the device that ran each client
+    assert all(c["ray_node"] and c["device"] == "cpu" for c in rows[1]["client_metrics"])
     assert sorted(loads) == [0, 1] and set(loads.values()) == {1}
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
