@@ -71,7 +71,7 @@ class Job:
 
     def factors(self, key: str) -> set[str]:
         """A comma-separated factor list from the instructions."""
-        return {f for f in str(self.config.get(key, "")).split(",") if f}
+        return records.factor_set(self.config, key)
 
 
 def _partition_id(context: Context, scenario: Scenario) -> int:

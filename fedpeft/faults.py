@@ -16,7 +16,7 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft import records
-from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.codecs import arrayrecord_to_state, message_state, state_to_arrayrecord
 from fedpeft.config import FaultsConfig, Scenario
 
 
@@ -68,10 +68,8 @@ def _poisoned(msg: Message, reply: Message, faults: FaultsConfig) -> Message:
     """The reply with its change from the received adapter scaled (or sign-flipped)."""
     if reply.has_error() or records.ARRAYS not in reply.content.array_records:
         return reply
-    given = msg.content.array_records.get(records.ARRAYS)
-    sent = arrayrecord_to_state(given) if given is not None else {}
+    sent, state = message_state(msg), message_state(reply)
     factor = faults.poison_scale * (-1.0 if faults.poison == "sign_flip" else 1.0)
-    state = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
     for key, value in state.items():
         if key in sent and sent[key].shape == value.shape:
             state[key] = sent[key] + factor * (value - sent[key])

@@ -28,22 +28,32 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from fedpeft import records
 from fedpeft.adapters import AdapterState
-from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import PrivacySection, Scenario
+
+
+def update_changes(update: AdapterState, sent: AdapterState) -> AdapterState:
+    """Each tensor's change from ``sent``, in float64.
+
+    A tensor without a same-shaped counterpart in ``sent`` counts as all change.
+    """
+    return {
+        k: v.double() - sent[k].double() if k in sent and sent[k].shape == v.shape else v.double()
+        for k, v in update.items()
+    }
+
+
+def change_norm(changes: AdapterState) -> float:
+    """The L2 norm of an update's changes over all its tensors together."""
+    return math.sqrt(sum(float(c.square().sum()) for c in changes.values()))
 
 
 def clip_update(
     update: AdapterState, sent: AdapterState, clip: float
 ) -> tuple[AdapterState, float]:
-    """``sent + change * min(1, clip / ||change||)`` per tensor, and the change's norm.
-
-    A tensor without a same-shaped counterpart in ``sent`` counts as all change.
-    """
-    changes = {
-        k: v.double() - sent[k].double() if k in sent and sent[k].shape == v.shape else v.double()
-        for k, v in update.items()
-    }
-    norm = math.sqrt(sum(float(c.square().sum()) for c in changes.values()))
+    """``sent + change * min(1, clip / ||change||)`` per tensor, and the change's norm."""
+    changes = update_changes(update, sent)
+    norm = change_norm(changes)
     scale = min(1.0, clip / norm) if norm > 0 else 1.0
     out = {}
     for key, value in update.items():
@@ -108,10 +118,7 @@ def local_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     privacy = scenario.privacy
     if privacy.dp != "local" or records.ARRAYS not in reply.content.array_records:
         return reply
-    received = msg.content.array_records.get(records.ARRAYS)
-    sent_to_me = arrayrecord_to_state(received) if received is not None else {}
-    update = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
-    clipped, _ = clip_update(update, sent_to_me, privacy.clipping_norm)
+    clipped, _ = clip_update(message_state(reply), message_state(msg), privacy.clipping_norm)
     noisy = add_noise(clipped, privacy.noise_multiplier * privacy.clipping_norm, noise_generator())
     reply.content[records.ARRAYS] = state_to_arrayrecord(noisy)
     return reply

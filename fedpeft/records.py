@@ -1,5 +1,7 @@
 """Keys of the Flower records exchanged between ServerApp and ClientApp, in one place."""
 
+from typing import Any
+
 ARRAYS = "arrays"  # ArrayRecord: the adapter tensors (Flower strategies' default key)
 CONFIG = "config"  # ConfigRecord sent with each instruction
 COMPRESSED = "compressed"  # ArrayRecord: a coded adapter payload in place of ARRAYS (codecs)
@@ -18,6 +20,12 @@ ALPHA_MODE = "alpha-mode"  # "per-rank" (alpha / r_i) or "shared-scaling" (alpha
 PRUNE_GAMMA = "prune-gamma"  # HetLoRA rank self-pruning regulariser weight
 PRUNE_THRESHOLD = "prune-threshold"
 STATE_DIR = "state-dir"  # where clients keep per-client state (simulation: under the run folder)
+
+
+def factor_set(config: Any, key: str) -> set[str]:
+    """A comma-separated factor list (TRAIN_FACTORS, ...) of a ConfigRecord; empty if absent."""
+    return {f for f in str(config.get(key, "") if config is not None else "").split(",") if f}
+
 
 # MetricRecord keys
 NUM_EXAMPLES = "num-examples"  # Flower strategies' weighting key

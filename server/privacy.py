@@ -17,7 +17,7 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from fedpeft import records
-from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.privacy import add_noise, clip_update, epsilon, noise_generator
 from server.grid import DelegatingGrid
@@ -75,10 +75,8 @@ class PrivacyGrid(DelegatingGrid):
         std = central_noise_std(weights, self.privacy.noise_multiplier, self.privacy.clipping_norm)
         generator = noise_generator()
         for reply in valid:
-            given = sent[reply.metadata.src_node_id].content.array_records.get(records.ARRAYS)
-            update = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
-            base = arrayrecord_to_state(given) if given is not None else {}
-            clipped, _ = clip_update(update, base, self.privacy.clipping_norm)
+            base = message_state(sent[reply.metadata.src_node_id])
+            clipped, _ = clip_update(message_state(reply), base, self.privacy.clipping_norm)
             reply.content[records.ARRAYS] = state_to_arrayrecord(add_noise(clipped, std, generator))
         self.releases += 1
         return replies

@@ -17,7 +17,6 @@ Two Grid wrappers sit between the strategy and the rest (see ``run_federation``)
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable
 
 import torch
@@ -26,10 +25,10 @@ from flwr.serverapp import Grid
 
 from fedpeft import records
 from fedpeft.adapters import AdapterState, factor_of
-from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.faults import strikes
-from fedpeft.privacy import clip_update
+from fedpeft.privacy import change_norm, clip_update, update_changes
 from server.grid import CountingGrid, DelegatingGrid
 
 logger = logging.getLogger(__name__)
@@ -59,7 +58,6 @@ def check_update(
         return f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}"
     if extra := sorted(set(update) - expected):
         return f"unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}"
-    squares = 0.0
     for key, value in update.items():
         ref, before = reference[key], sent.get(key)
         # the server's own dtype, or the one it sent (server optimisers send float64)
@@ -69,9 +67,7 @@ def check_update(
             return f"{key} has shape {tuple(value.shape)}, expected {tuple(ref.shape)}"
         if not torch.isfinite(value).all():
             return f"{key} holds non-finite values"
-        change = value - before if before is not None and before.shape == value.shape else value
-        squares += float(change.double().square().sum())
-    if max_norm > 0 and (norm := math.sqrt(squares)) > max_norm:
+    if max_norm > 0 and (norm := change_norm(update_changes(update, sent))) > max_norm:
         return f"update norm {norm:.4g} exceeds federation.max_update_norm={max_norm:g}"
     return None
 
@@ -112,7 +108,7 @@ class ValidatingGrid(DelegatingGrid):
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
             if not reply.has_error():
                 sent = instructions.get(reply.metadata.src_node_id)
-                reason = self._check(reply, sent)
+                reason = self._vet(reply, sent)
                 if reason is not None:
                     node = reply.metadata.src_node_id
                     logger.warning("node %s: update rejected: %s", node, reason)
@@ -123,8 +119,6 @@ class ValidatingGrid(DelegatingGrid):
                                     reply_to=sent)  # fmt: skip
                 else:
                     valid += 1
-                    if self.clip > 0 and sent is not None:
-                        self._clip(reply, sent)
             checked.append(reply)
         if valid < self.min_replies:
             why = f"{valid} valid replies < federation.min_fit_clients={self.min_replies}"
@@ -133,31 +127,27 @@ class ValidatingGrid(DelegatingGrid):
             return [r for r in checked if r.has_error()]
         return checked
 
-    def _clip(self, reply: Message, sent: Message) -> None:
-        """Scale the reply's change from what its client got to ``clip_update_norm``."""
-        given = sent.content.array_records.get(records.ARRAYS)
-        update = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
-        base = arrayrecord_to_state(given) if given is not None else {}
-        reply.content[records.ARRAYS] = state_to_arrayrecord(
-            clip_update(update, base, self.clip)[0]
-        )
+    def _vet(self, reply: Message, sent: Message | None) -> str | None:
+        """Why ``reply`` must not be aggregated, or None; a sound one is clipped as asked.
 
-    def _check(self, reply: Message, sent: Message | None) -> str | None:
+        The tensors are decoded once, for the checks and for ``clip_update_norm``.
+        """
         if sent is None:
             return "a reply to no instruction of this round"
         if records.ARRAYS not in reply.content.array_records:
             return "no adapter tensors in the reply"
-        config = sent.content.config_records.get(records.CONFIG)
-        send = {f for f in str(config.get(records.SEND_FACTORS, "")).split(",") if f} if (
-            config is not None) else set()  # fmt: skip
-        given = sent.content.array_records.get(records.ARRAYS)
+        send = records.factor_set(sent.content.config_records.get(records.CONFIG),
+                                  records.SEND_FACTORS)  # fmt: skip
         try:
-            update = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+            update = message_state(reply)
         except Exception as exc:  # noqa: BLE001 - a malformed record is the client's fault
             return f"unreadable tensors: {type(exc).__name__}: {exc}"
-        return check_update(update, self.reference, send,
-                            arrayrecord_to_state(given) if given is not None else {},
-                            self.max_norm)  # fmt: skip
+        given = message_state(sent)
+        reason = check_update(update, self.reference, send, given, self.max_norm)
+        if reason is None and self.clip > 0:  # norm clipping of a sound update
+            clipped, _ = clip_update(update, given, self.clip)
+            reply.content[records.ARRAYS] = state_to_arrayrecord(clipped)
+        return reason
 
 
 class FaultyGrid(DelegatingGrid):

@@ -6,13 +6,14 @@ import json
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message
 from flwr.supercore.constant import HEAD_BODY_DIVIDER, HEAD_VALUE_DIVIDER
 from flwr.supercore.inflatable.inflatable_object import (
     InflatableObject,
     get_all_nested_objects,
 )
 
+from fedpeft import records
 from fedpeft.adapters import AdapterState
 
 PAYLOAD = "payload"  # the one Array of a coded ArrayRecord
@@ -33,6 +34,12 @@ def state_to_arrayrecord(state: AdapterState) -> ArrayRecord:
 def arrayrecord_to_state(record: ArrayRecord) -> AdapterState:
     """Unpack an ArrayRecord into CPU tensors."""
     return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
+
+
+def message_state(message: Message) -> AdapterState:
+    """The adapter tensors a message carries (``records.ARRAYS``); empty when it has none."""
+    record = message.content.array_records.get(records.ARRAYS)
+    return arrayrecord_to_state(record) if record is not None else {}
 
 
 def coded_record(blob: np.ndarray) -> ArrayRecord:
