@@ -57,6 +57,36 @@ def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complet
         timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
     )
+    _assert_nothing_left(marker)
+    return proc
+
+
+def interrupt_fedpeft(*args: str, cwd: Path, after: str, sig: int) -> int:
+    """Run the console script, send ``sig`` once a line of its output starts with ``after``.
+
+    Returns its exit code; fails (stopping them) if it left processes behind.
+    """
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(after):
+                break
+        proc.send_signal(sig)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    _assert_nothing_left(marker)
+    return code
+
+
+def _assert_nothing_left(marker: str) -> None:
     leftovers = lingering(marker)
     for pid in leftovers:  # started by this run, so ours to stop; the test still fails
         try:
@@ -64,4 +94,3 @@ def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complet
         except psutil.NoSuchProcess:
             pass
     assert not leftovers, f"processes left behind by the run: {sorted(leftovers)}"
-    return proc

@@ -11,11 +11,9 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -24,7 +22,7 @@ import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
-from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, lingering, run_fedpeft
+from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
 
 from fedpeft.cli import main
 from fedpeft.deploy import (
@@ -42,7 +40,16 @@ from fedpeft.deploy import (
     superlink_command,
     supernode_command,
     write_app,
+    write_connection,
     write_run_config,
+)
+from fedpeft.local_federation import (
+    READY_SUPERLINK,
+    READY_SUPERNODE,
+    REFUSED_SUPERNODE,
+    Processes,
+    free_port,
+    wait_for_text,
 )
 
 
@@ -114,23 +121,6 @@ def test_supernode_command_carries_the_node_config_and_refuses_what_cannot_work(
             supernode_command(bad)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for(path: Path, text: str, proc: subprocess.Popen, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if path.exists() and text in path.read_text(errors="replace"):
-            return True
-        if proc.poll() is not None:
-            return text in path.read_text(errors="replace") if path.exists() else False
-        time.sleep(0.2)
-    return False
-
-
 def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refused(
     tmp_path,
 ) -> None:
@@ -138,21 +128,9 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
     make_certs(certs, ["localhost"])
     good, good_pub = make_node_key(tmp_path / "keys" / "good")
     stranger, _ = make_node_key(tmp_path / "keys" / "stranger")
-    port = _free_port()
-    home.mkdir()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{(certs / CA_CERT).resolve()}"\n'
-    )
-    env = {**deploy_env(), "FLWR_HOME": str(home)}
-    started: list[subprocess.Popen] = []
-
-    def spawn(args: list[str], log: Path) -> subprocess.Popen:
-        with log.open("w") as out:
-            proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                    cwd=tmp_path, start_new_session=True)  # fmt: skip
-        started.append(proc)
-        return proc
+    port = free_port()
+    connection = write_connection(home, f"127.0.0.1:{port}", certs / CA_CERT)
+    procs = Processes({**deploy_env(), "FLWR_HOME": str(home)}, cwd=tmp_path)
 
     def supernode(key: Path, node_port: int) -> list[str]:
         return [sys.executable, "-m", "fedpeft.cli", "deploy", "supernode", "--superlink",
@@ -162,11 +140,12 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
     try:
         link_log = tmp_path / "superlink.log"
         command = ["deploy", "superlink", "--certs", str(certs), "--host", "127.0.0.1"]
-        link = spawn([sys.executable, "-m", "fedpeft.cli", *command, "--port", str(port)], link_log)
-        assert _wait_for(link_log, "Uvicorn running on https://", link, 60), link_log.read_text()
+        link = procs.start("superlink", [sys.executable, "-m", "fedpeft.cli", *command,
+                                         "--port", str(port)], link_log)  # fmt: skip
+        assert wait_for_text(link_log, READY_SUPERLINK, link, 60), link_log.read_text()
         registered = subprocess.run(
-            [flower_bin("flwr"), "supernode", "register", str(good_pub), "test"],
-            env=env,
+            [flower_bin("flwr"), "supernode", "register", str(good_pub), connection],
+            env=procs.env,
             capture_output=True,
             text=True,
             timeout=60,
@@ -174,22 +153,15 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
         )
         assert registered.returncode == 0, registered.stdout + registered.stderr
         node_log, stranger_log = tmp_path / "good.log", tmp_path / "stranger.log"
-        node = spawn(supernode(good, _free_port()), node_log)
-        refused = spawn(supernode(stranger, _free_port()), stranger_log)
-        assert _wait_for(node_log, "SuperNode ID", node, 60), node_log.read_text()
+        node = procs.start("good", supernode(good, free_port()), node_log)
+        refused = procs.start("stranger", supernode(stranger, free_port()), stranger_log)
+        assert wait_for_text(node_log, READY_SUPERNODE, node, 60), node_log.read_text()
         assert refused.wait(timeout=60) != 0
-        assert "Failed to activate SuperNode" in stranger_log.read_text()
+        assert REFUSED_SUPERNODE in stranger_log.read_text()
         assert node.poll() is None and link.poll() is None  # the federation goes on
     finally:
-        for proc in reversed(started):  # only what this test started, by PID
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-    assert all(proc.poll() is not None for proc in started)
+        procs.stop_all()  # only what this test started, by PID
+    assert all(proc.poll() is not None for _, proc in procs.started)
 
 
 def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
@@ -231,28 +203,12 @@ def _is_zombie(pid: int) -> bool:
 
 
 def test_an_interrupted_deploy_local_stops_every_process_it_started(tmp_path) -> None:
-    marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpeft.cli", "deploy", "local", "smoke", "--nodes", "2",
-         "--set", "federation.rounds=50", "--out", str(tmp_path / "out")],
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "FEDPEFT_TEST_RUN": marker},
+    code = interrupt_fedpeft(
+        "deploy", "local", "smoke", "--nodes", "2", "--set", "federation.rounds=50",
+        "--out", str(tmp_path / "out"), cwd=tmp_path,
+        after="round 1/", sig=signal.SIGTERM,  # the federation is up and training
     )  # fmt: skip
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("round 1/"):  # the federation is up and training
-                break
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    leftovers = lingering(marker)
-    for pid in leftovers:  # started by this run, so ours to stop; the test still fails
-        psutil.Process(pid).kill()
-    assert code == 130
-    assert not leftovers, f"processes left behind: {sorted(leftovers)}"
+    assert code == 130  # and interrupt_fedpeft checked that no process was left behind
     assert (tmp_path / "out" / "deploy" / "deployment.json").is_file()
 
 
@@ -295,7 +251,7 @@ def test_a_supernode_may_bring_its_own_data_file(tmp_path) -> None:
 
 
 def test_stop_all_reaches_children_that_left_the_process_group(tmp_path) -> None:
-    from fedpeft.local_federation import Processes, descendants
+    from fedpeft.local_federation import descendants
 
     procs = Processes(dict(os.environ), cwd=tmp_path)
     # a parent whose child detaches into its own session, as Flower's SuperExec does

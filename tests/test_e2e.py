@@ -1,16 +1,13 @@
 """End to end through the real entry point: `fedpeft run` in a subprocess, then its outputs."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
-import psutil
 import pytest
-from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, lingering, run_fedpeft
+from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -125,28 +122,10 @@ def test_compare_runs_every_peft_aware_strategy(tmp_path):
 
 
 def test_interrupted_run_stops_promptly_and_keeps_finished_rounds(tmp_path):
-    marker = uuid.uuid4().hex
     out = tmp_path / "o"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpeft.cli", "run", "smoke", "--set", "federation.rounds=200",
-         "--out", str(out)],
-        cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
-    )  # fmt: skip
-    try:
-        for line in proc.stderr:
-            if line.startswith("round 2/"):
-                break
-        proc.send_signal(signal.SIGINT)
-        code = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    leftovers = lingering(marker)
-    for pid in leftovers:
-        psutil.Process(pid).kill()
-    assert code == 130
-    assert not leftovers, f"processes left behind: {sorted(leftovers)}"
+    code = interrupt_fedpeft("run", "smoke", "--set", "federation.rounds=200", "--out", str(out),
+                             cwd=tmp_path, after="round 2/", sig=signal.SIGINT)  # fmt: skip
+    assert code == 130  # and interrupt_fedpeft checked that no process was left behind
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert len(rows) >= 2
 
