@@ -20,7 +20,7 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.compression import compression_mod, state_dir
+from clients.compression import compression_mod, run_tag, state_dir
 from fedpeft import models, records
 from fedpeft.adapters import (
     AdapterState,
@@ -121,7 +121,7 @@ def _prepare(msg: Message, context: Context) -> Job:
     scenario = Scenario.from_json(str(config[records.SCENARIO]))
     partition_id = _partition_id(context, scenario)
     folder = state_dir(context, config)
-    store = ClientStateStore(folder) if folder else None
+    store = ClientStateStore(folder, run_tag(context, config)) if folder else None
     personal = store.load(partition_id) if store else {}
     shared_scaling = str(config.get(records.ALPHA_MODE, "per-rank")) == "shared-scaling"
     # a real node may state its own rank (flower-supernode --node-config "rank=4")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
@@ -33,7 +32,12 @@ from fedpeft.codecs.compression import (
 from fedpeft.config import Scenario
 from fedpeft.state import ClientStateStore
 
-HELD, RESIDUAL, RUN = "held/", "residual/", "__run__"
+HELD, RESIDUAL = "held/", "residual/"
+
+
+def run_tag(context: Context, config: ConfigRecord) -> int:
+    """The run's tag for the client state store: the server's, which survives a resume."""
+    return int(str(config.get(records.RUN_TAG, context.run_id % 2**63)))
 
 
 def state_dir(context: Context, config: ConfigRecord) -> str:
@@ -62,11 +66,8 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
 
     partition = int(str(context.node_config[records.NODE_PARTITION_ID]))
     folder = state_dir(context, config)
-    store = ClientStateStore(Path(folder) / "codec") if folder else None
-    run_tag = torch.tensor(context.run_id % 2**63, dtype=torch.int64)
+    store = ClientStateStore(Path(folder) / "codec", run_tag(context, config)) if folder else None
     saved = store.load(partition) if store else {}
-    if RUN in saved and not torch.equal(saved[RUN], run_tag):
-        saved = {}  # state from an earlier run on this node: start afresh
     held, residual = _split(saved, HELD), _split(saved, RESIDUAL)
 
     if coded_in:
@@ -99,7 +100,6 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         store.save(
             partition,
             {
-                RUN: run_tag,
                 **{HELD + k: v for k, v in held.items()},
                 **{RESIDUAL + k: v for k, v in residual.items()},
             },

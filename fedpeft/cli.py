@@ -13,17 +13,28 @@ from fedpeft.deploy import DeployError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    scenario = load_scenario(args.scenario, args.set)
     from server.run import default_out_dir
     from server.simulation import set_process_env
 
+    if args.resume:
+        if args.scenario or args.set or args.out:
+            raise ScenarioError(
+                "--resume DIR carries on with the scenario and folder of DIR's checkpoint; "
+                "drop the scenario, --set and --out"
+            )
+        out_dir = Path(args.resume)
+        scenario = _resumable(out_dir)
+        if scenario is None:
+            return 0
+    else:
+        scenario = load_scenario(args.scenario or "quickstart", args.set)
+        out_dir = Path(args.out) if args.out else default_out_dir(scenario)
     set_process_env()
-    out_dir = Path(args.out) if args.out else default_out_dir(scenario)
     _preflight(scenario)
     from server.simulation import simulate
 
     try:
-        simulate(scenario, out_dir, verbose=args.verbose)
+        simulate(scenario, out_dir, verbose=args.verbose, resume=bool(args.resume))
     except KeyboardInterrupt:
         # The ServerApp runs in a worker thread that would finish its rounds first; Ray is
         # already stopped (simulate's finally), and metrics.jsonl holds every finished round.
@@ -39,8 +50,26 @@ def _cmd_run(args: argparse.Namespace) -> int:
         where = out_dir / "error.log"
         print(f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {where})",
               file=sys.stderr)  # fmt: skip
+        from server.checkpoint import checkpoint_dir
+
+        if checkpoint_dir(out_dir) is not None and "--resume" not in str(cause):
+            print(f"fedpeft: its finished rounds are checkpointed; carry on with: "
+                  f"fedpeft run --resume {out_dir}", file=sys.stderr)  # fmt: skip
         return 1
     return 0
+
+
+def _resumable(out_dir: Path):  # type: ignore[no-untyped-def]
+    """The checkpointed scenario of ``out_dir``, or None (said why) if no round is left."""
+    from server.checkpoint import checkpointed
+
+    scenario, done = checkpointed(out_dir)
+    if done >= scenario.federation.rounds:
+        print(f"fedpeft: {out_dir} finished all {done} rounds; nothing to resume")
+        return None
+    print(f"fedpeft: resuming {scenario.name} in {out_dir} after round {done} "
+          f"of {scenario.federation.rounds}")  # fmt: skip
+    return scenario
 
 
 def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
@@ -217,11 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a scenario in Flower's Simulation Engine")
-    run.add_argument("scenario", nargs="?", default="quickstart",
+    run.add_argument("scenario", nargs="?",
                      help="scenario TOML path or bundled name (default: quickstart)")  # fmt: skip
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key; VALUE is a TOML value")  # fmt: skip
     run.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="carry on an interrupted run from DIR's last checkpoint")  # fmt: skip
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=_cmd_run)
     cmp = sub.add_parser("compare", help="run a scenario per strategy x --vary value x seed")

@@ -432,11 +432,16 @@ class FaultsConfig:
     )
     poison_scale: float = _f(10.0, "the poisoned change: x this (scale) or x -this (sign_flip)")
     poison_clients: list[int] = _f([], "partition ids of the poisoning clients")
+    server_crash_round: int = _f(
+        0, "the server crashes once, mid-round, in this round (0: never); --resume carries on"
+    )
 
     def __post_init__(self) -> None:
         for key in ("drop_rate", "crash_rate", "slow_rate", "nan_rate"):
             value = getattr(self, key)
             _need(0 <= value <= 1, f"faults.{key}", "a share in [0, 1]", value)
+        _need(self.server_crash_round >= 0, "faults.server_crash_round", "a round >= 0 (0: never)",
+              self.server_crash_round)  # fmt: skip
         _need(self.slow_seconds >= 0, "faults.slow_seconds", "seconds >= 0", self.slow_seconds)
         _need(self.poison_scale > 0, "faults.poison_scale", "a number > 0", self.poison_scale)
         _need(

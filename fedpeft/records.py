@@ -20,6 +20,7 @@ ALPHA_MODE = "alpha-mode"  # "per-rank" (alpha / r_i) or "shared-scaling" (alpha
 PRUNE_GAMMA = "prune-gamma"  # HetLoRA rank self-pruning regulariser weight
 PRUNE_THRESHOLD = "prune-threshold"
 STATE_DIR = "state-dir"  # where clients keep per-client state (simulation: under the run folder)
+RUN_TAG = "run-tag"  # the run's tag for that state; a resumed run keeps it
 
 
 def factor_set(config: Any, key: str) -> set[str]:
@@ -58,3 +59,4 @@ RUN_SCENARIO_JSON = "scenario-json"
 RUN_OUT_DIR = "out-dir"
 RUN_ENGINE = "engine"  # "deployment" or "simulation"; empty: told from the Grid
 RUN_SECURE = "secure"  # the submitter's word that TLS and SuperNode authentication are on
+RUN_RESUME = "resume"  # carry on from the out-dir's checkpoint (``fedpeft run --resume``)

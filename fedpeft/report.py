@@ -42,6 +42,15 @@ class RoundLog:
         self.metric = metric
         self.started = time.perf_counter()
         self.rows: list[dict[str, Any]] = []
+        self.earlier = 0  # rounds finished before a resume (not timed by this attempt)
+
+    def restore(self, rows: list[dict[str, Any]]) -> None:
+        """Start from a checkpoint's rows: ``metrics.jsonl`` is rewritten to hold just those."""
+        self.rows = list(rows)
+        self.earlier = len(rows)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        os.replace(tmp, self.path)
 
     def append(self, row: dict[str, Any]) -> None:
         """Record one finished round (flushed to disk at once) and print a progress line."""
@@ -52,7 +61,7 @@ class RoundLog:
             os.fsync(f.fileno())
         done = row["round"]
         elapsed = time.perf_counter() - self.started
-        eta = elapsed / done * (self.total_rounds - done)
+        eta = elapsed / max(done - self.earlier, 1) * (self.total_rounds - done)
         value = row.get(self.metric, float("nan"))
         console.print(
             f"round {done}/{self.total_rounds}  {self.metric} {value:.4f}"

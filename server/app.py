@@ -36,4 +36,5 @@ def main(grid: Grid, context: Context) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)
     secure = bool(context.run_config.get(records.RUN_SECURE, False))
     out_dir = Path(out) if out else default_out_dir(scenario)
-    run_federation(grid, scenario, out_dir, engine, secure=secure)
+    resume = bool(context.run_config.get(records.RUN_RESUME, False))
+    run_federation(grid, scenario, out_dir, engine, secure=secure, resume=resume)

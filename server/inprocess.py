@@ -23,7 +23,9 @@ from fedpeft import records
 class InProcessGrid(Grid):
     """``num_nodes`` virtual SuperNodes (partition ids 0..N-1) served by ``app`` here."""
 
-    def __init__(self, app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+    def __init__(
+        self, app: ClientApp, num_nodes: int, run_id: int = 1, first_node_id: int = 101
+    ) -> None:
         self._app = app
         self._run_id = run_id
         self._ids = itertools.count(1)
@@ -38,7 +40,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config={},
             )
-            for pid, node_id in enumerate(range(101, 101 + num_nodes))
+            for pid, node_id in enumerate(range(first_node_id, first_node_id + num_nodes))
         }
         self._replies: dict[str, Message] = {}
         _ensure_task_identity(run_id)

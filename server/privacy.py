@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable
+from typing import Any
 
 from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
@@ -38,12 +39,23 @@ def central_noise_std(weights: list[float], noise_multiplier: float, clip: float
 class PrivacyGrid(DelegatingGrid):
     """Clip and noise replies (central DP), and count the releases for the accountant."""
 
-    def __init__(self, grid: Grid, scenario: Scenario) -> None:
+    def __init__(self, grid: Grid, scenario: Scenario, partitions: dict[int, int]) -> None:
         super().__init__(grid)
         self.privacy = scenario.privacy
         self.population = scenario.data.num_clients
+        self.partitions = partitions  # node id -> partition id (CountingGrid.partitions)
         self.releases = 0  # central: aggregated rounds
-        self.participations: Counter[int] = Counter()  # local: valid replies per node
+        #: local: valid replies per client (partition id; node ids change when a run resumes)
+        self.participations: Counter[int] = Counter()
+
+    def books(self) -> dict[str, Any]:
+        """What the accountant has counted, for a checkpoint."""
+        return {"releases": self.releases, "participations": dict(self.participations)}
+
+    def restore(self, books: dict[str, Any]) -> None:
+        """Carry on counting from a checkpoint's :meth:`books`."""
+        self.releases = int(books["releases"])
+        self.participations = Counter(books["participations"])
 
     def epsilon(self) -> float:
         """Epsilon at ``privacy.delta`` so far (local: of the client that took part most)."""
@@ -64,7 +76,9 @@ class PrivacyGrid(DelegatingGrid):
         if not valid:
             return replies
         if self.privacy.dp == "local":
-            self.participations.update(r.metadata.src_node_id for r in valid)
+            self.participations.update(
+                self.partitions.get(r.metadata.src_node_id, r.metadata.src_node_id) for r in valid
+            )
             return replies
         sent = {m.metadata.dst_node_id: m for m in messages}
         weights = [

@@ -34,6 +34,10 @@ from server.grid import CountingGrid, DelegatingGrid
 logger = logging.getLogger(__name__)
 
 
+class ServerCrash(RuntimeError):
+    """The server failure that ``faults.server_crash_round`` injects (once: not on resume)."""
+
+
 def _round_of(message: Message) -> int:
     config = message.content.config_records.get(records.CONFIG)
     return int(str(config.get(records.SERVER_ROUND, 0))) if config is not None else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import random
 import shutil
 import time
@@ -44,10 +45,20 @@ from fedpeft.models import (
 )
 from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json_atomic
 from fedpeft.train import evaluate
+from server.checkpoint import (
+    CHECKPOINT,
+    STATE_DIRS,
+    Progress,
+    load_checkpoint,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from server.compression import CodecGrid
 from server.grid import CountingGrid, PollingGrid
 from server.privacy import PrivacyGrid
-from server.reliability import FaultyGrid, ValidatingGrid
+from server.reliability import FaultyGrid, ServerCrash, ValidatingGrid
+from server.rounds import run_rounds
 from strategies import build_strategy
 from strategies.adapter_strategy import AdapterStrategy
 
@@ -200,6 +211,15 @@ def compression_summary(
     }
 
 
+def new_run_tag() -> int:
+    """A new run's tag for the client state store (from the OS: seeded RNGs stay as they are).
+
+    Its top bit is fixed, so every tag serializes to the same number of bytes: byte counts
+    stay reproducible.
+    """
+    return (1 << 61) | int.from_bytes(os.urandom(8), "little") >> 3
+
+
 def seed_everything(seed: int) -> None:
     """Seed the RNGs the server uses (Flower samples clients with ``random``)."""
     random.seed(seed)
@@ -214,17 +234,24 @@ def run_federation(
     engine: str = "simulation",
     *,
     secure: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid`` and write the run's outputs to ``out_dir``.
 
     ``secure`` is recorded in summary.json: a deployment with TLS and node authentication.
+    With ``resume``, the run carries on from ``out_dir``'s checkpoint (its own scenario,
+    strategy, RNG states, client state and metrics) at the round after it.
     """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metrics.jsonl").unlink(missing_ok=True)
-    # a new run starts every client afresh: no personal state from an earlier run here
-    shutil.rmtree(out_dir / "client_state", ignore_errors=True)
-    shutil.rmtree(out_dir / "server_state", ignore_errors=True)
+    checkpoint = load_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        scenario = checkpoint.scenario
+    else:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)
+        # a new run starts every client afresh: no personal state from an earlier run here
+        for name in (*STATE_DIRS, CHECKPOINT, f"{CHECKPOINT}.old"):
+            shutil.rmtree(out_dir / name, ignore_errors=True)
     seed_everything(scenario.seed)
 
     data = load_task_data(scenario.data)
@@ -242,7 +269,10 @@ def run_federation(
     adapter_bytes = payload_nbytes(initial)
     full_model_bytes = tensors_nbytes(base_model_tensors(model))
 
-    strategy = build_strategy(scenario)
+    strategy = checkpoint.strategy if checkpoint else build_strategy(scenario)
+    if isinstance(strategy, AdapterStrategy):  # node ids are new in every attempt
+        strategy.node_ranks.clear()
+        strategy.last_trained = []
     if engine == "simulation":
         check_node_count(grid, scenario)
     elif engine == "deployment":
@@ -262,9 +292,20 @@ def run_federation(
     if scenario.faults.drop_rate > 0:
         inner = FaultyGrid(inner, counting, scenario)
     validating = ValidatingGrid(inner, counting, reference, scenario)
-    private = PrivacyGrid(validating, scenario) if scenario.privacy.dp != "none" else None
+    private = (
+        PrivacyGrid(validating, scenario, counting.partitions)
+        if scenario.privacy.dp != "none"
+        else None
+    )
     log = RoundLog(out_dir, scenario.federation.rounds)
     initial_metrics: dict[str, float] = {}
+    done = checkpoint.progress if checkpoint else Progress(0, new_run_tag(), [], {}, 0.0)
+    if checkpoint is not None:
+        log.restore(done.rows)  # metrics.jsonl loses rounds past the checkpoint
+        initial_metrics.update(done.initial_metrics)
+        if private is not None:
+            private.restore(done.privacy)
+        console.print(f"[bold]resuming[/] {out_dir} after round {done.round}")
     round_clock = [time.perf_counter()]
     console.print(
         f"[bold]fedpeft[/] {scenario.name}: {scenario.peft.label} on {scenario.model.name}, "
@@ -312,20 +353,50 @@ def run_federation(
 
     state_dir = out_dir / "client_state"  # per-client state of this run (personal factors)
     train_config = ConfigRecord(
-        {records.SCENARIO: scenario.to_json(), records.STATE_DIR: str(state_dir.resolve())}
+        {
+            records.SCENARIO: scenario.to_json(),
+            records.STATE_DIR: str(state_dir.resolve()),
+            records.RUN_TAG: done.run_tag,
+        }
     )
+
+    def round_end(server_round: int, arrays: ArrayRecord) -> None:
+        progress = Progress(
+            round=server_round,
+            run_tag=done.run_tag,
+            rows=log.rows,
+            initial_metrics=initial_metrics,
+            wall_seconds=done.wall_seconds + time.perf_counter() - started,
+            privacy=private.books() if private else {},
+            rng=rng_states(),
+            resumed_after=done.resumed_after,
+        )
+        save_checkpoint(out_dir, scenario, arrays, strategy, progress)
+
+    def replies_in(server_round: int) -> None:
+        if server_round == scenario.faults.server_crash_round and checkpoint is None:
+            raise ServerCrash(
+                f"faults.server_crash_round={server_round}: the server crashed mid-round "
+                f"(injected); carry on with: fedpeft run --resume {out_dir}"
+            )
+
+    if checkpoint is not None:
+        done.resumed_after.append(done.round)
+        set_rng_states(done.rng)  # last: nothing above may draw from them
     round_clock[0] = time.perf_counter()
-    result = strategy.start(
-        grid=private or validating,
-        initial_arrays=initial,
-        num_rounds=scenario.federation.rounds,
+    final = run_rounds(
+        strategy,
+        private or validating,
+        checkpoint.arrays if checkpoint else initial,
+        first_round=done.round + 1,
+        last_round=scenario.federation.rounds,
         timeout=scenario.federation.round_timeout,
         train_config=train_config,
         evaluate_config=ConfigRecord(dict(train_config)),
         evaluate_fn=evaluate_fn,
+        round_end=round_end,
+        replies_in=replies_in,
     )
-
-    final = result.arrays if len(result.arrays) else initial
     set_adapter_state(model, arrayrecord_to_state(final))
     save_final_adapter(strategy, model, local, data.num_labels, out_dir / ADAPTER_DIR)
     rows = log.rows
@@ -346,9 +417,10 @@ def run_federation(
         "final": final_metrics,
         "initial": initial_metrics,
         "rounds_completed": len(rows),
+        "resumed_after_rounds": done.resumed_after,
         "bytes_up_total": up_total,
         "bytes_down_total": down_total,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": done.wall_seconds + time.perf_counter() - started,  # every attempt
         "trainable_params": count_trainable(model),
         "total_params": total_params(model),
         "adapter_bytes": adapter_bytes,

@@ -36,8 +36,13 @@ def set_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
-def simulate(scenario: Scenario, out_dir: Path, verbose: bool = False) -> None:
-    """Run ``scenario`` on ``data.num_clients`` virtual SuperNodes and write to ``out_dir``."""
+def simulate(
+    scenario: Scenario, out_dir: Path, verbose: bool = False, resume: bool = False
+) -> None:
+    """Run ``scenario`` on ``data.num_clients`` virtual SuperNodes and write to ``out_dir``.
+
+    With ``resume``, carry on from ``out_dir``'s checkpoint instead of starting afresh.
+    """
     set_process_env()
     os.environ["FEDPEFT_THREADS_PER_CLIENT"] = str(scenario.simulation.cpus_per_client)
     import ray
@@ -53,6 +58,7 @@ def simulate(scenario: Scenario, out_dir: Path, verbose: bool = False) -> None:
         records.RUN_SCENARIO: scenario.name,
         records.RUN_SCENARIO_JSON: scenario.to_json(),
         records.RUN_OUT_DIR: str(out_dir),
+        records.RUN_RESUME: resume,
     }
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config

@@ -86,6 +86,42 @@ def interrupt_fedpeft(*args: str, cwd: Path, after: str, sig: int) -> int:
     return code
 
 
+def sigkill_fedpeft(*args: str, cwd: Path, after: str, file: Path) -> list[str]:
+    """Run the console script; SIGKILL it once a line of its output starts with ``after``
+    and ``file`` exists (waiting for it at most 60 s).
+
+    A killed process cleans nothing up, so the processes its run started (Ray's) may
+    outlive it; they carry this run's marker and are stopped here. Returns its output lines.
+    """
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
+    )  # fmt: skip
+    lines = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(after):
+                break
+        deadline = time.monotonic() + 60
+        while not file.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for pid in pids_marked(marker):
+            try:
+                psutil.Process(pid).kill()
+            except psutil.NoSuchProcess:
+                pass
+    return lines
+
+
 def _assert_nothing_left(marker: str) -> None:
     leftovers = lingering(marker)
     for pid in leftovers:  # started by this run, so ours to stop; the test still fails

@@ -1,0 +1,68 @@
+"""The round loop: Flower's ``Strategy.start``, able to begin at any round.
+
+``Strategy.start`` always counts from round 1, but the round number reaches the clients
+(their batch order and dropout seeds derive from it) and the strategies (RoLoRA alternates
+factors by its parity, server optimisers count steps). A resumed run must carry on from
+round k+1, so fedpeft makes the same calls as ``Strategy.start``, in the same order:
+``configure_train``, ``send_and_receive``, ``aggregate_train``, ``configure_evaluate``,
+``send_and_receive``, ``aggregate_evaluate``, then the central ``evaluate_fn``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
+#: called after round k with (k, the global arrays after it); checkpoints hook in here
+RoundEnd = Callable[[int, ArrayRecord], None]
+#: called after round k's training replies are in, before they are aggregated
+RepliesIn = Callable[[int], None]
+
+
+def run_rounds(
+    strategy: Strategy,
+    grid: Grid,
+    arrays: ArrayRecord,
+    *,
+    first_round: int,
+    last_round: int,
+    timeout: float,
+    train_config: ConfigRecord,
+    evaluate_config: ConfigRecord,
+    evaluate_fn: EvaluateFn,
+    round_end: RoundEnd | None = None,
+    replies_in: RepliesIn | None = None,
+) -> ArrayRecord:
+    """Run rounds ``first_round..last_round`` and return the global arrays after the last.
+
+    Round 0, the evaluation of the initial arrays, runs only when ``first_round`` is 1.
+    A round whose strategy aggregates nothing keeps the arrays it started with.
+    """
+    if first_round == 1:
+        evaluate_fn(0, arrays)
+    for server_round in range(first_round, last_round + 1):
+        log(INFO, "[ROUND %s/%s]", server_round, last_round)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
+        )
+        replies = list(replies)
+        if replies_in is not None:
+            replies_in(server_round)
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        evaluate_replies = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, arrays, evaluate_config, grid),
+            timeout=timeout,
+        )
+        strategy.aggregate_evaluate(server_round, evaluate_replies)
+        evaluate_fn(server_round, arrays)
+        if round_end is not None:
+            round_end(server_round, arrays)
+    return arrays
