@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.compression import compression_mod, run_tag, state_dir
+from clients.secagg import secagg_mod
 from fedpeft import models, records
 from fedpeft.adapters import (
     AdapterState,
@@ -51,7 +52,8 @@ from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalt
 
 # outermost first: payloads are decoded (and the reply coded last), local DP noises the
 # reply, faults are injected (if asked), then the handler
-app = ClientApp(mods=[compression_mod, local_dp_mod, fault_mod])
+# outermost first: SecAgg+ stages without a training step never reach the other mods
+app = ClientApp(mods=[secagg_mod, compression_mod, local_dp_mod, fault_mod])
 
 RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store
 

@@ -20,6 +20,7 @@ ALPHA_MODE = "alpha-mode"  # "per-rank" (alpha / r_i) or "shared-scaling" (alpha
 PRUNE_GAMMA = "prune-gamma"  # HetLoRA rank self-pruning regulariser weight
 PRUNE_THRESHOLD = "prune-threshold"
 STATE_DIR = "state-dir"  # where clients keep per-client state (simulation: under the run folder)
+SECAGG_KEYS = "secagg-keys"  # a SecAgg+ masked reply: which tensors its vector holds, in order
 RUN_TAG = "run-tag"  # the run's tag for that state; a resumed run keeps it
 
 

@@ -59,6 +59,7 @@ from server.grid import CountingGrid, PollingGrid
 from server.privacy import PrivacyGrid
 from server.reliability import FaultyGrid, ServerCrash, ValidatingGrid
 from server.rounds import run_rounds
+from server.secagg import SecAggGrid
 from strategies import build_strategy
 from strategies.adapter_strategy import AdapterStrategy
 
@@ -287,8 +288,10 @@ def run_federation(
         else None
     )
     # what the strategy talks to: [central DP] -> validation -> [lost instructions (faults)]
-    # -> [codec] -> byte counting -> Flower's Grid
+    # -> [SecAgg+] -> [codec] -> byte counting -> Flower's Grid
     inner: Grid = codec or counting
+    if scenario.privacy.secure_aggregation:
+        inner = SecAggGrid(inner, counting, scenario)
     if scenario.faults.drop_rate > 0:
         inner = FaultyGrid(inner, counting, scenario)
     validating = ValidatingGrid(inner, counting, reference, scenario)

@@ -8,6 +8,7 @@ functions on tensors.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +86,15 @@ def build_strategy(scenario: Scenario) -> Strategy:
     """Build the scenario's strategy by registry lookup."""
     spec = get_strategy(scenario.strategy.name)
     check_compatible(spec, scenario)
-    return spec.build(scenario, sampling_kwargs(scenario))
+    # Flower's FedAvg warns that fraction_evaluate=0 skips federated evaluation: fedpeft
+    # evaluates on the server instead, so the warning would only mislead
+    flwr_log = logging.getLogger("flwr")
+    level = flwr_log.level
+    flwr_log.setLevel(logging.ERROR)
+    try:
+        return spec.build(scenario, sampling_kwargs(scenario))
+    finally:
+        flwr_log.setLevel(level)
 
 
 def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
@@ -106,12 +115,49 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
             f"privacy.dp={scenario.privacy.dp!r} needs a strategy whose rule is a weighted sum "
             f"of client updates ({', '.join(WEIGHTED_SUM)}), not strategy.name={spec.name!r}"
         )
+    if scenario.privacy.secure_aggregation:
+        check_secure_aggregation(spec, scenario)
     if spec.name in NEW_FACTORS_EACH_ROUND and scenario.compression.error_feedback:
         raise ScenarioError(
             f"strategy.name={spec.name!r} {NEW_FACTORS_EACH_ROUND[spec.name]}, so an "
             "error-feedback residual of last round's factors means nothing in the next; set "
             "compression.error_feedback=false"
         )
+
+
+def check_secure_aggregation(spec: StrategySpec, scenario: Scenario) -> None:
+    """Refuse, in one line, what cannot go with SecAgg+: the server sees only the sum."""
+    if spec.name not in WEIGHTED_SUM:
+        raise ScenarioError(
+            f"privacy.secure_aggregation needs a strategy whose rule is a weighted sum of "
+            f"client updates ({', '.join(WEIGHTED_SUM)}), not strategy.name={spec.name!r}"
+        )
+    refusals = {
+        "privacy.dp='central'": (
+            scenario.privacy.dp == "central",
+            "central DP clips each update on the server, which secure aggregation hides; "
+            "use privacy.dp='local'",
+        ),
+        "compression.uplink": (
+            bool(scenario.compression.uplink),
+            "masked updates are dense integers that no codec can shrink; set it to []",
+        ),
+        "federation.clip_update_norm": (
+            scenario.federation.clip_update_norm > 0,
+            "the server cannot see single updates to clip them; use privacy.dp='local'",
+        ),
+        "federation.max_update_norm": (
+            scenario.federation.max_update_norm > 0,
+            "the server cannot see single updates to bound their norm",
+        ),
+        "federation.clients_per_round": (
+            scenario.federation.clients_per_round < 2,
+            "a sum over one client is that client's update",
+        ),
+    }
+    for key, (refused, why) in refusals.items():
+        if refused:
+            raise ScenarioError(f"privacy.secure_aggregation=true does not go with {key}: {why}")
 
 
 # Strategy modules register themselves on import.
