@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
 from fedpeft.config import ScenarioError, load_scenario
@@ -26,10 +29,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         scenario = _resumable(out_dir)
         if scenario is None:
             return 0
+        if args.ray_address:  # where it runs is not part of the checkpointed maths
+            where = dataclasses.replace(scenario.simulation, ray_address=args.ray_address)
+            scenario = dataclasses.replace(scenario, simulation=where)
     else:
-        scenario = load_scenario(args.scenario or "quickstart", args.set)
+        joins = [f"simulation.ray_address={json.dumps(args.ray_address)}"] * bool(args.ray_address)
+        scenario = load_scenario(args.scenario or "quickstart", [*args.set, *joins])
         out_dir = Path(args.out) if args.out else default_out_dir(scenario)
     set_process_env()
+    if scenario.simulation.ray_address:  # fail now, not after Ray's minutes of retries
+        from server.simulation import reachable
+
+        reachable(scenario.simulation.ray_address)
     _preflight(scenario)
     from server.simulation import simulate
 
@@ -251,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a scenario key; VALUE is a TOML value")  # fmt: skip
     run.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
+    run.add_argument("--ray-address", metavar="HOST:PORT",
+                     help="join this running Ray cluster (simulation.ray_address)")  # fmt: skip
     run.add_argument("--resume", metavar="DIR",
                      help="carry on an interrupted run from DIR's last checkpoint")  # fmt: skip
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -333,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fedpeft`` console script."""
+    # libraries' deprecation notes are for their callers' authors, not fedpeft's users
+    # (the run's other processes get the same filter from server.simulation.QUIET_ENV)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

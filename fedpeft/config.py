@@ -327,6 +327,9 @@ class SimulationConfig:
 
     cpus_per_client: int = _f(1, "CPU cores reserved per virtual client (integer, as in Flower)")
     gpus_per_client: float = _f(0.0, "GPU share per virtual client; fractions share one card")
+    ray_address: str = _f(
+        "", "a running Ray cluster to join (HOST:PORT or auto); empty: a local Ray for the run"
+    )
 
     def __post_init__(self) -> None:
         _need(
@@ -470,12 +473,29 @@ class PrivacySection:
     noise_multiplier: float = _f(1.0, "Gaussian noise std in units of clipping_norm")
     clipping_norm: float = _f(0.1, "L2 bound on each client's update (change from what it got)")
     delta: float = _f(1e-5, "delta at which epsilon is reported (RDP accountant)")
+    secure_aggregation: bool = _f(
+        False, "SecAgg+ (Flower's protocol): the server learns only the sum of the updates"
+    )
+    secagg_shares: float = _f(
+        1.0, "SecAgg+: share of the round's clients each one shares its keys with (1.0: all)"
+    )
+    secagg_threshold: float = _f(
+        0.5, "SecAgg+: share of those shares that can rebuild a secret (dropout tolerance)"
+    )
+    secagg_clipping_range: float = _f(
+        8.0, "SecAgg+: each value of an update (change) is clipped to +-this, then quantized"
+    )
 
     def __post_init__(self) -> None:
         _need(self.noise_multiplier > 0, "privacy.noise_multiplier", "a number > 0",
               self.noise_multiplier)  # fmt: skip
         _need(self.clipping_norm > 0, "privacy.clipping_norm", "a number > 0", self.clipping_norm)
         _need(0 < self.delta < 1, "privacy.delta", "a number in (0, 1)", self.delta)
+        for key in ("secagg_shares", "secagg_threshold"):
+            value = getattr(self, key)
+            _need(0 < value <= 1, f"privacy.{key}", "a share in (0, 1]", value)
+        _need(self.secagg_clipping_range > 0, "privacy.secagg_clipping_range", "a number > 0",
+              self.secagg_clipping_range)  # fmt: skip
 
 
 @dataclass

@@ -3,7 +3,8 @@
 ``fedpeft run`` calls :func:`simulate`. Flower's public ``run_simulation`` is deprecated
 and cannot pass a run-config, so this uses the function it wraps, ``_run_simulation``,
 which takes the app objects and the ServerApp's Context. Ray is started here and stopped
-here: no process started by the run outlives it.
+here: no process started by the run outlives it. With ``simulation.ray_address`` the run
+joins a Ray cluster the user runs instead, and leaves it running (docs/scale-out.md).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def simulate(
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
+    if address := scenario.simulation.ray_address:
+        join_cluster(address, verbose)
     run_config: dict[str, bool | float | int | str] = {
         records.RUN_SCENARIO: scenario.name,
         records.RUN_SCENARIO_JSON: scenario.to_json(),
@@ -81,5 +84,64 @@ def simulate(
             verbose_logging=verbose,
         )
     finally:
-        if ray.is_initialized():  # Flower stops Ray on success; make sure on failure too
+        # Flower disconnects on success; make sure on failure too. On a local Ray this
+        # stops it; on a joined cluster it only disconnects this driver.
+        if ray.is_initialized():
             ray.shutdown()
+
+
+def reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once, in one line, when nothing listens at HOST:PORT (Ray retries for minutes)."""
+    import socket
+
+    from fedpeft.config import ScenarioError
+
+    if address == "auto" or address.startswith("ray://"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ScenarioError(
+            f"simulation.ray_address={address!r} is not HOST:PORT (or auto): use the address "
+            "`ray start --head` printed, e.g. 10.0.0.5:6379"
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ScenarioError(
+            f"no Ray cluster answers at simulation.ray_address={address!r} "
+            f"({err.strerror or err}); start one with `ray start --head` or check the address"
+        ) from err
+
+
+def join_cluster(address: str, verbose: bool) -> None:
+    """Connect this driver to the running Ray cluster at ``address``; Flower then uses it.
+
+    Workers on a joined cluster do not inherit this process's environment, so the
+    settings every client process needs travel in the job's runtime environment. The
+    cluster's machines need fedpeft installed at the same path (docs/scale-out.md).
+    """
+    import sys
+
+    import ray
+
+    reachable(address)
+    pythonpath = os.pathsep.join(p for p in sys.path if p)
+    env = {key: os.environ[key] for key in (*QUIET_ENV, "FEDPEFT_THREADS_PER_CLIENT")
+           if key in os.environ}  # fmt: skip
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": {**env, "PYTHONPATH": pythonpath}},
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            log_to_driver=verbose,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        from fedpeft.config import ScenarioError
+
+        raise ScenarioError(
+            f"cannot join the Ray cluster at simulation.ray_address={address!r}: "
+            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
+    print(f"joined the Ray cluster at {address}: {len(nodes)} node(s), {cpus:g} CPUs")
