@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -128,28 +129,35 @@ def server_side(scenario: Scenario, device: torch.device) -> Scenario:
     return dataclasses.replace(scenario, model=model)
 
 
-def discover_nodes(grid: CountingGrid, scenario: Scenario, strategy: Strategy) -> None:
-    """Ask every connected node for its partition and rank before round 1.
+def discover_nodes(
+    grid: CountingGrid, scenario: Scenario, strategy: Strategy, guess: dict[int, int] | None = None
+) -> None:
+    """Learn every connected node's partition and rank before round 1.
 
     Node ids are random per run; knowing each node's partition lets the seeded sampler
     pick the same clients in every run, and lets heterogeneous-rank strategies send each
-    node its own rank from the first round.
+    node its own rank from the first round. Each node is asked (a query message), unless
+    ``guess`` gives the partitions (:func:`simulated_partitions`): then 8 nodes spread
+    over it are asked, and any disagreement falls back to asking every node.
     """
     config = ConfigRecord({records.SCENARIO: scenario.to_json()})
-    messages = [
-        Message(RecordDict({records.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY)
-        for n in grid.get_node_ids()
-    ]
-    for reply in grid.send_and_receive(messages, timeout=scenario.federation.round_timeout):
-        if reply.has_error():
-            continue
-        metrics = reply.content.metric_records[records.METRICS]
-        node = reply.metadata.src_node_id
-        grid.partitions[node] = int(str(metrics[records.PARTITION_ID]))
-        rank = int(str(metrics[records.CLIENT_RANK]))
+    answers: dict[int, tuple[int, int]] = {}  # node -> (partition, rank)
+    if guess:
+        nodes = list(guess)
+        probes = sorted({nodes[round(i * (len(nodes) - 1) / 7)] for i in range(8)})
+        answers = _ask(grid, config, scenario.federation.round_timeout, probes)
+        if all(answers.get(n, (None,))[0] == guess[n] for n in probes):
+            answers |= {n: (p, scenario.rank_of(p)) for n, p in guess.items() if n not in answers}
+        else:
+            logger.warning("node partitions differ from Flower's registration order; asking all")
+            guess = None
+    if not guess:
+        answers = _ask(grid, config, scenario.federation.round_timeout, grid.get_node_ids())
+    for node, (partition, rank) in answers.items():
+        grid.partitions[node] = partition
         if rank != scenario.max_rank and not getattr(strategy, "heterogeneous_ranks", False):
             raise ScenarioError(
-                f"node {node} (partition {grid.partitions[node]}) trains LoRA rank {rank}, but "
+                f"node {node} (partition {partition}) trains LoRA rank {rank}, but "
                 f"strategy.name={scenario.strategy.name!r} needs every client at rank "
                 f"{scenario.max_rank}; use flora, flexlora or hetlora, or drop the node's rank"
             )
@@ -158,9 +166,67 @@ def discover_nodes(grid: CountingGrid, scenario: Scenario, strategy: Strategy) -
     grid.take()  # discovery traffic is not a training round's
 
 
-def check_node_count(grid: Grid, scenario: Scenario) -> None:
-    """In simulation every virtual node exists from the start: it must match the data split."""
-    nodes = len(list(grid.get_node_ids()))
+def simulated_partitions(grid: Grid) -> dict[int, int] | None:
+    """Node id -> partition id in Flower's Simulation Engine, without asking the nodes.
+
+    The engine registers node i for partition i, in order, and its in-memory state keeps
+    its nodes in that order. Asking 10,000 virtual nodes instead takes minutes, because
+    Flower's in-memory state scans every pending message for every node. None where the
+    order cannot be read (any other Grid or state); :func:`discover_nodes` checks a guess.
+    """
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    registered = getattr(getattr(grid, "state", None), "nodes", None)
+    if not isinstance(grid, InMemoryGrid) or not isinstance(registered, dict):
+        return None
+    live = set(grid.get_node_ids())
+    order = [node for node in registered if node in live]
+    return {node: i for i, node in enumerate(order)} if len(order) == len(live) else None
+
+
+def _ask(
+    grid: Grid, config: ConfigRecord, timeout: float, nodes: Iterable[int]
+) -> dict[int, tuple[int, int]]:
+    """Each answering node's (partition, rank), asked in batches."""
+    answers = {}
+    for reply in _ask_in_batches(grid, config, timeout, list(nodes)):
+        if not reply.has_error():
+            metrics = reply.content.metric_records[records.METRICS]
+            partition = int(str(metrics[records.PARTITION_ID]))
+            rank = int(str(metrics[records.CLIENT_RANK]))
+            answers[reply.metadata.src_node_id] = (partition, rank)
+    return answers
+
+
+def _ask_in_batches(
+    grid: Grid, config: ConfigRecord, timeout: float, nodes: list[int], batch: int = 256
+) -> Iterator[Message]:
+    """Query ``nodes``, ``batch`` at a time.
+
+    Flower's in-memory state scans every pending message on each delivery, so one query to
+    10,000 nodes at once would take quadratic time.
+    """
+    for start in range(0, len(nodes), batch):
+        messages = [
+            Message(RecordDict({records.CONFIG: config}), dst_node_id=n,
+                    message_type=MessageType.QUERY)
+            for n in nodes[start : start + batch]
+        ]  # fmt: skip
+        yield from grid.send_and_receive(messages, timeout=timeout)
+
+
+def check_node_count(grid: Grid, scenario: Scenario, wait_s: float = 300.0) -> None:
+    """In simulation every virtual node must match the data split.
+
+    Flower registers the virtual nodes while the ServerApp starts (thousands take seconds),
+    so wait while their number still grows towards ``data.num_clients``.
+    """
+    wanted, deadline = scenario.data.num_clients, time.monotonic() + wait_s
+    nodes, grew = len(list(grid.get_node_ids())), time.monotonic()
+    while 0 < nodes < wanted and time.monotonic() < min(deadline, grew + 5.0):
+        time.sleep(0.5)
+        if (now := len(list(grid.get_node_ids()))) != nodes:
+            nodes, grew = now, time.monotonic()
     if nodes and nodes != scenario.data.num_clients:
         raise ScenarioError(
             f"the federation has {nodes} virtual SuperNodes but data.num_clients="
@@ -210,6 +276,16 @@ def compression_summary(
         "ratio_up_vs_full": ratio(full_model_bytes * replies, up),
         "ratio_down_vs_full": ratio(full_model_bytes * sent, down),
     }
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    The server's: in simulation that includes Flower's engine and its virtual nodes.
+    """
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def new_run_tag() -> int:
@@ -279,8 +355,9 @@ def run_federation(
     elif engine == "deployment":
         wait_for_nodes(grid, scenario)
         grid = PollingGrid(grid)  # replies in ~0.1 s instead of Flower's 3 s pull interval
+    guess = simulated_partitions(grid) if engine == "simulation" else None
     counting = CountingGrid(grid)
-    discover_nodes(counting, scenario, strategy)
+    discover_nodes(counting, scenario, strategy, guess)
     copies = out_dir / "server_state" / "copies"  # what each node holds (downlink deltas)
     codec = (
         CodecGrid(counting, scenario.compression, copies, scenario.seed)
@@ -424,6 +501,7 @@ def run_federation(
         "bytes_up_total": up_total,
         "bytes_down_total": down_total,
         "wall_seconds": done.wall_seconds + time.perf_counter() - started,  # every attempt
+        "server_peak_memory_mb": peak_rss_mb(),
         "trainable_params": count_trainable(model),
         "total_params": total_params(model),
         "adapter_bytes": adapter_bytes,

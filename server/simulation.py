@@ -71,7 +71,9 @@ def simulate(
             "num_cpus": scenario.simulation.cpus_per_client,
             "num_gpus": scenario.simulation.gpus_per_client,
         },
-        "init_args": {"logging_level": "ERROR" if not verbose else "INFO"},
+        # "local": a Ray of the run's own, even where `ray start` left a cluster running on
+        # this machine (ray.init would join that one); joining is simulation.ray_address
+        "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "address": "local"},
     }
     try:
         _run_simulation(

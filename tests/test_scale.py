@@ -1,0 +1,80 @@
+"""Many virtual clients: finding each node's partition cheaply, and waiting for all nodes."""
+
+from collections.abc import Iterable
+
+import pytest
+from flwr.app import Message
+
+import clients.app
+from fedpeft.config import ScenarioError, load_scenario
+from server.grid import CountingGrid, DelegatingGrid
+from server.inprocess import InProcessGrid
+from server.run import check_node_count, discover_nodes, simulated_partitions
+from strategies import build_strategy
+
+NODES = 40
+
+
+class Asked(DelegatingGrid):
+    """Counts the messages sent through it."""
+
+    def __init__(self, grid) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(grid)
+        self.sent = 0
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        self.sent += len(messages)
+        return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+def _discover(guess: dict[int, int] | None) -> tuple[dict[int, int], int, dict[int, int]]:
+    scenario = load_scenario("smoke", [f"data.num_clients={NODES}", 'strategy.name="hetlora"',
+                                       "peft.client_ranks=[2, 4]"])  # fmt: skip
+    asked = Asked(InProcessGrid(clients.app.app, NODES))
+    counting = CountingGrid(asked)
+    strategy = build_strategy(scenario)
+    discover_nodes(counting, scenario, strategy, guess)
+    return counting.partitions, asked.sent, strategy.node_ranks  # type: ignore[attr-defined]
+
+
+def test_a_right_guess_is_checked_on_8_nodes_and_gives_what_asking_all_gives() -> None:
+    truth, asked_all, ranks = _discover(None)
+    assert asked_all == NODES and truth == {101 + i: i for i in range(NODES)}
+    partitions, asked, guessed_ranks = _discover(dict(truth))
+    assert asked == 8
+    assert partitions == truth and guessed_ranks == ranks
+    assert set(ranks.values()) == {2, 4}
+
+
+def test_a_wrong_guess_falls_back_to_asking_every_node() -> None:
+    truth, _, _ = _discover(None)
+    swapped = dict(truth)
+    swapped[101], swapped[101 + NODES - 1] = NODES - 1, 0  # the probes include both ends
+    partitions, asked, _ = _discover(swapped)
+    assert partitions == truth and asked == 8 + NODES
+
+
+def test_only_flowers_in_memory_grid_offers_a_guess() -> None:
+    assert simulated_partitions(InProcessGrid(clients.app.app, 3)) is None
+
+
+class Growing(DelegatingGrid):
+    """Nodes appear a few at a time, as when Flower registers thousands of virtual nodes."""
+
+    def __init__(self, final: int, step: int) -> None:
+        self.final, self.step, self.seen = final, step, 0
+
+    def get_node_ids(self) -> Iterable[int]:
+        self.seen = min(self.seen + self.step, self.final)
+        return range(1, self.seen + 1)
+
+    def send_and_receive(self, messages, *, timeout=None) -> Iterable[Message]:  # type: ignore[no-untyped-def]
+        raise AssertionError("not used")
+
+
+def test_the_node_count_check_waits_while_nodes_still_register() -> None:
+    scenario = load_scenario("smoke", ["data.num_clients=12"])
+    check_node_count(Growing(12, 3), scenario)  # 3, 6, 9, 12: waits, then agrees
+    with pytest.raises(ScenarioError, match="10 virtual SuperNodes but data.num_clients=12"):
+        check_node_count(Growing(10, 5), scenario)  # stops growing short of 12
