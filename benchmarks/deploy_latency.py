@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from common import RESULTS, save_results  # noqa: E402
 
 COLD_START = r"""
 import json, sys, tempfile, time
@@ -128,9 +129,7 @@ def main() -> None:
         result["deployment"]["round_seconds_after_first"]
         / result["simulation"]["round_seconds_after_first"]
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "deploy_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "deploy_latency.md").write_text(render(result))
+    save_results("deploy_latency", result, render(result))
     print(render(result))
 
 

@@ -15,16 +15,15 @@ The target (issue 9) is 10,000 clients within 1.2x the peak memory of 100.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from common import fedpeft_run, machine, save_results  # noqa: E402
+
 VARIANTS = {
     "fedavg": [],
     "fedsa_lora + top-k EF": [
@@ -39,22 +38,14 @@ def run(clients: int, rounds: int, sets: list[str], out: Path) -> dict:
     """One ``fedpeft run smoke`` with ``clients`` virtual clients; its numbers."""
     args = [f"data.num_clients={clients}", "federation.clients_per_round=10",
             f"federation.rounds={rounds}", *sets]  # fmt: skip
-    command = [sys.executable, "-m", "fedpeft.cli", "run", "smoke", "--out", str(out)]
-    for item in args:
-        command += ["--set", item]
-    started = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    if proc.returncode:
-        raise SystemExit(f"run failed ({clients} clients): {proc.stderr[-2000:]}")
-    summary = json.loads((out / "summary.json").read_text())
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary, rows, wall = fedpeft_run("smoke", args, out)
     stored = list((out / "client_state").rglob("*.safetensors"))
     return {
         "clients": clients,
         "server_peak_memory_mb": summary["server_peak_memory_mb"],
         "round_seconds_after_first": sum(r["round_seconds"] for r in rows[1:])
         / max(len(rows) - 1, 1),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall,
         "client_state_files": len(stored),
         "client_state_mb": sum(p.stat().st_size for p in stored) / 2**20,
     }
@@ -64,11 +55,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="10,100,1000,10000")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="which of " + ", ".join(VARIANTS)
+    )
     args = parser.parse_args()
+    chosen = args.variants.split(",")
     sizes = [int(x) for x in args.clients.split(",")]
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, sets in VARIANTS.items():
+            if name not in chosen:
+                continue
             results[name] = []
             for n in sizes:
                 row = run(n, args.rounds, sets, Path(tmp) / f"{name.split()[0]}-{n}")
@@ -77,17 +74,13 @@ def main() -> None:
                       f"{row['round_seconds_after_first']:.2f} s/round", flush=True)  # fmt: skip
     record = {
         "command": "python benchmarks/scale_memory.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}, "
-        f"Python {platform.python_version()}",
+        "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "rounds": args.rounds,
         "clients_per_round": 10,
         "results": results,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale_memory.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "scale_memory.md").write_text(markdown(record))
-    print(f"wrote {RESULTS / 'scale_memory.md'}")
+    save_results("scale_memory", record, markdown(record))
 
 
 def markdown(record: dict) -> str:

@@ -102,6 +102,12 @@ def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
     cached_peft_model(scenario.model, server_peft, data.num_labels, scenario.seed)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedpeft.bench import run_bench
+
+    return run_bench(args.quick, args.only.split(",") if args.only else None)
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from fedpeft.compare import run_compare
 
@@ -279,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a scenario key in every cell (TOML value)")  # fmt: skip
     cmp.add_argument("--out", help="output folder (default: runs/compare-<scenario>-<timestamp>/)")
     cmp.set_defaults(func=_cmd_compare)
+    bench = sub.add_parser("bench", help="run benchmarks/ and regenerate benchmarks/RESULTS.md")
+    bench.add_argument("--quick", action="store_true",
+                       help="smaller sizes, under 15 minutes on a 2-core CPU")  # fmt: skip
+    bench.add_argument("--only", metavar="A,B", help="run only these benchmarks")
+    bench.set_defaults(func=_cmd_bench)
     dep = sub.add_parser("deploy", help="certificates, keys and Flower processes for a deployment")
     dsub = dep.add_subparsers(dest="deploy_command", required=True)
     certs = dsub.add_parser("certs", help="a CA and a SuperLink certificate for the given hosts")

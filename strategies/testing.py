@@ -45,7 +45,7 @@ class StaticGrid(Grid):
         raise NotImplementedError
 
 
-def _ensure_task_identity() -> None:
+def ensure_task_identity() -> None:
     """Messages need a run identity; outside a running app, give them a test one."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -57,7 +57,7 @@ def _ensure_task_identity() -> None:
 
 def train_reply(state: AdapterState, num_examples: int, node_id: int = 1) -> Message:
     """A client's training reply carrying ``state`` and its example count."""
-    _ensure_task_identity()
+    ensure_task_identity()
     instruction = Message(RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
     content = RecordDict(
         {
@@ -84,7 +84,7 @@ def aggregate_with(
     strategy = strategy or build_strategy(scenario)
     current = current if current is not None else states[0]
     grid = StaticGrid(range(1, len(states) + 1))
-    _ensure_task_identity()
+    ensure_task_identity()
     list(
         strategy.configure_train(server_round, state_to_arrayrecord(current), ConfigRecord(), grid)
     )

@@ -13,13 +13,13 @@ from fedpeft.config import load_scenario
 from fedpeft.data import load_task_data
 from fedpeft.models import initial_adapter_state
 from fedpeft.state import ClientStateStore
-from strategies.testing import _ensure_task_identity
+from strategies.testing import ensure_task_identity
 
 SCENARIO = load_scenario("smoke", ["train.local_steps=3", "train.lr=0.05"])
 
 
 def _message(global_state, instructions, state_dir):
-    _ensure_task_identity()
+    ensure_task_identity()
     config = ConfigRecord(
         {
             records.SCENARIO: SCENARIO.to_json(),

@@ -7,7 +7,7 @@ from fedpeft import records
 from fedpeft.codecs import payload_nbytes, state_to_arrayrecord
 from fedpeft.config import load_scenario
 from server.grid import CountingGrid
-from strategies.testing import StaticGrid, _ensure_task_identity, train_reply
+from strategies.testing import StaticGrid, ensure_task_identity, train_reply
 
 
 class EchoGrid(StaticGrid):
@@ -24,7 +24,7 @@ class EchoGrid(StaticGrid):
 
 
 def test_counts_both_directions_and_failures():
-    _ensure_task_identity()
+    ensure_task_identity()
     content = RecordDict(
         {
             records.ARRAYS: state_to_arrayrecord({"w": torch.zeros(10, 10)}),
@@ -57,7 +57,7 @@ def test_polling_grid_collects_late_replies_and_gives_up_at_the_timeout():
             ready = [i for i in message_ids if i in self._replies][:1]
             return super().pull_messages(ready)
 
-    _ensure_task_identity()
+    ensure_task_identity()
     grid = OneReplyPerPull(client_app, 3)
     query = ConfigRecord(
         {records.SCENARIO: load_scenario("smoke", ["data.num_clients=3"]).to_json()}

@@ -20,7 +20,7 @@ from fedpeft.faults import fault_mod, faults_of, strikes
 from server.inprocess import InProcessGrid
 from server.reliability import check_update
 from server.run import run_federation
-from strategies.testing import _ensure_task_identity
+from strategies.testing import ensure_task_identity
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 REF = {A: torch.zeros(4, 6), B: torch.zeros(5, 4), "head.weight": torch.zeros(3, 5)}
@@ -88,7 +88,7 @@ def test_a_slow_client_sleeps_before_it_trains(tmp_path: Path) -> None:
     scenario = load_scenario(
         "smoke", ["faults.slow_rate=1.0", "faults.slow_seconds=0.4", "federation.rounds=1"]
     )
-    _ensure_task_identity()  # Flower's messages read the running app's identity
+    ensure_task_identity()  # Flower's messages read the running app's identity
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
     msg = Message(RecordDict({records.CONFIG: config}), dst_node_id=1,
                   message_type=MessageType.TRAIN)  # fmt: skip
@@ -144,7 +144,7 @@ def test_a_poisoner_sends_its_change_flipped_and_scaled(tmp_path) -> None:
     scenario = load_scenario(
         "smoke", ['faults.poison="sign_flip"', "faults.poison_scale=3", "faults.poison_clients=[1]"]
     )
-    _ensure_task_identity()
+    ensure_task_identity()
     sent = {"w": torch.ones(2, 2), "v": torch.zeros(3)}
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
     msg = Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(sent)}),
@@ -213,7 +213,7 @@ def test_a_reply_to_no_instruction_is_counted_rejected_and_left_out() -> None:
         def send_and_receive(self, messages, *, timeout=None):
             return [train_reply(good, 4, node_id=1), train_reply(good, 4, node_id=9)]
 
-    _ensure_task_identity()
+    ensure_task_identity()
     counting = CountingGrid(Unsolicited([1]))
     grid = ValidatingGrid(counting, counting, REF, load_scenario("smoke"))
     instruction = Message(RecordDict({records.ARRAYS: state_to_arrayrecord(REF)}), dst_node_id=1,

@@ -1,0 +1,171 @@
+"""``fedpeft bench``: run the benchmarks in ``benchmarks/`` and regenerate RESULTS.md.
+
+Each benchmark is a script that writes ``benchmarks/results/<name>.{json,md}``, so it can
+be run on its own too. This runs them in turn (``--quick``: smaller sizes, under 15
+minutes on a 2-core CPU), then writes ``benchmarks/RESULTS.md``: the machine, a table
+of every target with its measured number (met, or the gap), and each benchmark's own
+tables, with the command and date that produced them. Benchmarks are measurements, not
+tests: nothing here asserts on time.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESULTS = BENCH / "results"
+
+#: name -> (arguments of the full run, arguments of --quick, or None to reuse the last result)
+PLAN: dict[str, tuple[list[str], list[str] | None]] = {
+    "aggregation": ([], ["--quick"]),
+    "scale_memory": (
+        ["--clients", "10,100,1000,10000"],
+        ["--clients", "10,100,1000", "--variants", "fedavg"],
+    ),
+    "overhead": (["--scenario", "quickstart"], ["--scenario", "quickstart", "--rounds", "3"]),
+    "baselines": ([], ["--quick"]),
+    "accuracy": ([], ["--quick"]),
+    "deploy_latency": ([], None),  # a deployment on 127.0.0.1: minutes; full runs only
+}
+
+
+def run_bench(quick: bool, only: list[str] | None = None) -> int:
+    """Run the planned benchmarks (or ``only`` these) and regenerate RESULTS.md."""
+    if not BENCH.is_dir():
+        print(f"fedpeft: no benchmarks/ folder at {BENCH} (run from a clone of the repository)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    unknown = sorted(set(only or []) - PLAN.keys())
+    if unknown:
+        print(f"fedpeft: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(PLAN)}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    started = time.perf_counter()
+    ran: dict[str, str] = {}
+    for name, (full, fast) in PLAN.items():
+        if only and name not in only:
+            continue
+        args = fast if quick else full
+        if args is None:
+            ran[name] = "reused: --quick does not rerun it"
+            print(f"== {name}: skipped in --quick (its last results are kept)", flush=True)
+            continue
+        print(f"== {name} {' '.join(args)}", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT)
+        ran[name] = (
+            f"{'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.0f} s"
+        )
+        print(f"== {name}: {ran[name]}", flush=True)
+    write_results(quick, ran, time.perf_counter() - started)
+    print(f"wrote {BENCH / 'RESULTS.md'} in {time.perf_counter() - started:.0f} s")
+    return 0 if all(v.startswith(("ok", "reused")) for v in ran.values()) else 1
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def targets() -> list[tuple[str, str, str, str]]:
+    """(target, goal, measured, verdict) for every target of the benchmarks issue."""
+    rows: list[tuple[str, str, str, str]] = []
+    over = _load("overhead")
+    if over:
+        e2e, later = over["end_to_end_ratio"], over["later_round_ratio"]
+        scen = over["command"].split()[-1]
+        rows.append(("framework overhead, end to end", "<= 1.25x",
+                     f"{e2e:.2f}x ({scen})", "met" if e2e <= 1.25 else "gap"))  # fmt: skip
+        rows.append(("framework overhead, rounds after the first", "<= 1.05x",
+                     f"{later:.3f}x ({scen})", "met" if later <= 1.05 else "gap"))  # fmt: skip
+    else:
+        rows.append(("framework overhead", "<= 1.25x, <= 5%/round", "not measured", "gap"))
+    agg = _load("aggregation")
+    if agg and agg.get("svd"):
+        speed = min(r["flexlora_speedup"] for r in agg["svd"])
+        diff = max(r["flexlora_rel_diff"] for r in agg["svd"])
+        rows.append(("factored vs dense SVD at d = 4096 (FlexLoRA)", ">= 10x, same result",
+                     f"{speed:.0f}x, relative difference {diff:.0e}",
+                     "met" if speed >= 10 and diff < 1e-6 else "gap"))  # fmt: skip
+        sizes = sorted({(r["shape"], r["clients"]) for r in agg["strategies"]})
+        rows.append(("aggregation cost per strategy", "10/100/1000 updates, MiniLM and 7B",
+                     ", ".join(f"{s} K={k}" for s, k in sizes),
+                     "met" if ("7b", 1000) in sizes else "gap: 1000 7B-shaped updates are "
+                     "33 GB, more than this machine's memory"))  # fmt: skip
+    scale = _load("scale_memory")
+    if scale:
+        for name, base, top in (("1,000 vs 10 clients", 10, 1000), ("10,000 vs 100", 100, 10000)):
+            fedavg = {r["clients"]: r["server_peak_memory_mb"] for r in scale["results"]["fedavg"]}
+            if base in fedavg and top in fedavg:
+                ratio = fedavg[top] / fedavg[base]
+                rows.append((f"server memory, {name} (10 per round)", "<= 1.2x",
+                             f"{ratio:.3f}x", "met" if ratio <= 1.2 else "gap"))  # fmt: skip
+    deploy = _load("deploy_latency")
+    if deploy:
+        ratio = deploy.get("round_ratio")
+        shown = f"{ratio:.1f}x" if isinstance(ratio, float) else "see below"
+        rows.append(("deployment round latency vs simulation", "reported", shown, "reported"))
+    baselines = _load("baselines")
+    if baselines:
+        by = {r["variant"]: r for r in baselines["results"]}
+        full, lora = by.get("full fine-tuning, FedAvg"), by.get("LoRA, FedIT")
+        if full and lora:
+            saving = full["bytes_up_per_client_round"] / lora["bytes_up_per_client_round"]
+            rows.append((f"LoRA against full fine-tuning, uplink bytes ({baselines['scenario']})",
+                         "about 300x less", f"{saving:.0f}x less; accuracy "
+                         f"{lora['final_accuracy']:.4f} vs {full['final_accuracy']:.4f}",
+                         "reported"))  # fmt: skip
+    else:
+        rows.append(("full fine-tuning baseline (plain Flower FedAvg)", "bytes, accuracy, time",
+                     "not measured", "gap"))  # fmt: skip
+    acc = _load("accuracy")
+    if acc:
+        by = {r["setting"]: r for r in acc["results"]}
+        iid = by["federated IID"]["vs_centralised"]
+        label = "quick: 2 rounds" if acc["command"].endswith("--quick") else "6 rounds"
+        rows.append(("federated IID against centralised LoRA", ">= 0.95",
+                     f"{iid:.3f} ({label})", "met" if iid >= 0.95 else "gap"))  # fmt: skip
+    else:
+        rows.append(("federated vs centralised LoRA", "IID >= 0.95", "not measured", "gap"))
+    rows.append(("strategies ranked under non-IID data with heterogeneous ranks", "a ranking",
+                 "recorded in docs/compare-noniid.md (FlexLoRA first at ranks 4/8/16), "
+                 "not rerun by fedpeft bench", "gap"))  # fmt: skip
+    return rows
+
+
+def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:
+    """Regenerate ``benchmarks/RESULTS.md`` from every results file present."""
+    memory = psutil.virtual_memory().total / 2**30
+    machine = (f"{platform.platform()}, {psutil.cpu_count()} CPUs, {memory:.0f} GiB, "
+               f"Python {platform.python_version()}")  # fmt: skip
+    lines = [
+        "# fedpeft benchmarks",
+        "",
+        f"Regenerated by `fedpeft bench{' --quick' if quick else ''}` on "
+        f"{time.strftime('%Y-%m-%d')} in {seconds / 60:.1f} minutes, on {machine}. "
+        "Each ratio is measured within one run.",
+        "",
+        "This run: " + "; ".join(f"{k} {v}" for k, v in ran.items()) + ".",
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | verdict |",
+        "|---|---|---|---|",
+        *(f"| {t} | {g} | {m} | {v} |" for t, g, m, v in targets()),
+        "",
+    ]
+    for name in PLAN:
+        md = RESULTS / f"{name}.md"
+        if md.is_file():
+            text = md.read_text().strip().splitlines()
+            lines += ["#" + text[0], *text[1:], ""]  # one level down
+    (BENCH / "RESULTS.md").write_text("\n".join(lines))

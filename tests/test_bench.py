@@ -1,0 +1,44 @@
+"""``fedpeft bench`` writes RESULTS.md from the benchmarks' results; verdicts follow the numbers."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedpeft import bench
+from fedpeft.cli import main
+
+
+@pytest.fixture
+def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(bench, "BENCH", tmp_path)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    (tmp_path / "results").mkdir()
+    return tmp_path / "results"
+
+
+def test_verdicts_follow_the_measured_numbers(results: Path) -> None:
+    (results / "overhead.json").write_text(json.dumps(
+        {"end_to_end_ratio": 1.1, "later_round_ratio": 1.2,
+         "command": "python benchmarks/overhead.py --scenario smoke"}))  # fmt: skip
+    (results / "scale_memory.json").write_text(json.dumps({"results": {"fedavg": [
+        {"clients": 10, "server_peak_memory_mb": 100.0},
+        {"clients": 1000, "server_peak_memory_mb": 130.0}]}}))  # fmt: skip
+    rows = {t: (m, v) for t, _, m, v in bench.targets()}
+    assert rows["framework overhead, end to end"] == ("1.10x (smoke)", "met")
+    assert rows["framework overhead, rounds after the first"] == ("1.200x (smoke)", "gap")
+    assert rows["server memory, 1,000 vs 10 clients (10 per round)"] == ("1.300x", "gap")
+    assert rows["federated vs centralised LoRA"] == ("not measured", "gap")
+
+
+def test_results_md_holds_the_targets_and_each_benchmarks_tables(results: Path) -> None:
+    (results / "aggregation.md").write_text("# Aggregation cost on the server\n\n| a |\n")
+    bench.write_results(quick=True, ran={"aggregation": "ok in 3 s"}, seconds=180.0)
+    text = (results.parent / "RESULTS.md").read_text()
+    assert "`fedpeft bench --quick`" in text and "| target | goal | measured | verdict |" in text
+    assert "## Aggregation cost on the server" in text and "aggregation ok in 3 s" in text
+
+
+def test_an_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--only", "nope"]) == 2
+    assert "unknown benchmark(s) nope" in capsys.readouterr().err
