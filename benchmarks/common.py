@@ -19,11 +19,18 @@ def machine() -> str:
 
 
 def save_results(name: str, record: dict, markdown: str) -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` (``fedpeft bench`` reads both)."""
+    """Write ``results/<name>.json`` and ``.md`` (``fedpeft bench`` reads both).
+
+    Under ``fedpeft bench --quick`` (``FEDPEFT_BENCH_QUICK=1``) the files are
+    ``<name>.quick.json`` and ``.md``, so a quick run never replaces a full one's results.
+    """
+    import os
+
+    stem = f"{name}.quick" if os.environ.get("FEDPEFT_BENCH_QUICK") == "1" else name
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / f"{name}.md").write_text(markdown)
-    print(f"wrote {RESULTS / name}.{{json,md}}")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown)
+    print(f"wrote {RESULTS / stem}.{{json,md}}")
 
 
 def fedpeft_run(scenario: str, sets: list[str], out: Path) -> tuple[dict, list[dict], float]:

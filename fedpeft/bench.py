@@ -11,6 +11,7 @@ tests: nothing here asserts on time.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -61,19 +62,37 @@ def run_bench(quick: bool, only: list[str] | None = None) -> int:
             continue
         print(f"== {name} {' '.join(args)}", flush=True)
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT)
+        env = {**os.environ, "FEDPEFT_BENCH_QUICK": "1" if quick else "0"}
+        proc = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), *args], cwd=ROOT, env=env)
         ran[name] = (
             f"{'ok' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.0f} s"
         )
         print(f"== {name}: {ran[name]}", flush=True)
-    write_results(quick, ran, time.perf_counter() - started)
+    # the latest run of each benchmark, kept across invocations (``--only`` reruns one)
+    log = RESULTS / f"runs{'.quick' if quick else ''}.json"
+    runs = json.loads(log.read_text()) if log.is_file() else {}
+    runs.update({k: f"{v} ({time.strftime('%Y-%m-%d')})" for k, v in ran.items()
+                 if not v.startswith("reused")})  # fmt: skip
+    RESULTS.mkdir(exist_ok=True)
+    log.write_text(json.dumps(runs, indent=2) + "\n")
+    write_results(quick, {**ran, **runs}, time.perf_counter() - started)
     print(f"wrote {BENCH / 'RESULTS.md'} in {time.perf_counter() - started:.0f} s")
     return 0 if all(v.startswith(("ok", "reused")) for v in ran.values()) else 1
 
 
+#: set by :func:`write_results`: a quick run's report prefers the quick results
+_PREFER_QUICK = [False]
+
+
+def _result(name: str, ext: str) -> Path | None:
+    """A benchmark's results file: the quick one first in a quick report, else the full one."""
+    names = [f"{name}.quick", name] if _PREFER_QUICK[0] else [name, f"{name}.quick"]
+    return next((p for n in names if (p := RESULTS / f"{n}.{ext}").is_file()), None)
+
+
 def _load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    path = _result(name, "json")
+    return json.loads(path.read_text()) if path else None
 
 
 def targets() -> list[tuple[str, str, str, str]]:
@@ -82,7 +101,7 @@ def targets() -> list[tuple[str, str, str, str]]:
     over = _load("overhead")
     if over:
         e2e, later = over["end_to_end_ratio"], over["later_round_ratio"]
-        scen = over["command"].split()[-1]
+        scen = over["command"].split("--scenario ")[-1]
         rows.append(("framework overhead, end to end", "<= 1.25x",
                      f"{e2e:.2f}x ({scen})", "met" if e2e <= 1.25 else "gap"))  # fmt: skip
         rows.append(("framework overhead, rounds after the first", "<= 1.05x",
@@ -101,18 +120,20 @@ def targets() -> list[tuple[str, str, str, str]]:
                      ", ".join(f"{s} K={k}" for s, k in sizes),
                      "met" if ("7b", 1000) in sizes else "gap: 1000 7B-shaped updates are "
                      "33 GB, more than this machine's memory"))  # fmt: skip
-    scale = _load("scale_memory")
-    if scale:
-        for name, base, top in (("1,000 vs 10 clients", 10, 1000), ("10,000 vs 100", 100, 10000)):
-            fedavg = {r["clients"]: r["server_peak_memory_mb"] for r in scale["results"]["fedavg"]}
-            if base in fedavg and top in fedavg:
-                ratio = fedavg[top] / fedavg[base]
-                rows.append((f"server memory, {name} (10 per round)", "<= 1.2x",
-                             f"{ratio:.3f}x", "met" if ratio <= 1.2 else "gap"))  # fmt: skip
+    fedavg: dict[int, float] = {}  # clients -> peak MiB, from the quick and the full run
+    for stem in ("scale_memory.quick", "scale_memory"):
+        if (path := RESULTS / f"{stem}.json").is_file():
+            for r in json.loads(path.read_text())["results"].get("fedavg", []):
+                fedavg.setdefault(r["clients"], r["server_peak_memory_mb"])
+    for name, base, top in (("1,000 vs 10 clients", 10, 1000), ("10,000 vs 100", 100, 10000)):
+        if base in fedavg and top in fedavg:
+            ratio = fedavg[top] / fedavg[base]
+            rows.append((f"server memory, {name} (10 per round)", "<= 1.2x",
+                         f"{ratio:.3f}x", "met" if ratio <= 1.2 else "gap"))  # fmt: skip
     deploy = _load("deploy_latency")
     if deploy:
-        ratio = deploy.get("round_ratio")
-        shown = f"{ratio:.1f}x" if isinstance(ratio, float) else "see below"
+        latency = deploy.get("round_ratio")
+        shown = f"{latency:.1f}x" if isinstance(latency, float) else "see below"
         rows.append(("deployment round latency vs simulation", "reported", shown, "reported"))
     baselines = _load("baselines")
     if baselines:
@@ -143,7 +164,12 @@ def targets() -> list[tuple[str, str, str, str]]:
 
 
 def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:
-    """Regenerate ``benchmarks/RESULTS.md`` from every results file present."""
+    """Regenerate ``benchmarks/RESULTS.md`` from every results file present.
+
+    A quick run reports the quick results where there are any, and the full ones
+    otherwise; each section names the command that produced it.
+    """
+    _PREFER_QUICK[0] = quick
     memory = psutil.virtual_memory().total / 2**30
     machine = (f"{platform.platform()}, {psutil.cpu_count()} CPUs, {memory:.0f} GiB, "
                f"Python {platform.python_version()}")  # fmt: skip
@@ -151,10 +177,10 @@ def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:
         "# fedpeft benchmarks",
         "",
         f"Regenerated by `fedpeft bench{' --quick' if quick else ''}` on "
-        f"{time.strftime('%Y-%m-%d')} in {seconds / 60:.1f} minutes, on {machine}. "
-        "Each ratio is measured within one run.",
+        f"{time.strftime('%Y-%m-%d')} (this invocation: {seconds / 60:.1f} minutes), on "
+        f"{machine}. Each ratio is measured within one run of its benchmark.",
         "",
-        "This run: " + "; ".join(f"{k} {v}" for k, v in ran.items()) + ".",
+        "Latest run of each benchmark: " + "; ".join(f"{k} {v}" for k, v in ran.items()) + ".",
         "",
         "## Targets",
         "",
@@ -164,8 +190,8 @@ def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:
         "",
     ]
     for name in PLAN:
-        md = RESULTS / f"{name}.md"
-        if md.is_file():
+        md = _result(name, "md")
+        if md:
             text = md.read_text().strip().splitlines()
             lines += ["#" + text[0], *text[1:], ""]  # one level down
     (BENCH / "RESULTS.md").write_text("\n".join(lines))
