@@ -273,7 +273,9 @@ def test_a_rejected_reply_leaves_the_tally_with_its_node_info() -> None:
         {records.INFO_DEVICE: "cuda:0 (GPU)", records.INFO_HOST: "edge-1"}
     )
     grid = CountingGrid(_Replies([reply]))
-    instruction = Message(RecordDict(), dst_node_id=1, message_type=MessageType.TRAIN)
+    # a training instruction carries fedpeft's config (SecAgg+'s key stages do not)
+    content = RecordDict({records.CONFIG: ConfigRecord({records.SERVER_ROUND: 1})})
+    instruction = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
     grid.send_and_receive([instruction])
     assert grid.current.clients == [
         {records.NUM_EXAMPLES: 4, records.INFO_DEVICE: "cuda:0 (GPU)", records.INFO_HOST: "edge-1"}
