@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,19 +108,39 @@ def test_heterogeneous_ranks_run_with_flexlora(tmp_path):
 PEFT_AWARE = "fedit,ffa_lora,fedsa_lora,rolora,flora,flexlora,hetlora,fedex_lora"
 
 
-def test_compare_runs_every_peft_aware_strategy(tmp_path):
+#: through Flower's Simulation Engine: personal state (FedSA-LoRA), base deltas in every
+#: message (FLoRA) and per-node ranks (HetLoRA); every rule also runs in process below
+ON_RAY = "fedsa_lora,flora,hetlora"
+
+
+def test_compare_runs_peft_aware_strategies_on_flower(tmp_path):
     out = tmp_path / "cmp"
     proc = run_fedpeft(
-        "compare", "smoke", "--strategies", PEFT_AWARE, "--set", "federation.rounds=1",
+        "compare", "smoke", "--strategies", ON_RAY, "--set", "federation.rounds=1",
         "--out", str(out), cwd=tmp_path, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "comparison.csv").read_text().splitlines()
     rows = {line.split(",")[0]: line for line in table[1:]}
-    assert sorted(rows) == sorted(PEFT_AWARE.split(","))
+    assert sorted(rows) == sorted(ON_RAY.split(","))
     assert all(",ok" in line or line.endswith("ok") for line in rows.values()), table
     fedsa = json.loads((out / "cells" / "fedsa_lora-seed0" / "summary.json").read_text())
     assert 0.0 <= fedsa["final"]["personal_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("name", PEFT_AWARE.split(","))
+def test_every_peft_aware_strategy_runs_a_federation(name, tmp_path):
+    """The real ServerApp code, strategy and ClientApp, without Ray's start-up per rule."""
+    import clients.app
+    from fedpeft.config import load_scenario
+    from server.inprocess import InProcessGrid
+    from server.run import run_federation
+
+    scenario = load_scenario("smoke", [f'strategy.name="{name}"'])
+    summary = run_federation(InProcessGrid(clients.app.app, 2), scenario, tmp_path, "in-process")
+    assert summary["rounds_completed"] == 2
+    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
 
 
 def test_interrupted_run_stops_promptly_and_keeps_finished_rounds(tmp_path):
