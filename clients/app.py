@@ -50,9 +50,9 @@ from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, scenario_collate, train_steps
 from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
 
-# outermost first: payloads are decoded (and the reply coded last), local DP noises the
-# reply, faults are injected (if asked), then the handler
-# outermost first: SecAgg+ stages without a training step never reach the other mods
+# outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
+# decoded (and the reply coded last), local DP noises the reply, faults are injected (if
+# asked), then the handler
 app = ClientApp(mods=[secagg_mod, compression_mod, local_dp_mod, fault_mod])
 
 RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store

@@ -119,8 +119,8 @@ def save_checkpoint(
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
+    if final.exists():  # else .old is the last complete one: it stays until tmp is in place
+        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
@@ -134,11 +134,8 @@ def checkpoint_dir(out_dir: Path) -> Path | None:
     return None
 
 
-def checkpointed(out_dir: Path) -> tuple[Scenario, int]:
-    """The scenario a run folder was started with and the last round it checkpointed.
-
-    One line (ScenarioError) if the folder has no checkpoint.
-    """
+def _read(out_dir: Path) -> tuple[Path, Scenario, Progress]:
+    """The last checkpoint's folder, scenario and progress; one line if there is none."""
     where = checkpoint_dir(out_dir)
     if where is None:
         raise ScenarioError(
@@ -148,6 +145,15 @@ def checkpointed(out_dir: Path) -> tuple[Scenario, int]:
     with (where / "progress.pkl").open("rb") as f:
         progress: Progress = pickle.load(f)  # noqa: S301 - the run folder's own checkpoint
     scenario = Scenario.from_json((where / "scenario.json").read_text(encoding="utf-8"))
+    return where, scenario, progress
+
+
+def checkpointed(out_dir: Path) -> tuple[Scenario, int]:
+    """The scenario a run folder was started with and the last round it checkpointed.
+
+    One line (ScenarioError) if the folder has no checkpoint.
+    """
+    _, scenario, progress = _read(out_dir)
     return scenario, progress.round
 
 
@@ -158,16 +164,12 @@ def load_checkpoint(out_dir: Path) -> Checkpoint:
     is discarded. Only checkpoints written by fedpeft itself should be loaded: the
     strategy is unpickled.
     """
-    scenario, _ = checkpointed(out_dir)
-    where = checkpoint_dir(out_dir)
-    assert where is not None
+    where, scenario, progress = _read(out_dir)
     with safe_open(str(where / "arrays.safetensors"), framework="pt") as f:
         order = json.loads(f.metadata()["order"])  # the ArrayRecord's own key order
         arrays = state_to_arrayrecord({key: f.get_tensor(key) for key in order})
     with (where / "strategy.pkl").open("rb") as f:
         strategy = pickle.load(f)  # noqa: S301 - the run folder's own checkpoint
-    with (where / "progress.pkl").open("rb") as f:
-        progress = pickle.load(f)  # noqa: S301
     for name in STATE_DIRS:
         shutil.rmtree(out_dir / name, ignore_errors=True)
         if (where / name).is_dir():

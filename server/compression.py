@@ -42,7 +42,7 @@ from fedpeft.codecs.compression import (
 )
 from fedpeft.config import CompressionConfig
 from fedpeft.state import ClientStateStore
-from server.grid import CountingGrid, DelegatingGrid
+from server.grid import CountingGrid, DelegatingGrid, round_of
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class CodecGrid(DelegatingGrid):
         if not (self.down.stages or self.compression.downlink_delta):
             return msg, state, state  # plain downlink: the node receives exactly this
         node = msg.metadata.dst_node_id
-        server_round = int(str(content.config_records[records.CONFIG].get(records.SERVER_ROUND, 0)))
+        server_round = round_of(msg)
         held = self.copies.load(self._node_key(node)) if self.compression.downlink_delta else {}
         pipeline = self.down if held else self.down.without_topk()
         coded = encode_update(

@@ -48,6 +48,17 @@ class RoundTraffic:
         return sum(loss * w for loss, w in self.losses) / total if total else None
 
 
+def is_training(messages: list[Message]) -> bool:
+    """Whether ``messages`` are training instructions (Flower's TRAIN type)."""
+    return bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
+
+
+def round_of(message: Message) -> int:
+    """The server round of an instruction: its config's ``server-round`` (0 without one)."""
+    config = message.content.config_records.get(records.CONFIG)
+    return int(str(config.get(records.SERVER_ROUND, 0))) if config is not None else 0
+
+
 def _short(reason: str | None, limit: int = 300) -> str:
     """The informative tail of an error reason (Ray wraps the real error in a long preamble)."""
     text = " ".join((reason or "unknown error").split())
@@ -171,17 +182,16 @@ class CountingGrid(DelegatingGrid):
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         # a training exchange carries fedpeft's config; SecAgg+'s key stages do not (their
         # bytes count here, their failures where the protocol runs: server/secagg.py)
-        train_type = bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
+        train_type = is_training(messages)
         is_train = train_type and records.CONFIG in messages[0].content.config_records
         protocol = train_type and not is_train
         ok = 0
         for reply in replies:
-            if reply.has_error() and protocol:
-                continue
             if reply.has_error():
-                tally.failures.append(
-                    f"node {reply.metadata.src_node_id}: {_short(reply.error.reason)}"
-                )
+                if not protocol:
+                    tally.failures.append(
+                        f"node {reply.metadata.src_node_id}: {_short(reply.error.reason)}"
+                    )
                 continue
             ok += 1
             tally.bytes_up += payload_nbytes(reply.content)

@@ -14,14 +14,14 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message, MessageType
+from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedpeft import records
 from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.privacy import add_noise, clip_update, epsilon, noise_generator
-from server.grid import DelegatingGrid
+from server.grid import DelegatingGrid, is_training
 
 
 def central_noise_std(weights: list[float], noise_multiplier: float, clip: float) -> float:
@@ -70,7 +70,7 @@ class PrivacyGrid(DelegatingGrid):
         """Send; under central DP return clipped, noised training replies."""
         messages = list(messages)
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+        if not is_training(messages):
             return replies
         valid = [r for r in replies if not r.has_error()]
         if not valid:

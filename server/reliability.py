@@ -29,18 +29,13 @@ from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.faults import strikes
 from fedpeft.privacy import change_norm, clip_update, update_changes
-from server.grid import CountingGrid, DelegatingGrid
+from server.grid import CountingGrid, DelegatingGrid, is_training, round_of
 
 logger = logging.getLogger(__name__)
 
 
 class ServerCrash(RuntimeError):
     """The server failure that ``faults.server_crash_round`` injects (once: not on resume)."""
-
-
-def _round_of(message: Message) -> int:
-    config = message.content.config_records.get(records.CONFIG)
-    return int(str(config.get(records.SERVER_ROUND, 0))) if config is not None else 0
 
 
 def check_update(
@@ -104,7 +99,7 @@ class ValidatingGrid(DelegatingGrid):
     ) -> Iterable[Message]:
         """Send; return the replies, unsound training updates turned into errors."""
         messages = list(messages)
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+        if not is_training(messages):
             return self._grid.send_and_receive(messages, timeout=timeout)
         instructions = {m.metadata.dst_node_id: m for m in messages}
         checked: list[Message] = []
@@ -171,7 +166,7 @@ class FaultyGrid(DelegatingGrid):
             node = msg.metadata.dst_node_id
             partition = self.counting.partitions.get(node, -1)
             if msg.metadata.message_type == MessageType.TRAIN and strikes(
-                seed, _round_of(msg), partition, "drop", rate
+                seed, round_of(msg), partition, "drop", rate
             ):
                 self.counting.lost(node, f"no reply: instruction lost (faults.drop_rate={rate})")
             else:

@@ -355,7 +355,7 @@ def run_federation(
     elif engine == "deployment":
         wait_for_nodes(grid, scenario)
         grid = PollingGrid(grid)  # replies in ~0.1 s instead of Flower's 3 s pull interval
-    guess = simulated_partitions(grid) if engine == "simulation" else None
+    guess = simulated_partitions(grid)  # None on any Grid but Flower's in-memory one
     counting = CountingGrid(grid)
     discover_nodes(counting, scenario, strategy, guess)
     copies = out_dir / "server_state" / "copies"  # what each node holds (downlink deltas)

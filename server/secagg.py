@@ -55,7 +55,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fedpeft import records
 from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
-from server.grid import CountingGrid, DelegatingGrid, _short
+from server.grid import CountingGrid, DelegatingGrid, _short, is_training, round_of
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class SecAggGrid(DelegatingGrid):
     ) -> Iterable[Message]:
         """Training instructions go through SecAgg+; anything else passes as it is."""
         messages = list(messages)
-        if not messages or messages[0].metadata.message_type != MessageType.TRAIN:
+        if not is_training(messages):
             return self._grid.send_and_receive(messages, timeout=timeout)
         run = _Round(self, {m.metadata.dst_node_id: m for m in messages}, timeout)
         try:
@@ -157,7 +157,7 @@ class _Round:
             shares = n
         self.threshold = max(round(privacy.secagg_threshold * shares), 2)
         order = list(self.sampled)
-        server_round = int(str(_config(self.instructions[order[0]]).get(records.SERVER_ROUND, 0)))
+        server_round = round_of(self.instructions[order[0]])
         random.Random(self.grid.seed * 1_000_003 + server_round).shuffle(order)
         half = shares // 2
         self.neighbours = {
@@ -316,10 +316,6 @@ class _Round:
             self.grid.counting.lost(node, why)  # stopped before it trained
         for reply in self.masked:
             self.grid.counting.reject(reply, why)
-
-
-def _config(message: Message) -> ConfigRecord:
-    return message.content.config_records.get(records.CONFIG, ConfigRecord())
 
 
 def _secagg_keys(reply: Message) -> ConfigRecord:
