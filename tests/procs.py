@@ -46,17 +46,35 @@ def lingering(marker: str, grace: float = 15.0) -> set[int]:
     return pids
 
 
+def kill_pids(pids: set[int]) -> None:
+    """Kill these processes (ones a test started), skipping any already gone."""
+    for pid in pids:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _command(args: tuple[str, ...]) -> list[str]:
+    return [sys.executable, "-m", "fedpeft.cli", *args]
+
+
+def _env(marker: str) -> dict[str, str]:
+    """The environment of a run: the test's marker travels to every process it starts."""
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker}
+
+
+def _spawn(args: tuple[str, ...], cwd: Path, marker: str) -> subprocess.Popen:
+    """Start the console script, its output (stdout and stderr) in one text pipe."""
+    return subprocess.Popen(_command(args), cwd=cwd, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, env=_env(marker))  # fmt: skip
+
+
 def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the console script in a fresh process; stop only the processes it left behind."""
     marker = uuid.uuid4().hex
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
-    )
+    proc = subprocess.run(_command(args), cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=_env(marker))  # fmt: skip
     _assert_nothing_left(marker)
     return proc
 
@@ -67,11 +85,7 @@ def interrupt_fedpeft(*args: str, cwd: Path, after: str, sig: int) -> int:
     Returns its exit code; fails (stopping them) if it left processes behind.
     """
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
-    )  # fmt: skip
+    proc = _spawn(args, cwd, marker)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -94,11 +108,7 @@ def sigkill_fedpeft(*args: str, cwd: Path, after: str, file: Path) -> list[str]:
     outlive it; they carry this run's marker and are stopped here. Returns its output lines.
     """
     marker = uuid.uuid4().hex
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker},
-    )  # fmt: skip
+    proc = _spawn(args, cwd, marker)
     lines = []
     try:
         assert proc.stdout is not None
@@ -114,19 +124,11 @@ def sigkill_fedpeft(*args: str, cwd: Path, after: str, file: Path) -> list[str]:
     finally:
         if proc.poll() is None:
             proc.kill()
-        for pid in pids_marked(marker):
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_pids(pids_marked(marker))
     return lines
 
 
 def _assert_nothing_left(marker: str) -> None:
     leftovers = lingering(marker)
-    for pid in leftovers:  # started by this run, so ours to stop; the test still fails
-        try:
-            psutil.Process(pid).kill()
-        except psutil.NoSuchProcess:
-            pass
+    kill_pids(leftovers)  # started by this run, so ours to stop; the test still fails
     assert not leftovers, f"processes left behind by the run: {sorted(leftovers)}"

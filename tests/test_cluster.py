@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 import psutil
-from procs import pids_marked, run_fedpeft
+from procs import kill_pids, pids_marked, run_fedpeft
 
 from fedpeft.local_federation import free_port
 
@@ -33,11 +33,7 @@ def _stop(marker: str) -> None:
         pids = pids_marked(marker)
         if not pids:
             return
-        for pid in pids:
-            try:
-                psutil.Process(pid).kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_pids(pids)
         psutil.wait_procs([psutil.Process(p) for p in pids if psutil.pid_exists(p)], timeout=10)
         time.sleep(0.5)
 
