@@ -234,6 +234,7 @@ def train(msg: Message, context: Context) -> Message:
             regulariser=_pruning_penalty(job),
             device=job.device,
             precision=t.precision,
+            track_gradient=scenario.compression.scores_by_gradient(scenario.privacy),
         )
     finally:  # the cached model serves the next message: leave it as it was
         if end_round is not None:
@@ -278,6 +279,14 @@ def train(msg: Message, context: Context) -> Message:
             records.NODE_INFO: node_info,
         }
     )
+    if result.mean_gradients:  # for top-k's ranking; the compression mod takes it out
+        params = adapter_parameters(job.model)
+        gradient = {
+            key: result.mean_gradients[param]
+            for key in sent
+            if (param := params.get(key)) is not None and param in result.mean_gradients
+        }
+        content[records.GRADIENT] = state_to_arrayrecord(_truncate(gradient, sent_rank))
     return Message(content, reply_to=msg)
 
 

@@ -4,7 +4,9 @@ On the way in, :func:`compression_mod` decodes a coded adapter payload into the 
 ArrayRecord the handlers read (rebuilding it on this node's copy of the adapter when the
 server sent only the change). On the way out, it codes the reply's adapter tensors with
 ``compression.uplink`` as their change from what this client received, adding the
-error-feedback residual: the part of earlier updates that compression dropped.
+error-feedback residual: the part of earlier updates that compression dropped. Top-k ranks
+the entries by the mean gradient the training handler attached to its reply
+(``compression.topk_score = "loss"``); the mod takes that record out, so it never travels.
 
 The node's copy and its residual live in the client state store under
 ``<state dir>/codec/``, one file per client, so they persist across rounds, survive
@@ -82,6 +84,9 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
         received = arrayrecord_to_state(content.array_records[records.ARRAYS])
 
     reply = call_next(msg, context)
+    gradient = None  # the handler's mean gradient, for top-k's ranking: it never travels
+    if not reply.has_error() and records.GRADIENT in reply.content.array_records:
+        gradient = arrayrecord_to_state(reply.content.array_records.pop(records.GRADIENT))
     if comp.uplink and not reply.has_error() and records.ARRAYS in reply.content.array_records:
         sent = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
         server_round = int(str(config.get(records.SERVER_ROUND, 0)))
@@ -91,6 +96,7 @@ def compression_mod(msg: Message, context: Context, call_next: ClientAppCallable
             reference=received,
             residual=residual if comp.error_feedback else None,
             generator=seeded_generator(scenario.seed, server_round, partition, UPLINK),
+            gradient=gradient,
         )
         del reply.content.array_records[records.ARRAYS]
         reply.content[records.COMPRESSED] = coded_record(coded.blob)

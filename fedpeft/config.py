@@ -358,6 +358,11 @@ class CompressionConfig:
     topk_scope: Literal["global", "tensor"] = _f(
         "global", "topk: keep that share of the whole update (one threshold), or of each tensor"
     )
+    topk_score: Literal["loss", "magnitude"] = _f(
+        "loss",
+        "uplink topk ranks entries by |change x mean local gradient| (their first-order effect "
+        "on the client's loss; magnitude under dp='local') or by |change|",
+    )
     quant_granularity: Literal["tensor", "row"] = _f(
         "tensor", "int8/int4: one scale per tensor, or one per row"
     )
@@ -404,6 +409,14 @@ class CompressionConfig:
     def enabled(self) -> bool:
         """Whether any payload is coded (otherwise plain ArrayRecords travel)."""
         return bool(self.uplink or self.downlink or self.downlink_delta)
+
+    def scores_by_gradient(self, privacy: PrivacySection) -> bool:
+        """Whether uplink top-k ranks by ``|change x gradient|`` (clients track gradients).
+
+        Not under local DP: a mask chosen from raw gradients would reveal more than the
+        noised update does, so there top-k ranks the noised change by magnitude.
+        """
+        return "topk" in self.uplink and self.topk_score == "loss" and privacy.dp != "local"
 
     def pipeline(self, direction: str) -> Any:
         """The :class:`fedpeft.codecs.compression.Pipeline` of ``uplink`` or ``downlink``."""

@@ -8,6 +8,7 @@ COMPRESSED = "compressed"  # ArrayRecord: a coded adapter payload in place of AR
 BASE_DELTA = "base-delta"  # ArrayRecord: factored change of the frozen base (FLoRA, FedEx-LoRA)
 METRICS = "metrics"  # MetricRecord in each reply
 NODE_INFO = "node-info"  # ConfigRecord in each training reply: what the node trained on
+GRADIENT = "mean-gradient"  # ArrayRecord a training reply carries to the compression mod only
 
 # ConfigRecord keys
 SERVER_ROUND = "server-round"  # set by Flower strategies

@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -30,6 +30,8 @@ class TrainResult:
     steps: int
     step_seconds: float  # mean wall time of one local step
     peak_memory_mb: float  # see peak_memory_mb()
+    # with track_gradient: each trained parameter's gradient, averaged over the steps
+    mean_gradients: dict[torch.nn.Parameter, torch.Tensor] = field(default_factory=dict)
 
 
 def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict[str, list]]:
@@ -124,6 +126,7 @@ def train_steps(
     regulariser: Callable[[], torch.Tensor] | None = None,
     device: torch.device | None = None,
     precision: str = "auto",
+    track_gradient: bool = False,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable (adapter) parameters of ``model``.
 
@@ -135,6 +138,10 @@ def train_steps(
 
     ``precision`` (``train.precision``, see :func:`autocast_dtype`) sets the autocast of
     the forward pass; the penalties, backward pass and optimizer step stay outside it.
+
+    With ``track_gradient``, the result holds each parameter's gradient of the training
+    objective averaged over the steps (unscaled under fp16): what top-k compression ranks
+    the update's entries by (:func:`fedpeft.codecs.compression.encode_update`).
     """
     device = device or next(model.parameters()).device
     dtype = autocast_dtype(precision, device)
@@ -143,6 +150,7 @@ def train_steps(
     params = trainable_parameters(model)
     anchors = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    grad_sums = [torch.zeros_like(p) for p in params] if track_gradient else []
     reset_peak_memory(device)
     model.train()
     total_loss, seen = 0.0, 0
@@ -166,15 +174,20 @@ def train_steps(
             loss = loss + regulariser()
         if scaler is not None:
             scaler.scale(loss).backward()
+            if max_grad_norm > 0 or grad_sums:
+                scaler.unscale_(optimizer)  # clip (and track) the true gradients
             if max_grad_norm > 0:
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if grad_sums:
+                _add_gradients(grad_sums, params)
             scaler.step(optimizer)
             scaler.update()
         else:
             loss.backward()
             if max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            if grad_sums:
+                _add_gradients(grad_sums, params)
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         seen += len(next(iter(rows.values())))
@@ -188,7 +201,18 @@ def train_steps(
         steps=steps,
         step_seconds=elapsed / steps,
         peak_memory_mb=peak_memory_mb(device),
+        mean_gradients={p: g / steps for p, g in zip(params, grad_sums, strict=True)}
+        if track_gradient
+        else {},
     )
+
+
+def _add_gradients(sums: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
+    """Add each parameter's finite gradient to its running sum (a skipped fp16 step adds 0)."""
+    with torch.no_grad():
+        for total, p in zip(sums, params, strict=True):
+            if p.grad is not None and torch.isfinite(p.grad).all():
+                total.add_(p.grad)
 
 
 def evaluate(

@@ -364,6 +364,54 @@ def test_global_topk_keeps_exactly_the_largest_entries_of_the_whole_update(fract
     assert sum(int((v != 0).sum()) for v in decoded.values()) == k
 
 
+def _kept_by_score(tensors: dict, scores: dict, fraction: float) -> dict[str, np.ndarray]:
+    """Independent global top-k: which entries of each tensor have the k largest scores."""
+    flat = np.concatenate([scores[k].reshape(-1).numpy() for k in tensors])
+    k = math.ceil(round(fraction * flat.size, 9))
+    threshold = np.sort(flat)[-k]  # scores are distinct
+    return {key: scores[key].reshape(-1).numpy() >= threshold for key in tensors}
+
+
+def test_gradient_ranked_topk_keeps_the_largest_change_times_gradient():
+    """encode_update(gradient=g) keeps the entries of largest |change * g|, exactly: a set
+    that differs from the largest changes, and whose values travel unchanged."""
+    received = {k: torch.zeros(shape) for k, shape in TOPK_SHAPES.items()}  # changes stay exact
+    change = {k: _randn(i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
+    gradient = {k: _randn(20 + i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
+    coded = encode_update(change, Pipeline(("topk",), topk_fraction=0.2), received,
+                          gradient=gradient)  # fmt: skip
+    sent = {k: coded.decoded[k] - received[k] for k in received}
+    wanted = _kept_by_score(change, {k: (change[k] * gradient[k]).abs() for k in change}, 0.2)
+    by_magnitude = _kept_by_score(change, {k: change[k].abs() for k in change}, 0.2)
+    assert any(not np.array_equal(wanted[k], by_magnitude[k]) for k in change)
+    for key in change:
+        got = sent[key].reshape(-1).numpy()
+        assert np.array_equal(got != 0, wanted[key]), key
+        assert np.array_equal(got[wanted[key]], change[key].reshape(-1).numpy()[wanted[key]])
+    # error feedback's books: what travelled plus what was kept is the whole change
+    for key in change:
+        torch.testing.assert_close(sent[key] + coded.residual[key], change[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("broken", ["missing", "wrong-shape", "nan"])
+def test_topk_ranks_by_magnitude_when_a_gradient_is_missing(broken):
+    received = {k: torch.zeros(shape) for k, shape in TOPK_SHAPES.items()}
+    change = {k: _randn(i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
+    gradient = {k: _randn(20 + i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
+    first = next(iter(gradient))
+    if broken == "missing":
+        del gradient[first]
+    elif broken == "wrong-shape":
+        gradient[first] = gradient[first].reshape(-1)[:-1]
+    else:
+        gradient[first] = gradient[first].clone().fill_(float("nan"))
+    coded = encode_update(change, Pipeline(("topk",), topk_fraction=0.2), received,
+                          gradient=gradient)  # fmt: skip
+    wanted = _kept_by_score(change, {k: change[k].abs() for k in change}, 0.2)
+    for key in change:
+        assert np.array_equal(coded.decoded[key].reshape(-1).numpy() != 0, wanted[key])
+
+
 def test_topk_fraction_keeps_at_least_one_entry():
     x = {"x": _distinct(0, 3, 3)}
     got = _roundtrip(Pipeline(("topk",), topk_fraction=0.01, topk_scope="tensor"), x)["x"]

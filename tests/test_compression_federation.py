@@ -309,3 +309,34 @@ def test_flexlora_refuses_error_feedback_in_one_line() -> None:
     with pytest.raises(ScenarioError, match="new basis") as err:
         build_strategy(scenario)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("sets", "tracked"),
+    [
+        ([], True),
+        (["compression.topk_score='magnitude'"], False),
+        (['privacy.dp="local"', "privacy.noise_multiplier=0.1"], False),  # see scores_by_gradient
+    ],
+    ids=["loss-score", "magnitude-score", "local-dp"],
+)
+def test_the_mean_gradient_reaches_the_codec_and_never_the_wire(sets, tracked, tmp_path) -> None:
+    """The training handler attaches its mean gradient (one tensor per sent tensor) when
+    top-k ranks by it; the real ClientApp's reply carries only the coded update."""
+    from strategies.testing import ensure_task_identity
+
+    scenario = load_scenario("smoke", [*SMALL, 'compression.uplink=["topk","int8"]', *sets])
+    ensure_task_identity()
+    node = {records.NODE_PARTITION_ID: 0, records.NODE_NUM_PARTITIONS: 2}
+    context = Context(run_id=1, node_id=1, state=RecordDict(), run_config={}, node_config=node)
+    msg = _client_message(_initial_state(scenario), scenario.to_json(), 1)
+    bare = train(msg, context)  # the handler alone, without the mods
+    if tracked:
+        sent = arrayrecord_to_state(bare.content.array_records[records.ARRAYS])
+        gradient = arrayrecord_to_state(bare.content.array_records[records.GRADIENT])
+        assert {k: v.shape for k, v in gradient.items()} == {k: v.shape for k, v in sent.items()}
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in gradient.values())
+    else:
+        assert records.GRADIENT not in bare.content.array_records
+    reply = client_app(_client_message(_initial_state(scenario), scenario.to_json(), 1), context)
+    assert set(reply.content.array_records) == {records.COMPRESSED}

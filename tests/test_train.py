@@ -95,3 +95,49 @@ def test_same_seed_same_training(tokenizer):
         train_steps(model, _collate(tokenizer), _toy_data(), steps=5, batch_size=8, lr=1e-2, seed=3)
         states.append(get_adapter_state(model))
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_tracked_gradient_is_the_mean_of_each_steps_gradient(tokenizer):
+    """track_gradient averages the gradient of every step's loss (what top-k ranks by),
+    checked against gradients computed by hand on the same batches."""
+    from fedpeft.adapters import adapter_parameters
+    from fedpeft.train import batches
+
+    def without_dropout(model):
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    data, collate = _toy_data(), _collate(tokenizer)
+    model = without_dropout(_model())
+    start = get_adapter_state(model)
+    result = train_steps(model, collate, data, steps=3, batch_size=8, lr=1e-2, seed=5,
+                         track_gradient=True)  # fmt: skip
+    params = adapter_parameters(model)
+    assert len(result.mean_gradients) == len(params)
+    assert all(p in result.mean_gradients for p in params.values())
+
+    # by hand: replay the three steps (the same batches, the same AdamW moves)
+    replay = without_dropout(_model())
+    replay.load_state_dict(model.state_dict(), strict=False)
+    replay_params = adapter_parameters(replay)
+    with torch.no_grad():
+        for key, value in start.items():
+            replay_params[key].copy_(value)
+    trainable = [p for p in replay.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.0)
+    sums = {key: torch.zeros_like(p) for key, p in replay_params.items()}
+    stream = batches(data, 8, 5)
+    replay.train()
+    for _ in range(3):
+        loss = replay(**collate(next(stream))).loss
+        loss.backward()
+        for key, p in replay_params.items():
+            sums[key] += p.grad
+        optimizer.step()
+        optimizer.zero_grad()
+    for key, p in params.items():
+        torch.testing.assert_close(result.mean_gradients[p], sums[key] / 3, rtol=1e-4, atol=1e-6)
+    untracked = train_steps(_model(), collate, data, steps=1, batch_size=8, lr=1e-2, seed=5)
+    assert untracked.mean_gradients == {}

@@ -3,8 +3,10 @@
 A :class:`Pipeline` turns a dict of tensors into one ``uint8`` array and back. Its stages
 run in this order, each optional:
 
-1. ``topk``: per tensor, keep the ``ceil(topk_fraction * numel)`` entries of largest
-   magnitude. Only their positions and values travel: positions as the gaps between
+1. ``topk``: keep the ``ceil(topk_fraction * numel)`` entries of largest score, of the
+   whole update or per tensor. The score is ``|x|``, or ``|x| * w`` with per-entry
+   ``weights`` (the client's mean gradient, which makes it the entry's first-order effect
+   on the loss). Only the kept positions and values travel: positions as the gaps between
    consecutive kept entries, varint-coded (LEB128, as protobuf writes integers).
 2. One value stage: ``fp16`` or ``bf16`` (a cast), or ``int8`` / ``int4`` (symmetric
    quantisation with a float32 scale per tensor or per row, ``max|x| / 127`` or ``/ 7``;
@@ -123,11 +125,15 @@ class Pipeline:
         meta: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
         dense: frozenset[str] = frozenset(),
+        weights: Mapping[str, torch.Tensor] | None = None,
     ) -> np.ndarray:
         """Code ``tensors`` (and a JSON-able ``meta``) into one ``uint8`` array.
 
         Tensors named in ``dense`` keep every entry under ``topk`` (their gaps are all
-        zero, which deflate removes): top-k suits a change, not a whole tensor.
+        zero, which deflate removes): top-k suits a change, not a whole tensor. With
+        ``weights`` (one non-negative tensor per key, of its shape), ``topk`` ranks entries
+        by ``|x| * weight`` instead of ``|x|``; which entries are kept never travels
+        differently, so the receiver needs no weights.
         """
         header: dict[str, Any] = {
             "format": FORMAT,
@@ -146,7 +152,11 @@ class Pipeline:
         rows = [_rows(v) for v in tensors.values()]
         if self.sparse:
             kept_idx, values, groups = [], [], []
-            chosen = self._topk(list(tensors), flat, dense)
+            scores = flat if weights is None else [
+                x * weights[k].detach().reshape(-1).float().cpu()
+                for k, x in zip(tensors, flat, strict=True)
+            ]  # fmt: skip
+            chosen = self._topk(list(tensors), scores, dense)
             for t, (x, idx, (_, cols)) in enumerate(zip(flat, chosen, rows, strict=True)):
                 kept_idx.append(idx)
                 values.append(x[idx])
@@ -169,7 +179,7 @@ class Pipeline:
     def _topk(
         self, keys: list[str], flat: list[torch.Tensor], dense: frozenset[str]
     ) -> list[torch.Tensor]:
-        """Sorted indices kept in each tensor: per tensor, or under one global threshold."""
+        """Sorted indices of the largest ``|flat|`` (the scores): per tensor, or globally."""
         if self.topk_scope == "tensor":
             return [
                 torch.arange(x.numel()) if key in dense else
@@ -331,6 +341,7 @@ def encode_update(
     residual: Mapping[str, torch.Tensor] | None = None,
     meta: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
+    gradient: Mapping[str, torch.Tensor] | None = None,
 ) -> Encoded:
     """Code ``state`` as a change from ``reference``, plus the error-feedback ``residual``.
 
@@ -340,6 +351,13 @@ def encode_update(
     which deflate removes). Other tensors travel whole, and skip ``topk``. A residual of
     the wrong shape (a client whose rank changed) is dropped, and so is a non-finite one
     (an update that held NaN must not poison every later round).
+
+    With ``gradient`` (the sender's mean gradient over its local steps, per key), ``topk``
+    keeps the entries of largest ``|change * gradient|``: the largest first-order change of
+    the sender's loss, rather than the largest moves. Under AdamW, which moves almost every
+    coordinate by about ``lr`` per step, magnitude says little about which moves matter.
+    If any change that top-k may cut lacks a finite gradient of its shape, every entry is
+    ranked by magnitude.
     """
     reference = reference or {}
     residual = residual or {}
@@ -362,7 +380,10 @@ def encode_update(
             change = change + res.float()
         changes[key] = change
     whole = frozenset(k for k, kind in kinds.items() if kind == "abs")
-    blob = pipeline.encode(changes, {**(meta or {}), "kinds": kinds}, generator, dense=whole)
+    weights = _gradient_weights(changes, whole, gradient) if pipeline.sparse else None
+    blob = pipeline.encode(
+        changes, {**(meta or {}), "kinds": kinds}, generator, dense=whole, weights=weights
+    )
     decoded_changes, _ = Pipeline.decode(blob)
     decoded = apply_changes(decoded_changes, kinds, reference)
     dropped = {}
@@ -371,6 +392,26 @@ def encode_update(
             left = change - decoded_changes[key].float()
             dropped[key] = left if torch.isfinite(left).all() else torch.zeros_like(left)
     return Encoded(blob, decoded, dropped)
+
+
+def _gradient_weights(
+    changes: Mapping[str, torch.Tensor],
+    whole: frozenset[str],
+    gradient: Mapping[str, torch.Tensor] | None,
+) -> dict[str, torch.Tensor] | None:
+    """``|gradient|`` per change top-k may cut; ``None`` (rank by magnitude) if any lacks one."""
+    if not gradient:
+        return None
+    weights = {}
+    for key, change in changes.items():
+        g = gradient.get(key)
+        if key in whole:
+            weights[key] = torch.ones(())  # kept whole anyway: any weight will do
+        elif g is None or g.shape != change.shape or not torch.isfinite(g).all():
+            return None
+        else:
+            weights[key] = g.detach().float().abs()
+    return {k: w.expand(changes[k].shape) for k, w in weights.items()}
 
 
 def decode_update(
