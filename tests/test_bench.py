@@ -29,6 +29,16 @@ def test_verdicts_follow_the_measured_numbers(results: Path) -> None:
     assert rows["framework overhead, rounds after the first"] == ("1.200x (smoke)", "gap")
     assert rows["server memory, 1,000 vs 10 clients (10 per round)"] == ("1.300x", "gap")
     assert rows["federated vs centralised LoRA"] == ("not measured", "gap")
+    ranked = "strategies ranked under non-IID data with heterogeneous ranks"
+    assert rows[ranked] == ("not measured (python benchmarks/ranking.py)", "gap")
+    (results / "ranking.json").write_text(json.dumps({"results": [
+        {"strategy": "flexlora", "final_accuracy": 0.243},
+        {"strategy": "flora", "final_accuracy": 0.232}]}))  # fmt: skip
+    rows = {t: (m, v) for t, _, m, v in bench.targets()}
+    assert rows[ranked] == (
+        "flexlora 0.243 > flora 0.232 (Dirichlet 0.1, ranks 4/8/16)",
+        "reported",
+    )
 
 
 def test_results_md_holds_the_targets_and_each_benchmarks_tables(results: Path) -> None:
