@@ -132,8 +132,8 @@ class Pipeline:
         Tensors named in ``dense`` keep every entry under ``topk`` (their gaps are all
         zero, which deflate removes): top-k suits a change, not a whole tensor. With
         ``weights`` (one non-negative tensor per key, of its shape), ``topk`` ranks entries
-        by ``|x| * weight`` instead of ``|x|``; which entries are kept never travels
-        differently, so the receiver needs no weights.
+        by ``|x| * weight`` instead of ``|x|``. The payload lists the kept positions
+        either way, so the receiver needs no weights.
         """
         header: dict[str, Any] = {
             "format": FORMAT,
