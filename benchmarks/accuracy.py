@@ -46,7 +46,8 @@ def main() -> None:
             seen = sum(c.get("num-examples", 0) for r in metrics for c in r["client_metrics"])
             accuracy = summary["final"]["eval_accuracy"]
             rows.append({"setting": name, "final_accuracy": accuracy, "examples_seen": seen,
-                         "rounds": len(metrics), "wall_seconds": wall})  # fmt: skip
+                         "rounds": len(metrics), "wall_seconds": wall,
+                         "accuracy_per_round": [r["eval_accuracy"] for r in metrics]})  # fmt: skip
             print(f"{name:26} acc {rows[-1]['final_accuracy']:.4f}  examples {seen}", flush=True)
     central = rows[0]["final_accuracy"]
     for r in rows:
@@ -73,6 +74,16 @@ def markdown(record: dict) -> str:
     for r in record["results"]:
         lines.append(f"| {r['setting']} | {r['rounds']} | {r['examples_seen']:,} | "
                      f"{r['final_accuracy']:.4f} | {r['vs_centralised']:.3f} |")  # fmt: skip
+    central = record["results"][0].get("accuracy_per_round")
+    if central:  # the ratio round by round: does federated catch up as rounds go on?
+        rounds = range(1, len(central) + 1)
+        lines += ["", "Accuracy against centralised, round by round:", "",
+                  "| setting | " + " | ".join(f"round {i}" for i in rounds) + " |",
+                  "|---|" + "---|" * len(central)]  # fmt: skip
+        for r in record["results"][1:]:
+            ratios = [f / c if c else float("nan")
+                      for f, c in zip(r["accuracy_per_round"], central, strict=True)]  # fmt: skip
+            lines.append(f"| {r['setting']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
     return "\n".join(lines) + "\n"
 
 
