@@ -111,11 +111,17 @@ def targets() -> list[tuple[str, str, str, str]]:
         rows.append(("framework overhead", "<= 1.25x, <= 5%/round", "not measured", "gap"))
     agg = _load("aggregation")
     if agg and agg.get("svd"):
-        speed = min(r["flexlora_speedup"] for r in agg["svd"])
+        speeds = ", ".join(f"{r['flexlora_speedup']:.1f}x at K={r['clients']}" for r in agg["svd"])
         diff = max(r["flexlora_rel_diff"] for r in agg["svd"])
+        slow = [r for r in agg["svd"] if r["flexlora_speedup"] < 10]
+        verdict = "met" if not slow and diff < 1e-6 else "gap"
+        if slow and diff < 1e-6:  # the result agrees; say what limits the speed
+            k, stacked = slow[0]["clients"], slow[0]["clients"] * slow[0]["r"]
+            verdict = (f"gap at K={k}: the stacked factors' rank K*r = {stacked} is "
+                       f"{stacked / slow[0]['d']:.2f} of d; the factored QR and SVD "
+                       "grow as (K*r)^2 d, the dense SVD stays d^3")  # fmt: skip
         rows.append(("factored vs dense SVD at d = 4096 (FlexLoRA)", ">= 10x, same result",
-                     f"{speed:.0f}x, relative difference {diff:.0e}",
-                     "met" if speed >= 10 and diff < 1e-6 else "gap"))  # fmt: skip
+                     f"{speeds}; relative difference {diff:.0e}", verdict))  # fmt: skip
         sizes = sorted({(r["shape"], r["clients"]) for r in agg["strategies"]})
         rows.append(("aggregation cost per strategy", "10/100/1000 updates, MiniLM and 7B",
                      ", ".join(f"{s} K={k}" for s, k in sizes),

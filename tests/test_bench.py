@@ -52,3 +52,23 @@ def test_results_md_holds_the_targets_and_each_benchmarks_tables(results: Path) 
 def test_an_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--only", "nope"]) == 2
     assert "unknown benchmark(s) nope" in capsys.readouterr().err
+
+
+def test_a_factored_svd_slower_than_10x_at_any_size_is_a_gap_with_its_reason(
+    results: Path,
+) -> None:
+    svd = [{"clients": 10, "d": 4096, "r": 16, "flexlora_speedup": 526.0,
+            "flexlora_rel_diff": 3e-14},
+           {"clients": 100, "d": 4096, "r": 16, "flexlora_speedup": 9.9,
+            "flexlora_rel_diff": 2e-13}]  # fmt: skip
+    (results / "aggregation.json").write_text(json.dumps({"svd": svd, "strategies": []}))
+    row = {t: (m, v) for t, _, m, v in bench.targets()}[
+        "factored vs dense SVD at d = 4096 (FlexLoRA)"
+    ]
+    assert row[0] == "526.0x at K=10, 9.9x at K=100; relative difference 2e-13"
+    assert row[1].startswith("gap at K=100: the stacked factors' rank K*r = 1600 is 0.39 of d")
+    (results / "aggregation.json").write_text(json.dumps({"svd": svd[:1], "strategies": []}))
+    row = {t: (m, v) for t, _, m, v in bench.targets()}[
+        "factored vs dense SVD at d = 4096 (FlexLoRA)"
+    ]
+    assert row[1] == "met"
