@@ -127,8 +127,9 @@ def targets() -> list[tuple[str, str, str, str]]:
                      ", ".join(f"{s} K={k}" for s, k in sizes),
                      "met" if ("7b", 1000) in sizes else "gap: 1000 7B-shaped updates are "
                      "33 GB, more than this machine's memory"))  # fmt: skip
-    fedavg: dict[int, float] = {}  # clients -> peak MiB, from the quick and the full run
-    for stem in ("scale_memory.quick", "scale_memory"):
+    fedavg: dict[int, float] = {}  # clients -> peak MiB: the preferred run first, then the other
+    stems = ("scale_memory.quick", "scale_memory")
+    for stem in stems if _PREFER_QUICK[0] else stems[::-1]:
         if (path := RESULTS / f"{stem}.json").is_file():
             for r in json.loads(path.read_text())["results"].get("fedavg", []):
                 fedavg.setdefault(r["clients"], r["server_peak_memory_mb"])
