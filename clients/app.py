@@ -7,6 +7,7 @@ each, and per-client state (a personal B, a pruned rank) lives in a state store 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import sys
@@ -35,7 +36,7 @@ from fedpeft.adapters import (
     set_trainable,
 )
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
-from fedpeft.config import Scenario
+from fedpeft.config import PeftSection, Scenario
 from fedpeft.data import client_split, load_task_data, node_split
 from fedpeft.faults import fault_mod
 from fedpeft.methods import before_round
@@ -48,7 +49,12 @@ from fedpeft.models import (
 from fedpeft.privacy import local_dp_mod
 from fedpeft.state import ClientStateStore, scalar
 from fedpeft.train import evaluate, scenario_collate, train_steps
-from strategies.lora_math import hetlora_prune_rank, hetlora_self_pruning_penalty
+from strategies.lora_math import (
+    hetlora_prune_rank,
+    hetlora_self_pruning_penalty,
+    lora_alpha_for,
+    lora_scaling,
+)
 
 # outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
 # decoded (and the reply coded last), local DP noises the reply, faults are injected (if
@@ -90,15 +96,32 @@ def _partition_id(context: Context, scenario: Scenario) -> int:
     return partition_id
 
 
+def client_peft(scenario: Scenario, rank: int, shared_scaling: bool = False) -> PeftSection:
+    """The PEFT section of a rank-``rank`` client.
+
+    Peft's own scaling at that rank, or with ``shared_scaling`` (HetLoRA) the scaling of
+    the largest rank: ``lora_alpha`` is set so that padded factors of every rank add up in
+    the same units, with or without rsLoRA.
+    """
+    peft = scenario.peft_for_rank(rank)
+    if not shared_scaling:
+        return peft
+    shared = lora_scaling(peft.alpha, scenario.max_rank, peft.use_rslora)
+    return dataclasses.replace(peft, alpha=lora_alpha_for(shared, rank, peft.use_rslora))
+
+
 def fit_rank(
-    received: AdapterState, like: AdapterState, per_rank_scaling: bool = True
+    received: AdapterState,
+    like: AdapterState,
+    per_rank_scaling: bool = True,
+    use_rslora: bool = False,
 ) -> AdapterState:
     """Cut (or zero-pad) received LoRA factors to this client's rank.
 
     Keeping the leading components is the rank-r truncation for SVD-ordered (FlexLoRA)
-    and HetLoRA factors. Under peft's per-rank scaling (``alpha / r``) a rank-r client
-    would apply a larger scaling than the sender's rank did, so B is rescaled by
-    ``r / r_sent`` to keep the update ``s * B @ A`` the same.
+    and HetLoRA factors. Under peft's per-rank scaling a rank-r client would apply another
+    scaling than the sender's rank did, so B is rescaled by ``s(r_sent) / s(r)`` (``r /
+    r_sent``, or ``sqrt(r / r_sent)`` with rsLoRA) to keep the update ``s * B @ A`` the same.
     """
     out = {}
     for key, value in received.items():
@@ -110,7 +133,9 @@ def fit_rank(
         rows, cols = min(value.shape[0], target[0]), min(value.shape[1], target[1])
         fitted[:rows, :cols] = value[:rows, :cols]
         if per_rank_scaling and factor_of(key) == "lora_B":
-            fitted *= target[1] / value.shape[1]
+            fitted *= lora_scaling(1.0, value.shape[1], use_rslora) / lora_scaling(
+                1.0, target[1], use_rslora
+            )
         out[key] = fitted
     return out
 
@@ -128,7 +153,7 @@ def _prepare(msg: Message, context: Context) -> Job:
     shared_scaling = str(config.get(records.ALPHA_MODE, "per-rank")) == "shared-scaling"
     # a real node may state its own rank (flower-supernode --node-config "rank=4")
     rank = int(str(context.node_config.get(records.NODE_RANK, scenario.rank_of(partition_id))))
-    peft_cfg = scenario.peft_for_rank(rank, shared_scaling)
+    peft_cfg = client_peft(scenario, rank, shared_scaling)
     num_labels = load_task_data(scenario.data).num_labels
     # a real node may name its own device (flower-supernode --node-config 'device="cuda:0"')
     device = resolve_device(
@@ -153,6 +178,7 @@ def _prepare(msg: Message, context: Context) -> Job:
         arrayrecord_to_state(msg.content.array_records[records.ARRAYS]),
         initial,
         per_rank_scaling=not shared_scaling,
+        use_rslora=scenario.peft.use_rslora,
     )
     keep = job.factors(records.PERSONAL_FACTORS)
     mine = {k: v for k, v in personal.items() if k in initial and factor_of(k) in keep}

@@ -21,6 +21,14 @@ from fedpeft.config import Scenario, ScenarioError
 Builder = Callable[[Scenario, dict[str, Any]], Strategy]
 
 
+class AggregationError(ValueError):
+    """Replies a rule cannot aggregate: a NaN or inf tensor, or an unusable example count.
+
+    Every registered strategy raises it (and no other error) for such replies; its message
+    is one line naming the node and the tensor or key (see :mod:`strategies.guard`).
+    """
+
+
 @dataclass(frozen=True)
 class StrategySpec:
     """A registered strategy: name, one-line description and builder."""

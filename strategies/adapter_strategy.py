@@ -28,7 +28,8 @@ from fedpeft import records
 from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
-from strategies.lora_math import stack_factors
+from strategies.guard import check_train_replies
+from strategies.lora_math import lora_alpha_for, lora_scaling, stack_factors
 
 ALL_FACTORS = "lora_A,lora_B,head"
 
@@ -81,11 +82,16 @@ class AdapterStrategy(FedAvg):
     ) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
         """Yield (module, P, Q) with ``P @ Q = sum p_i s_i B_i A_i`` exactly (FLoRA stacking).
 
-        ``s_i = alpha / r_i`` is peft's scaling of client i at its own rank.
+        ``s_i`` is peft's scaling of client i at its own rank (:meth:`scaling`).
         """
-        alpha = self.scenario.peft.alpha
         for module, _, _, bs, as_ in lora_factors(states):
-            yield (module, *stack_factors(bs, as_, weights, [alpha / a.shape[0] for a in as_]))
+            scalings = [self.scaling(a.shape[0]) for a in as_]
+            yield (module, *stack_factors(bs, as_, weights, scalings))
+
+    def scaling(self, rank: int) -> float:
+        """Peft's LoRA scaling of a rank-``rank`` adapter in this scenario (rsLoRA or not)."""
+        peft = self.scenario.peft
+        return lora_scaling(peft.alpha, rank, peft.use_rslora)
 
     def average_heads(self, states: list[AdapterState], weights: list[float]) -> None:
         """FedAvg on the non-LoRA tensors (the task head), for rules that treat A, B apart."""
@@ -100,11 +106,23 @@ class AdapterStrategy(FedAvg):
     def export(self) -> tuple[AdapterState, int, float]:
         """The final adapter as (state, LoRA rank, lora_alpha) for saving in peft format.
 
-        Strategies that change the base weights return an adapter that also carries that
-        change, so ``PeftModel.from_pretrained(original_base, ...)`` gives the same model.
+        The adapter keeps the scenario's ``peft.use_rslora``; ``lora_alpha`` is what gives
+        the state its scaling under it. Strategies that change the base weights return an
+        adapter that also carries that change, so ``PeftModel.from_pretrained(original_base,
+        ...)`` gives the same model.
         """
         s = self.scenario
         return self.eval_state(), s.max_rank, s.peft_for_rank(s.max_rank).alpha
+
+    def export_unscaled(self, state: AdapterState, rank: int) -> tuple[AdapterState, int, float]:
+        """Export ``state`` whose ``B @ A`` is the delta itself: alpha gives peft scaling 1."""
+        return state, rank, lora_alpha_for(1.0, rank, self.scenario.peft.use_rslora)
+
+    def settings(self) -> dict[str, object]:
+        """The rule's own settings, logged by :meth:`summary` (override to add some)."""
+        peft = self.scenario.peft
+        scaling = "alpha / sqrt(r) (rsLoRA)" if peft.use_rslora else "alpha / r"
+        return {"LoRA scaling": f"{scaling}, alpha = {peft.alpha:g}"}
 
     def describe(self) -> str:
         """One line on the rule, logged by :meth:`summary`."""
@@ -117,6 +135,8 @@ class AdapterStrategy(FedAvg):
         log(INFO, "\t├──> Rule: %s", self.describe())
         log(INFO, "\t├──> Heterogeneous ranks: %s", self.heterogeneous_ranks)
         log(INFO, "\t├──> Personalised: %s", self.personalised)
+        for name, value in self.settings().items():
+            log(INFO, "\t├──> %s: %s", name, value)
         super().summary()
 
     def _messages(
@@ -175,17 +195,20 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Apply the rule to the valid replies; return the new full adapter for evaluation."""
+        """Apply the rule to the valid replies; return the new full adapter for evaluation.
+
+        Replies no rule can use (NaN or inf, unusable example counts) raise AggregationError.
+        """
         valid = [m for m in replies if not m.has_error()]
         if not valid:
             return None, None
-        states, weights, node_ids = [], [], []
+        weights = check_train_replies(valid, self.weighted_by_key)
+        states, node_ids = [], []
         for msg in valid:
             metrics = msg.content.metric_records[records.METRICS]
             if records.CLIENT_RANK in metrics:
                 self.node_ranks[msg.metadata.src_node_id] = int(str(metrics[records.CLIENT_RANK]))
             states.append(arrayrecord_to_state(msg.content.array_records[records.ARRAYS]))
-            weights.append(float(str(metrics[self.weighted_by_key])))
             node_ids.append(msg.metadata.src_node_id)
         self.aggregate_states(server_round, states, weights, node_ids)
         metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)

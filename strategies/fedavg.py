@@ -8,17 +8,33 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import (
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedProx,
-    FedTrimmedAvg,
-    Strategy,
-)
+from flwr.serverapp import strategy as flwr
+from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import Scenario
 from strategies import register_strategy
+from strategies.guard import GuardedReplies
+
+
+# Flower's rules as they are, refusing replies they cannot use (strategies.guard)
+class FedAvg(GuardedReplies, flwr.FedAvg):
+    """Flower's FedAvg; unusable replies raise AggregationError."""
+
+
+class FedProx(GuardedReplies, flwr.FedProx):
+    """Flower's FedProx; unusable replies raise AggregationError."""
+
+
+class FedAvgM(GuardedReplies, flwr.FedAvgM):
+    """Flower's FedAvgM; unusable replies raise AggregationError."""
+
+
+class FedMedian(GuardedReplies, flwr.FedMedian):
+    """Flower's FedMedian; unusable replies raise AggregationError."""
+
+
+class FedTrimmedAvg(GuardedReplies, flwr.FedTrimmedAvg):
+    """Flower's FedTrimmedAvg; unusable replies raise AggregationError."""
 
 
 def build_fedavg(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -32,20 +32,20 @@ class FedExLoRA(AdapterStrategy):
         node_ids: list[int],
     ) -> None:
         """Average every tensor; add this round's residual to the running base delta."""
-        scaling = self.scenario.peft.alpha / self.scenario.max_rank
+        scaling = self.scaling(self.scenario.max_rank)
         for module, _, _, bs, as_ in lora_factors(states):
             p, q = fedex_residual(bs, as_, weights, scaling)
             self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
         self.global_state = weighted_average(states, weights)
 
     def export(self) -> tuple[AdapterState, int, float]:
-        """One LoRA adapter carrying the residuals and ``s B A`` (scaling 1: alpha = rank)."""
-        scaling = self.scenario.peft.alpha / self.scenario.max_rank
+        """One LoRA adapter carrying the residuals and ``s B A`` (peft's scaling 1)."""
+        scaling = self.scaling(self.scenario.max_rank)
         extra = {
             module: (scaling * self.global_state[b].double(), self.global_state[a].double())
             for module, (a, b) in lora_pairs(list(self.global_state)).items()
         }
-        return export_with_base(self.global_state, self.base_delta, extra)
+        return self.export_unscaled(*export_with_base(self.global_state, self.base_delta, extra))
 
 
 def build_fedex_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -8,10 +8,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedYogi, Strategy
+from flwr.serverapp import strategy as flwr
+from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import Scenario
 from strategies import register_strategy
+from strategies.guard import GuardedReplies
+
+
+# Flower's rules as they are, refusing replies they cannot use (strategies.guard)
+class FedAdam(GuardedReplies, flwr.FedAdam):
+    """Flower's FedAdam; unusable replies raise AggregationError."""
+
+
+class FedYogi(GuardedReplies, flwr.FedYogi):
+    """Flower's FedYogi; unusable replies raise AggregationError."""
+
+
+class FedAdagrad(GuardedReplies, flwr.FedAdagrad):
+    """Flower's FedAdagrad; unusable replies raise AggregationError."""
 
 
 def build_fedadam(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -1,8 +1,10 @@
 """FlexLoRA (Bai et al., 2024): aggregate full products, redistribute each client's rank.
 
-The server forms ``W = sum p_i s_i B_i A_i`` (``s_i = alpha / r_i``, peft's scaling of
-client i), takes its SVD and gives each client the best rank-``r_j`` approximation split
-into LoRA factors. The SVD is computed from the stacked factors (QR + a small core SVD),
+The server forms ``W = sum p_i s_i B_i A_i`` (``s_i`` peft's scaling of client i at its
+rank: ``alpha / r_i``, or ``alpha / sqrt(r_i)`` with rsLoRA), takes its SVD and gives each
+client the best rank-``r_j`` approximation split into LoRA factors: ``B = U S / s_j``,
+``A = V^T`` as the authors' code does (``strategy.svd_split = "left"``), or sqrt(S) into
+both (``"sqrt"``). The SVD is computed from the stacked factors (QR + a small core SVD),
 never from the d x k matrix. Aggregation is exact; redistribution truncates.
 
 Nodes that have not replied yet get the largest rank's factors; a client keeps the
@@ -37,10 +39,10 @@ class FlexLoRA(AdapterStrategy):
         state = dict(self.global_state)
         if not self.svd:
             return state
-        scaling = self.scenario.peft.alpha / rank
+        scaling, split = self.scaling(rank), self.scenario.strategy.svd_split
         for module, (a_key, b_key) in lora_pairs(list(state)).items():
             u, s, v = self.svd[module]
-            b, a = truncate_to_rank(u, s, v, rank, scaling)
+            b, a = truncate_to_rank(u, s, v, rank, scaling, split)
             dtype = state[a_key].dtype
             state[a_key], state[b_key] = a.to(dtype), b.to(dtype)
         return state
@@ -64,6 +66,10 @@ class FlexLoRA(AdapterStrategy):
     def eval_state(self) -> AdapterState:
         """The server model's (largest-rank) truncation."""
         return self._factors(self.scenario.max_rank)
+
+    def settings(self) -> dict[str, object]:
+        """The scaling, and how the SVD is split into factors."""
+        return {**super().settings(), "SVD split": self.scenario.strategy.svd_split}
 
 
 def build_flexlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

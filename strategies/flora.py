@@ -43,19 +43,20 @@ class FLoRA(AdapterStrategy):
         self.average_heads(states, weights)
 
     def export(self) -> tuple[AdapterState, int, float]:
-        """One LoRA adapter whose ``B A`` is the merged total (scaling 1: alpha = rank)."""
-        return export_with_base(self.global_state, self.base_delta, extra=None)
+        """One LoRA adapter whose ``B A`` is the merged total (peft's scaling 1)."""
+        return self.export_unscaled(*export_with_base(self.global_state, self.base_delta, None))
 
 
 def export_with_base(
     state: AdapterState,
     base_delta: dict[str, tuple[Any, Any]],
     extra: dict[str, tuple[Any, Any]] | None,
-) -> tuple[AdapterState, int, float]:
+) -> tuple[AdapterState, int]:
     """Pack a base delta (plus optional scaled ``(B, A)`` per module) into one LoRA state.
 
-    Every module gets the same rank (the largest needed; others are zero-padded), and
-    ``alpha = rank`` makes peft's scaling 1, so ``B @ A`` is the delta itself.
+    Every module gets the same rank (the largest needed; others are zero-padded); ``B @ A``
+    is the delta itself, so the adapter is saved with peft's scaling 1
+    (:meth:`AdapterStrategy.export_unscaled`). Returns (state, rank).
     """
     import torch
 
@@ -80,7 +81,7 @@ def export_with_base(
             b, a = blocks[module]
             b_full[:, : b.shape[1]], a_full[: a.shape[0], :] = b, a
         out[b_key], out[a_key] = b_full.float(), a_full.float()
-    return out, rank, float(rank)
+    return out, rank
 
 
 def build_flora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -1,11 +1,14 @@
 """HetLoRA (Cho et al., 2024): heterogeneous ranks by zero-padding and truncation.
 
 Clients of rank r_i send factors that the server zero-pads to the largest rank and
-averages with weights proportional to ``p_i * ||B_i A_i||_F`` (larger updates count
-more); client j receives the first r_j components. Clients add the rank self-pruning
+averages with weights proportional to ``||B_i A_i||_F`` (the paper; larger updates count
+more), or to ``p_i * ||B_i A_i||_F`` (``strategy.hetlora_weighting = "examples_norm"``);
+client j receives the first r_j components. Clients add the rank self-pruning
 regulariser to their loss and shrink their own rank when the tail of their factors has
-become negligible (:mod:`strategies.lora_math`). All ranks share peft's scaling
-``alpha / r_max`` here, so padded factors of different ranks add up in the same units.
+become negligible (:mod:`strategies.lora_math`). All ranks share peft's scaling at
+``r_max`` here (``alpha / r_max``, or ``alpha / sqrt(r_max)`` with rsLoRA: each client's
+``lora_alpha`` is set to match), so padded factors of different ranks add up in the same
+units.
 """
 
 from __future__ import annotations
@@ -54,12 +57,20 @@ class HetLoRA(AdapterStrategy):
         node_ids: list[int],
     ) -> None:
         """Pad, norm-weight and average each module's factors; average the head."""
-        r_max = self.scenario.max_rank
+        r_max, weighting = self.scenario.max_rank, self.scenario.strategy.hetlora_weighting
         for _, a_key, b_key, bs, as_ in lora_factors(states):
-            b, a = hetlora_aggregate(bs, as_, weights, r_max)
+            b, a = hetlora_aggregate(bs, as_, weights, r_max, weighting)
             dtype = self.global_state[a_key].dtype
             self.global_state[a_key], self.global_state[b_key] = a.to(dtype), b.to(dtype)
         self.average_heads(states, weights)
+
+    def settings(self) -> dict[str, object]:
+        """The shared scaling, and how clients are weighted."""
+        r_max = self.scenario.max_rank
+        return {
+            "LoRA scaling": f"{self.scaling(r_max):g} at every rank (peft's at r_max={r_max})",
+            "Weighting": self.scenario.strategy.hetlora_weighting,
+        }
 
 
 def build_hetlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

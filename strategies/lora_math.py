@@ -1,8 +1,9 @@
 """LoRA-aware aggregation maths: pure functions on torch tensors.
 
 Per adapted matrix ``W`` (d x k) a client holds LoRA factors ``B`` (d x r) and ``A`` (r x k);
-peft's update is ``s * B @ A`` with ``s = alpha / r``. Client weights ``p_i = n_i / sum n``
-are built from raw example counts by :func:`normalise_weights`. The rules:
+peft's update is ``s * B @ A`` with ``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
+(:func:`lora_scaling`, the one place that scaling is computed). Client weights
+``p_i = n_i / sum n`` are built from raw example counts by :func:`normalise_weights`. The rules:
 
 - FedIT (Zhang et al., 2024): average ``B`` and ``A`` separately (:func:`weighted_mean`); the
   product of the means misses :func:`fedit_cross_term`.
@@ -25,9 +26,38 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
+
+#: how FlexLoRA splits ``U S V^T`` into LoRA factors (see :func:`truncate_to_rank`)
+SvdSplit = Literal["left", "sqrt"]
+#: how HetLoRA weights the padded clients (see :func:`hetlora_aggregate`)
+HetLoRAWeighting = Literal["norm", "examples_norm"]
+
+
+def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """Peft's LoRA scaling at rank ``r``: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``.
+
+    As peft's ``LoraLayer.update_layer`` sets it; every rule that adds products of clients'
+    factors, folds them into a weight or exports them computes its scalings here.
+    """
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {r}")
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def lora_alpha_for(scaling: float, r: int, use_rslora: bool = False) -> float:
+    """The ``lora_alpha`` that gives peft's scaling ``scaling`` at rank ``r``.
+
+    The inverse of :func:`lora_scaling`: an exported adapter whose ``B @ A`` is the delta
+    itself takes ``lora_alpha_for(1.0, r, use_rslora)``; HetLoRA's rank-``r_i`` clients take
+    ``lora_alpha_for(lora_scaling(alpha, r_max, use_rslora), r_i, use_rslora)``.
+    """
+    if r < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {r}")
+    return scaling * (math.sqrt(r) if use_rslora else r)
 
 
 def normalise_weights(weights: Sequence[float]) -> list[float]:
@@ -150,24 +180,32 @@ def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor,
 
 
 def truncate_to_rank(
-    U: Tensor, S: Tensor, V: Tensor, r: int, scaling: float
+    U: Tensor, S: Tensor, V: Tensor, r: int, scaling: float, split: SvdSplit = "left"
 ) -> tuple[Tensor, Tensor]:
     """Split the best rank-``r`` part of ``U diag(S) V^T`` into LoRA factors ``(B, A)``.
 
-    ``B = U_r sqrt(S_r) / sqrt(scaling)``, ``A = sqrt(S_r) V_r^T / sqrt(scaling)``, so that
-    ``scaling * B @ A == U_r diag(S_r) V_r^T``; balanced factors keep both in the same range.
-    With fewer than ``r`` singular values the factors are zero-padded to (d x r), (r x k).
+    ``scaling * B @ A == U_r diag(S_r) V_r^T`` either way; ``split`` chooses the factors:
+    ``"left"`` (the FlexLoRA authors' code) ``B = U_r S_r / scaling``, ``A = V_r^T``;
+    ``"sqrt"`` (balanced) ``B = U_r sqrt(S_r / scaling)``, ``A = sqrt(S_r / scaling) V_r^T``.
+    The product is the same; the next round trains from different factors. With fewer
+    than ``r`` singular values the factors are zero-padded to (d x r), (r x k).
     """
     if r < 0:
         raise ValueError(f"rank must be non-negative, got {r}")
     if scaling <= 0:
         raise ValueError(f"scaling must be positive, got {scaling}")
+    if split not in ("left", "sqrt"):
+        raise ValueError(f"split must be 'left' or 'sqrt', got {split!r}")
     keep = min(r, S.shape[0])
-    root = torch.sqrt(S[:keep].clamp_min(0) / scaling)
+    values = S[:keep].clamp_min(0) / scaling
+    if split == "left":
+        left, right = values, torch.ones_like(values)
+    else:
+        left = right = values.sqrt()
     b = U.new_zeros(U.shape[0], r)
     a = V.new_zeros(r, V.shape[0])
-    b[:, :keep] = U[:, :keep] * root
-    a[:keep, :] = root[:, None] * V[:, :keep].mH
+    b[:, :keep] = U[:, :keep] * left
+    a[:keep, :] = right[:, None] * V[:, :keep].mH
     return b, a
 
 
@@ -178,12 +216,13 @@ def flexlora_aggregate(
     scalings: Sequence[float] | None,
     client_ranks: Sequence[int],
     client_scalings: Sequence[float],
+    split: SvdSplit = "left",
 ) -> list[tuple[Tensor, Tensor]]:
     """FlexLoRA: SVD of ``sum p_i s_i B_i A_i``, one rank-``r_j`` truncation per target.
 
     The sum is exact and never dense (:func:`stack_factors` then :func:`factored_svd`); target
     ``j`` gets ``(B_j, A_j)`` with ``client_scalings[j] * B_j @ A_j`` the best rank
-    ``client_ranks[j]`` approximation of the sum (Eckart-Young).
+    ``client_ranks[j]`` approximation of the sum (Eckart-Young), split as ``split`` says.
     """
     if len(client_ranks) != len(client_scalings):
         raise ValueError(
@@ -192,7 +231,7 @@ def flexlora_aggregate(
     stacked_b, stacked_a = stack_factors(Bs, As, weights, scalings)
     u, s, v = factored_svd(stacked_b, stacked_a, max(client_ranks, default=0))
     return [
-        truncate_to_rank(u, s, v, r_j, s_j)
+        truncate_to_rank(u, s, v, r_j, s_j, split)
         for r_j, s_j in zip(client_ranks, client_scalings, strict=True)
     ]
 
@@ -203,15 +242,22 @@ def _product_norm(B: Tensor, A: Tensor) -> Tensor:
 
 
 def hetlora_aggregate(
-    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float], r_max: int
+    Bs: Sequence[Tensor],
+    As: Sequence[Tensor],
+    weights: Sequence[float],
+    r_max: int,
+    weighting: HetLoRAWeighting = "norm",
 ) -> tuple[Tensor, Tensor]:
     """HetLoRA: zero-pad every client to rank ``r_max`` and average the padded factors.
 
-    Client ``i`` counts ``p_i * ||B_i A_i||_F``, renormalised: the paper's norm weighting
-    (larger updates count more) times the example weights. If every product is zero the
-    example weights ``p_i`` alone are used. Returns ``B`` (d x r_max) and ``A`` (r_max x k).
+    Client ``i`` counts ``||B_i A_i||_F`` (``weighting="norm"``, the paper's sparsity-weighted
+    aggregation: larger updates count more) or ``p_i * ||B_i A_i||_F`` (``"examples_norm"``),
+    renormalised. If every product is zero the example weights ``p_i`` alone are used.
+    Returns ``B`` (d x r_max) and ``A`` (r_max x k).
     """
     _check_pairs(Bs, As, weights)
+    if weighting not in ("norm", "examples_norm"):
+        raise ValueError(f"weighting must be 'norm' or 'examples_norm', got {weighting!r}")
     p = normalise_weights(weights)
     padded_b, padded_a = [], []
     for i, (b, a) in enumerate(zip(Bs, As, strict=True)):
@@ -220,7 +266,10 @@ def hetlora_aggregate(
             raise ValueError(f"client {i} has rank {r_i} > r_max={r_max}")
         padded_b.append(torch.cat([b, b.new_zeros(b.shape[0], r_max - r_i)], dim=1))
         padded_a.append(torch.cat([a, a.new_zeros(r_max - r_i, a.shape[1])], dim=0))
-    norm_weights = [p_i * float(_product_norm(b, a)) for p_i, b, a in zip(p, Bs, As, strict=True)]
+    norms = [float(_product_norm(b, a)) for b, a in zip(Bs, As, strict=True)]
+    norm_weights = (
+        norms if weighting == "norm" else [p_i * n for p_i, n in zip(p, norms, strict=True)]
+    )
     if sum(norm_weights) <= 0:
         norm_weights = p
     return weighted_mean(padded_b, norm_weights), weighted_mean(padded_a, norm_weights)

@@ -116,6 +116,21 @@ def test_fit_rank_keeps_the_update_under_per_rank_scaling():
     torch.testing.assert_close(shared["m.lora_B.weight"], b8[:, :4])
 
 
+def test_fit_rank_keeps_the_update_under_rslora():
+    from clients.app import fit_rank
+
+    g = torch.Generator().manual_seed(0)
+    a8, b8 = torch.randn(8, 5, generator=g), torch.randn(6, 8, generator=g)
+    like = {"m.lora_A.weight": torch.zeros(4, 5), "m.lora_B.weight": torch.zeros(6, 4)}
+    got = fit_rank({"m.lora_A.weight": a8, "m.lora_B.weight": b8}, like, use_rslora=True)
+    alpha = 16.0
+    # rsLoRA: a rank-4 client applies alpha/sqrt(4); the sender's components had alpha/sqrt(8)
+    expected = (alpha / 8**0.5) * b8[:, :4] @ a8[:4, :]
+    torch.testing.assert_close(
+        (alpha / 4**0.5) * got["m.lora_B.weight"] @ got["m.lora_A.weight"], expected
+    )
+
+
 def test_equal_client_ranks_are_not_heterogeneous():
     assert not load_scenario("smoke", ["peft.client_ranks=[16,16]"]).heterogeneous_ranks
     assert load_scenario("smoke", ["peft.client_ranks=[4,16]"]).heterogeneous_ranks

@@ -18,6 +18,8 @@ from strategies.lora_math import (
     hetlora_prune_rank,
     hetlora_self_pruning_penalty,
     hetlora_truncate,
+    lora_alpha_for,
+    lora_scaling,
     normalise_weights,
     product_sum,
     stack_factors,
@@ -59,6 +61,36 @@ def dense_best_rank(w, r):
     """Eckart-Young reference: truncated SVD of the dense matrix."""
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return u[:, :r] @ torch.diag(s[:r]) @ vh[:r, :]
+
+
+# --- peft's scaling ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize(("alpha", "r"), [(16.0, 1), (16.0, 4), (8.0, 6), (3.0, 8)])
+def test_lora_scaling_is_the_scaling_peft_applies(alpha, r, use_rslora):
+    # Prepare: peft's own LoRA layer
+    model = torch.nn.Sequential(torch.nn.Linear(K, D))
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"], use_rslora=use_rslora)
+    layer = inject_adapter_in_model(config, model)[0]
+    # Execute
+    got = lora_scaling(alpha, r, use_rslora)
+    # Assert: peft's, and the definition written out
+    assert got == layer.scaling["default"]
+    assert got == (alpha / math.sqrt(r) if use_rslora else alpha / r)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("r", [1, 4, 6, 8])
+def test_lora_alpha_for_inverts_lora_scaling(r, use_rslora):
+    assert lora_alpha_for(1.0, r, use_rslora) == (math.sqrt(r) if use_rslora else r)
+    assert lora_scaling(lora_alpha_for(2.5, r, use_rslora), r, use_rslora) == pytest.approx(2.5)
+    assert lora_scaling(lora_alpha_for(1.0, r, use_rslora), r, use_rslora) == 1.0
+
+
+def test_lora_scaling_refuses_rank_zero():
+    with pytest.raises(ValueError, match="rank"):
+        lora_scaling(16.0, 0)
 
 
 # --- weights and FedIT ---------------------------------------------------------------------------
@@ -205,7 +237,7 @@ def test_truncate_to_rank_splits_balanced_factors():
     u, s, v = factored_svd(randn(g, D, 4), randn(g, 4, K))
     scaling = ALPHA / 2
     # Execute
-    b, a = truncate_to_rank(u, s, v, 2, scaling)
+    b, a = truncate_to_rank(u, s, v, 2, scaling, split="sqrt")
     # Assert: scaling * B A is the rank-2 part; each factor carries sqrt(S / scaling)
     assert b.shape == (D, 2) and a.shape == (2, K)
     assert rel_err(scaling * b @ a, u[:, :2] @ torch.diag(s[:2]) @ v[:, :2].T) < 1e-12
@@ -214,15 +246,40 @@ def test_truncate_to_rank_splits_balanced_factors():
     assert torch.allclose(torch.linalg.vector_norm(a, dim=1), expected, atol=1e-12)
 
 
+def test_truncate_to_rank_left_split_is_u_s_over_scaling_and_v():
+    # Prepare
+    g = torch.Generator().manual_seed(7)
+    u, s, v = factored_svd(randn(g, D, 4), randn(g, 4, K))
+    scaling = ALPHA / math.sqrt(3)
+    # Execute: the FlexLoRA authors' split, B = U_r S_r / s, A = V_r^T
+    b, a = truncate_to_rank(u, s, v, 3, scaling, split="left")
+    # Assert: entry by entry from the definition
+    for row in range(D):
+        for j in range(3):
+            assert abs(float(b[row, j] - u[row, j] * s[j] / scaling)) < 1e-14
+    assert torch.equal(a, v[:, :3].T.contiguous())
+    assert rel_err(scaling * b @ a, u[:, :3] @ torch.diag(s[:3]) @ v[:, :3].T) < 1e-12
+
+
+def test_truncate_to_rank_refuses_an_unknown_split():
+    [b0], [a0] = clients(7, [2])
+    u, s, v = factored_svd(b0, a0)
+    with pytest.raises(ValueError, match="split"):
+        truncate_to_rank(u, s, v, 2, 1.0, split="half")  # type: ignore[arg-type]
+
+
 def test_truncate_to_rank_zero_pads_beyond_the_available_components():
     # Prepare: only 3 singular values exist
     g = torch.Generator().manual_seed(8)
     b0, a0 = randn(g, D, 3), randn(g, 3, K)
     u, s, v = factored_svd(b0, a0)
     # Execute
-    b, a = truncate_to_rank(u, s, v, 6, 2.0)
+    (b, a), (b_sqrt, _) = (
+        truncate_to_rank(u, s, v, 6, 2.0),
+        truncate_to_rank(u, s, v, 6, 2.0, "sqrt"),
+    )
     # Assert
-    assert b.shape == (D, 6) and a.shape == (6, K)
+    assert b.shape == (D, 6) and a.shape == (6, K) and torch.all(b_sqrt[:, 3:] == 0)
     assert torch.all(b[:, 3:] == 0) and torch.all(a[3:, :] == 0)
     assert rel_err(2.0 * b @ a, b0 @ a0) < 1e-12
 
@@ -301,11 +358,31 @@ def test_hetlora_weights_clients_by_examples_times_product_norm():
     expected_b = sum(q_i * b for q_i, b in zip(q, padded_b, strict=True))
     expected_a = sum(q_i * a for q_i, a in zip(q, padded_a, strict=True))
     # Execute
-    b, a = hetlora_aggregate(bs, as_, COUNTS, r_max)
+    b, a = hetlora_aggregate(bs, as_, COUNTS, r_max, weighting="examples_norm")
     # Assert
     assert b.shape == (D, r_max) and a.shape == (r_max, K)
     assert rel_err(b, expected_b) < 1e-12
     assert rel_err(a, expected_a) < 1e-12
+
+
+def test_hetlora_paper_weighting_is_the_product_norm_alone():
+    # Prepare: weights ||B_i A_i||_F / sum_j ||B_j A_j||_F, whatever the example counts
+    bs, as_ = clients(14, RANKS)
+    r_max = 4
+    norms = [
+        float(torch.linalg.matrix_norm(dense_sum([b], [a], [1.0], [1.0])))
+        for b, a in zip(bs, as_, strict=True)
+    ]
+    q = [n / sum(norms) for n in norms]
+    padded_b = [torch.cat([b, torch.zeros(D, r_max - b.shape[1], dtype=F64)], 1) for b in bs]
+    padded_a = [torch.cat([a, torch.zeros(r_max - a.shape[0], K, dtype=F64)], 0) for a in as_]
+    # Execute
+    b, a = hetlora_aggregate(bs, as_, COUNTS, r_max, weighting="norm")
+    b_default, _ = hetlora_aggregate(bs, as_, [1.0, 1.0, 1.0], r_max)
+    # Assert
+    assert rel_err(b, sum(q_i * b for q_i, b in zip(q, padded_b, strict=True))) < 1e-12
+    assert rel_err(a, sum(q_i * a for q_i, a in zip(q, padded_a, strict=True))) < 1e-12
+    assert torch.equal(b_default, b)  # the paper's weighting is the default, counts unused
 
 
 def test_hetlora_falls_back_to_example_weights_when_every_product_is_zero():
@@ -316,6 +393,12 @@ def test_hetlora_falls_back_to_example_weights_when_every_product_is_zero():
     _, a = hetlora_aggregate(bs, as_, [1, 3], r_max=3)
     # Assert
     assert rel_err(a, 0.25 * as_[0] + 0.75 * as_[1]) < 1e-12
+
+
+def test_hetlora_refuses_an_unknown_weighting():
+    bs, as_ = clients(16, [2])
+    with pytest.raises(ValueError, match="weighting"):
+        hetlora_aggregate(bs, as_, [1], r_max=3, weighting="examples")  # type: ignore[arg-type]
 
 
 def test_hetlora_refuses_a_rank_above_r_max():

@@ -1,13 +1,14 @@
 """Server aggregation on exact numbers, against formulas written out independently."""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 from fedpeft.config import load_scenario
-from strategies import STRATEGIES, build_strategy, get_strategy
+from strategies import STRATEGIES, AggregationError, build_strategy, get_strategy
 from strategies.testing import aggregate_with
 
 # Two clients, values chosen so every weighted mean is exact in float32.
@@ -82,3 +83,58 @@ def test_sampling_follows_clients_per_round():
 def test_unknown_strategy_is_a_one_line_error():
     with pytest.raises(Exception, match="unknown strategy.name 'nope'; accepted: fedadagrad"):
         get_strategy("nope")
+
+
+# --- replies no rule can use: one error type, every strategy ------------------------------------
+
+LORA_A, LORA_B, HEAD = "m.lora_A.weight", "m.lora_B.weight", "classifier.weight"
+
+
+def _lora_client(seed):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        LORA_A: torch.randn(2, 5, generator=g, dtype=torch.float64),
+        LORA_B: torch.randn(6, 2, generator=g, dtype=torch.float64),
+        HEAD: torch.randn(3, 6, generator=g, dtype=torch.float64),
+    }
+
+
+def _poisoned(value):
+    state = _lora_client(2)
+    state[LORA_B] = state[LORA_B].clone()
+    state[LORA_B][1, 1] = value
+    return state
+
+
+# what is wrong -> (the two clients' example counts, the error message it must raise)
+UNUSABLE = {
+    "nan-count": ([1, math.nan], "node 2: 'num-examples' is nan"),
+    "negative-count": ([1, -3], "node 2: 'num-examples' is -3"),
+    "inf-count": ([1, math.inf], "node 2: 'num-examples' is inf"),
+    "fractional-count": ([1, 2.5], "node 2: 'num-examples' is 2.5"),
+    "zero-total": ([0, 0], "'num-examples' sums to 0"),
+    "nan-tensor": ([1, 3], f"node 2: tensor '{LORA_B}' holds NaN or inf"),
+    "inf-tensor": ([1, 3], f"node 2: tensor '{LORA_B}' holds NaN or inf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNUSABLE))
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_refuses_unusable_replies_with_one_error(name, case):
+    # Prepare
+    counts, message = UNUSABLE[case]
+    bad = {"nan-tensor": math.nan, "inf-tensor": -math.inf}.get(case)
+    states = [_lora_client(1), _poisoned(bad) if bad is not None else _lora_client(2)]
+    scenario = load_scenario("smoke", [f"strategy.name='{name}'", "peft.r=2"])
+    # Execute / Assert: the same error type and a one-line message naming node and key
+    with pytest.raises(AggregationError, match=re.escape(message)) as err:
+        aggregate_with(name, states, counts, current=_lora_client(0), scenario=scenario)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_accepts_a_zero_count_beside_positive_ones(name):
+    scenario = load_scenario("smoke", [f"strategy.name='{name}'", "peft.r=2"])
+    states = [_lora_client(1), _lora_client(2)]
+    out = aggregate_with(name, states, [3, 0], current=_lora_client(0), scenario=scenario)
+    assert all(torch.isfinite(t).all() for t in out.values())
