@@ -215,9 +215,18 @@ class FederationConfig:
     clip_update_norm: float = _f(
         0.0, "scale each update's change from what its client was sent to at most this; 0 = off"
     )
+    max_examples: int = _f(
+        0, "most examples a training reply may claim; 0 = train.local_steps x train.batch_size"
+    )
 
     def __post_init__(self) -> None:
         _need(self.rounds >= 1, "federation.rounds", "an integer >= 1", self.rounds)
+        _need(
+            self.max_examples >= 0,
+            "federation.max_examples",
+            "an integer >= 0 (0 = train.local_steps x train.batch_size)",
+            self.max_examples,
+        )
         _need(
             self.min_fit_clients >= 1,
             "federation.min_fit_clients",
@@ -261,6 +270,15 @@ class StrategySection:
     hetlora_gamma: float = _f(1e-3, "HetLoRA rank self-pruning regulariser weight (0 = off)")
     hetlora_prune_threshold: float = _f(
         0.1, "HetLoRA: prune the rank tail when its norm is below this share of the head's"
+    )
+    hetlora_weighting: Literal["norm", "examples_norm"] = _f(
+        "norm", "HetLoRA: weight clients by ||B_i A_i||_F (norm: the paper) or by examples x it"
+    )
+    svd_split: Literal["left", "sqrt"] = _f(
+        "left", "FlexLoRA: factors B = U S, A = V^T (left: the authors' code) or sqrt(S) in both"
+    )
+    personal_head: bool = _f(
+        True, "FedSA-LoRA: each client keeps its own task head (the authors' code), not averaged"
     )
 
     def __post_init__(self) -> None:
@@ -330,6 +348,9 @@ class SimulationConfig:
     ray_address: str = _f(
         "", "a running Ray cluster to join (HOST:PORT or auto); empty: a local Ray for the run"
     )
+    dashboard: bool = _f(
+        False, "start Ray's dashboard (http://127.0.0.1:8265; needs ray[default]) with a local Ray"
+    )
 
     def __post_init__(self) -> None:
         _need(
@@ -343,6 +364,12 @@ class SimulationConfig:
             "simulation.gpus_per_client",
             "a number >= 0",
             self.gpus_per_client,
+        )
+        _need(
+            not (self.dashboard and self.ray_address),
+            "simulation.dashboard",
+            "false with simulation.ray_address (a joined cluster has its own dashboard)",
+            self.dashboard,
         )
 
 
@@ -443,10 +470,13 @@ class FaultsConfig:
     slow_rate: float = _f(0.0, "share of training calls that first sleep slow_seconds")
     slow_seconds: float = _f(5.0, "how long a slow client sleeps (past round_timeout: it is late)")
     nan_rate: float = _f(0.0, "share of training replies whose update holds NaN")
-    poison: Literal["none", "scale", "sign_flip"] = _f(
-        "none", "what poison_clients do to their update (its change from what they got)"
+    poison: Literal["none", "scale", "sign_flip", "inflate_examples"] = _f(
+        "none",
+        "what poison_clients do: scale or flip their change, or inflate their example count",
     )
-    poison_scale: float = _f(10.0, "the poisoned change: x this (scale) or x -this (sign_flip)")
+    poison_scale: float = _f(
+        10.0, "the change x this (scale), x -this (sign_flip); the example count x this (inflate)"
+    )
     poison_clients: list[int] = _f([], "partition ids of the poisoning clients")
     server_crash_round: int = _f(
         0, "the server crashes once, mid-round, in this round (0: never); --resume carries on"
@@ -542,14 +572,14 @@ class Scenario:
             self.federation.min_fit_clients,
         )
 
-    def peft_for_rank(self, rank: int, shared_scaling: bool = False) -> PeftSection:
+    def peft_for_rank(self, rank: int) -> PeftSection:
         """The PEFT section of a client (or server model) of LoRA rank ``rank``.
 
-        By default peft's scaling is ``alpha / rank``; with ``shared_scaling`` every rank
-        gets ``alpha / max_rank``, so factors of different ranks add up in the same units.
+        Peft's scaling is then its own at that rank (``alpha / rank``, or ``alpha /
+        sqrt(rank)`` with rsLoRA); HetLoRA's clients share one scaling instead
+        (``clients.app.client_peft``).
         """
-        alpha = self.peft.alpha * rank / self.max_rank if shared_scaling else self.peft.alpha
-        return dataclasses.replace(self.peft, r=rank, alpha=alpha, client_ranks=[])
+        return dataclasses.replace(self.peft, r=rank, client_ranks=[])
 
     def rank_of(self, partition_id: int) -> int:
         """LoRA rank of client ``partition_id``: ``peft.client_ranks`` cycled, else ``peft.r``."""

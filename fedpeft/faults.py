@@ -1,4 +1,4 @@
-"""Injected failures (a scenario's ``[faults]``): lost, crashing, slow and NaN-sending clients.
+"""Injected failures (a scenario's ``[faults]``): lost, crashing, slow, NaN-sending, lying clients.
 
 Whether a client fails in a round is a pure function of (seed, round, client, kind), so a
 run's failures are the same every time and the same in simulation and deployment. The
@@ -65,7 +65,13 @@ def fault_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
 
 
 def _poisoned(msg: Message, reply: Message, faults: FaultsConfig) -> Message:
-    """The reply with its change from the received adapter scaled (or sign-flipped)."""
+    """The reply with its change from the received adapter scaled (or sign-flipped).
+
+    ``inflate_examples`` leaves the tensors and multiplies the example count instead: the
+    weight a lying client would claim in every example-weighted rule.
+    """
+    if faults.poison == "inflate_examples":
+        return _inflated(reply, faults.poison_scale)
     if reply.has_error() or records.ARRAYS not in reply.content.array_records:
         return reply
     sent, state = message_state(msg), message_state(reply)
@@ -74,4 +80,14 @@ def _poisoned(msg: Message, reply: Message, faults: FaultsConfig) -> Message:
         if key in sent and sent[key].shape == value.shape:
             state[key] = sent[key] + factor * (value - sent[key])
     reply.content[records.ARRAYS] = state_to_arrayrecord(state)
+    return reply
+
+
+def _inflated(reply: Message, scale: float) -> Message:
+    """The reply claiming ``scale`` times the examples it trained on (an int when whole)."""
+    metrics = reply.content.metric_records.get(records.METRICS)
+    if reply.has_error() or metrics is None or records.NUM_EXAMPLES not in metrics:
+        return reply
+    claimed = float(str(metrics[records.NUM_EXAMPLES])) * scale
+    metrics[records.NUM_EXAMPLES] = int(claimed) if claimed.is_integer() else claimed
     return reply

@@ -47,6 +47,19 @@ def batches(data: datasets.Dataset, batch_size: int, seed: int) -> Iterator[dict
         epoch += 1
 
 
+def examples_seen(size: int, steps: int, batch_size: int) -> int:
+    """How many examples :func:`batches` yields in ``steps`` batches from ``size`` examples.
+
+    What a client trains on, and reports as ``num-examples``, in a round: ``steps x
+    batch_size``, or fewer when a pass over a small partition ends in a short batch.
+    """
+    if size <= 0:
+        return 0
+    per_pass = -(-size // batch_size)  # batches in one pass, the last one short
+    passes, rest = divmod(steps, per_pass)
+    return passes * size + rest * batch_size
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The dtype ``train.precision`` runs the forward pass in on ``device``; None: fp32.
 

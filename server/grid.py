@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType, RecordDict
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import records
@@ -85,8 +86,19 @@ def _tally_entries(
         entry.update({k: v for k, v in info.items() if isinstance(v, str)})
     if records.TRAIN_LOSS not in metrics:
         return entry, None
-    return entry, (float(str(metrics[records.TRAIN_LOSS])),
-                   float(str(metrics.get(records.NUM_EXAMPLES, 1))))  # fmt: skip
+    return entry, (float(str(metrics[records.TRAIN_LOSS])), _weight(metrics))
+
+
+def _weight(metrics: MetricRecord) -> float:
+    """A reply's example count as a weight; 0 for one validation refuses (NaN, a list, ...).
+
+    A NaN weight would stay in a round's losses even after its reply is rejected: NaN never
+    equals itself, so the rejected entry could not be found again to be removed.
+    """
+    count = metrics.get(records.NUM_EXAMPLES, 1)
+    if isinstance(count, int | float) and math.isfinite(count) and count > 0:
+        return float(count)
+    return 0.0
 
 
 class DelegatingGrid(Grid):
@@ -201,7 +213,7 @@ class CountingGrid(DelegatingGrid):
                     tally.personal.append(
                         (float(str(m[records.PERSONAL_ACCURACY])),
                          float(str(m[records.PERSONAL_LOSS])),
-                         float(str(m.get(records.NUM_EXAMPLES, 1))))
+                         _weight(m))
                     )  # fmt: skip
             if is_train and (entries := _tally_entries(reply.content)) is not None:
                 entry, loss = entries

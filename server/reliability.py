@@ -3,8 +3,9 @@
 Two Grid wrappers sit between the strategy and the rest (see ``run_federation``):
 
 - :class:`ValidatingGrid` checks every training reply before any strategy sees it:
-  expected keys, shapes (a LoRA factor may have its client's own rank), dtypes, finite
-  values and, optionally, a bound on the update's norm. A rejected reply is logged with its
+  its example count (a finite positive integer, within :class:`ExampleBound`), expected
+  keys, shapes (a LoRA factor may have its client's own rank), dtypes, finite values and,
+  optionally, a bound on the update's norm. A rejected reply is logged with its
   reason, counted (``updates_rejected``) and handed to the strategy as an error, so it never
   touches the aggregate. A round with fewer valid replies than
   ``federation.min_fit_clients`` aggregates nothing: the global adapter stays. With
@@ -17,7 +18,8 @@ Two Grid wrappers sit between the strategy and the rest (see ``run_federation``)
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 from flwr.app import Error, Message, MessageType
@@ -29,6 +31,7 @@ from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.faults import strikes
 from fedpeft.privacy import change_norm, clip_update, update_changes
+from fedpeft.train import examples_seen
 from server.grid import CountingGrid, DelegatingGrid, is_training, round_of
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,68 @@ def check_update(
     return None
 
 
+def check_examples(count: object, limit: int = 0, bound: str = "") -> str | None:
+    """Why a reply's example count must not weight the aggregate, or None when it is sound.
+
+    The count must be a finite positive integer (a whole float passes) and, with a
+    ``limit``, at most that; ``bound`` says where the limit comes from, for the reason.
+    """
+    key = records.NUM_EXAMPLES
+    if count is None:
+        return f"no {key} in the reply's metrics"
+    if (
+        isinstance(count, bool)
+        or not isinstance(count, int | float)
+        or not math.isfinite(count)
+        or count <= 0
+        or count != int(count)
+    ):
+        return f"{key}={count!r} is not a finite positive integer"
+    if limit and count > limit:
+        return f"{key}={count:g} exceeds {limit}, {bound}"
+    return None
+
+
+class ExampleBound:
+    """The most examples a client's training reply may claim in a round.
+
+    A fedpeft client reports the examples it trained on: ``train.local_steps`` batches of
+    ``train.batch_size``, so never more than their product. ``federation.max_examples``
+    replaces that cap. Where the server knows each client's data (simulation: the
+    scenario's partitions), a client may claim no more than its own partition gives in
+    those batches, fewer than the cap when a pass over a small partition ends short.
+    """
+
+    def __init__(self, scenario: Scenario, train_size: Callable[[int], int] | None = None) -> None:
+        t = scenario.train
+        self.steps, self.batch_size = t.local_steps, t.batch_size
+        if cap := scenario.federation.max_examples:
+            self.cap, self.cap_reason = cap, f"federation.max_examples={cap}"
+        else:
+            self.cap = t.local_steps * t.batch_size
+            self.cap_reason = (
+                f"train.local_steps x train.batch_size ({t.local_steps} x {t.batch_size}; "
+                "federation.max_examples unset)"
+            )
+        self.train_size = train_size
+        self._sizes: dict[int, int] = {}
+
+    def of(self, partition: int | None) -> tuple[int, str]:
+        """The limit for a client of ``partition`` (None: unknown), and why it is that."""
+        if self.train_size is None or partition is None:
+            return self.cap, self.cap_reason
+        if partition not in self._sizes:
+            self._sizes[partition] = self.train_size(partition)
+        size = self._sizes[partition]
+        seen = examples_seen(size, self.steps, self.batch_size)
+        if seen >= self.cap:
+            return self.cap, self.cap_reason
+        return seen, (
+            f"what partition {partition}'s {size} training examples give in "
+            f"train.local_steps={self.steps} batches of {self.batch_size}"
+        )
+
+
 def _shape_fits(key: str, shape: tuple[int, ...], ref: tuple[int, ...]) -> bool:
     if len(shape) != len(ref):
         return False
@@ -86,10 +151,16 @@ class ValidatingGrid(DelegatingGrid):
     """Reject unsound training replies before the strategy aggregates them."""
 
     def __init__(
-        self, grid: Grid, counting: CountingGrid, reference: AdapterState, scenario: Scenario
+        self,
+        grid: Grid,
+        counting: CountingGrid,
+        reference: AdapterState,
+        scenario: Scenario,
+        examples: ExampleBound | None = None,
     ) -> None:
         super().__init__(grid)
         self.counting, self.reference = counting, reference
+        self.examples = examples or ExampleBound(scenario)
         self.min_replies = scenario.federation.min_fit_clients
         self.max_norm = scenario.federation.max_update_norm
         self.clip = scenario.federation.clip_update_norm
@@ -133,6 +204,11 @@ class ValidatingGrid(DelegatingGrid):
         """
         if sent is None:
             return "a reply to no instruction of this round"
+        metrics = reply.content.metric_records.get(records.METRICS)
+        count = metrics.get(records.NUM_EXAMPLES) if metrics is not None else None
+        limit, bound = self.examples.of(self.counting.partitions.get(reply.metadata.src_node_id))
+        if (reason := check_examples(count, limit, bound)) is not None:
+            return reason
         if records.ARRAYS not in reply.content.array_records:
             return "no adapter tensors in the reply"
         send = records.factor_set(sent.content.config_records.get(records.CONFIG),

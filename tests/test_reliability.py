@@ -7,20 +7,24 @@ import math
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
 import clients.app
 from fedpeft import records
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import ScenarioError, load_scenario
+from fedpeft.data import client_split, client_train_size
 from fedpeft.faults import fault_mod, faults_of, strikes
+from fedpeft.train import batches, examples_seen
+from server.grid import CountingGrid
 from server.inprocess import InProcessGrid
-from server.reliability import check_update
-from server.run import run_federation
-from strategies.testing import ensure_task_identity
+from server.reliability import ExampleBound, ValidatingGrid, check_examples, check_update
+from server.run import example_bound, run_federation
+from strategies.testing import StaticGrid, ensure_task_identity
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 REF = {A: torch.zeros(4, 6), B: torch.zeros(5, 4), "head.weight": torch.zeros(3, 5)}
@@ -203,9 +207,7 @@ def test_norm_clipping_bounds_each_update_before_any_strategy(tmp_path, moved_fr
 
 
 def test_a_reply_to_no_instruction_is_counted_rejected_and_left_out() -> None:
-    from server.grid import CountingGrid
-    from server.reliability import ValidatingGrid
-    from strategies.testing import StaticGrid, train_reply
+    from strategies.testing import train_reply
 
     good = {k: v.clone() for k, v in REF.items()}
 
@@ -222,3 +224,170 @@ def test_a_reply_to_no_instruction_is_counted_rejected_and_left_out() -> None:
     assert [r.metadata.src_node_id for r in replies] == [1] and not replies[0].has_error()
     assert counting.current.rejections == ["node 9: update rejected: a reply to no instruction "
                                            "of this round"]  # fmt: skip
+
+
+# --- example counts ------------------------------------------------------------------------
+NOT_COUNTS = [math.nan, math.inf, -math.inf, -3, 0, 0.0, 2.5, True, [4]]
+
+
+@pytest.mark.parametrize("count", NOT_COUNTS, ids=repr)
+def test_a_count_that_is_not_a_finite_positive_integer_is_refused(count) -> None:
+    assert check_examples(count) == f"num-examples={count!r} is not a finite positive integer"
+
+
+def test_a_whole_count_within_the_limit_passes_and_one_above_it_is_refused() -> None:
+    assert check_examples(16) is None and check_examples(16.0, 16, "why") is None
+    assert check_examples(None) == "no num-examples in the reply's metrics"
+    assert check_examples(17, 16, "why") == "num-examples=17 exceeds 16, why"
+    assert check_examples(1.6e13, 16, "why") == "num-examples=1.6e+13 exceeds 16, why"
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 20, 79, 80, 81, 1000])
+def test_examples_seen_is_what_the_batches_yield(size: int) -> None:
+    data = datasets.Dataset.from_dict({"x": list(range(size))})
+    stream = batches(data, 8, seed=0)
+    assert examples_seen(size, 10, 8) == sum(len(next(stream)["x"]) for _ in range(10))
+
+
+def test_the_bound_is_steps_x_batch_or_max_examples_or_what_the_partition_gives() -> None:
+    scenario = load_scenario("smoke", ["train.local_steps=10", "train.batch_size=8"])
+    cap = "train.local_steps x train.batch_size (10 x 8; federation.max_examples unset)"
+    assert ExampleBound(scenario).of(0) == (80, cap)
+    capped = load_scenario("smoke", ["federation.max_examples=500"])
+    assert ExampleBound(capped).of(3) == (500, "federation.max_examples=500")
+    sized = ExampleBound(scenario, {0: 20, 1: 1000}.__getitem__)
+    # 20 examples are 3 batches a pass (8, 8, 4): 3 passes and 1 more batch in 10 steps
+    assert sized.of(0) == (68, "what partition 0's 20 training examples give in "
+                                "train.local_steps=10 batches of 8")  # fmt: skip
+    assert sized.of(1) == (80, cap) and sized.of(None) == (80, cap)
+
+
+def test_simulation_sizes_the_partitions_and_a_deployment_uses_the_cap() -> None:
+    scenario = load_scenario("smoke", ["train.local_steps=100000", "data.client_holdout=0.2"])
+    size = client_train_size(scenario.data, scenario.seed, 1)
+    assert size == len(client_split(scenario.data, scenario.seed, 1)[0])
+    limit, why = example_bound(scenario, "in-process").of(1)
+    assert limit == examples_seen(size, 100000, 8) < 800000 and "partition 1's" in why
+    assert example_bound(scenario, "deployment").of(1)[0] == 800000
+
+
+def _counted_reply(count: object, node: int) -> Message:
+    metrics = MetricRecord({records.TRAIN_LOSS: 0.5})
+    if count is not None:
+        metrics[records.NUM_EXAMPLES] = count  # type: ignore[assignment]
+    content = RecordDict({records.ARRAYS: state_to_arrayrecord(REF), records.METRICS: metrics})
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=instruction)
+
+
+def _validate(counts: dict[int, object], *sets: str, bound: ExampleBound | None = None):
+    """One training exchange with nodes answering ``counts``, through the validating layer."""
+
+    class Replying(StaticGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return [_counted_reply(c, n) for n, c in counts.items()]
+
+    ensure_task_identity()
+    counting = CountingGrid(Replying(list(counts)))
+    counting.partitions.update({n: n - 1 for n in counts})
+    scenario = load_scenario("smoke", list(sets))
+    grid = ValidatingGrid(counting, counting, REF, scenario, bound)
+    config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
+    instructions = [
+        Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(REF)}),
+                dst_node_id=n, message_type=MessageType.TRAIN)
+        for n in counts
+    ]  # fmt: skip
+    return list(grid.send_and_receive(instructions)), counting.take()
+
+
+SMOKE_CAP = "train.local_steps x train.batch_size (2 x 8; federation.max_examples unset)"
+
+
+@pytest.mark.parametrize(
+    ("count", "reason"),
+    [
+        *((c, f"num-examples={c!r} is not a finite positive integer")
+          for c in NOT_COUNTS if c is not True),  # a MetricRecord holds no bool
+        (None, "no num-examples in the reply's metrics"),
+        (17, f"num-examples=17 exceeds 16, {SMOKE_CAP}"),
+        (10**12, f"num-examples=1e+12 exceeds 16, {SMOKE_CAP}"),
+    ],
+)  # fmt: skip
+def test_the_validating_grid_rejects_a_bad_count_and_keeps_it_out_of_the_tally(
+    count, reason
+) -> None:
+    replies, tally = _validate({1: 16, 2: count})
+    good, bad = replies
+    assert not good.has_error() and bad.error.reason == f"update rejected: {reason}"
+    assert tally.rejections == [f"node 2: update rejected: {reason}"]
+    assert tally.clients_failed == 1 and tally.train_loss == 0.5
+    assert [c[records.NUM_EXAMPLES] for c in tally.clients] == [16]
+
+
+def test_a_sound_count_leaves_the_reply_untouched() -> None:
+    (reply,), tally = _validate({1: 16})
+    assert not reply.has_error() and tally.rejections == []
+    assert reply.content.metric_records[records.METRICS][records.NUM_EXAMPLES] == 16
+    assert all(torch.equal(v, REF[k]) for k, v in arrayrecord_to_state(reply.content[
+        records.ARRAYS]).items())  # fmt: skip
+
+
+def test_the_partition_and_max_examples_bounds_reject_what_exceeds_them() -> None:
+    scenario = load_scenario("smoke", ["train.local_steps=10"])
+    sized = ExampleBound(scenario, {0: 20, 1: 1000}.__getitem__)  # node 1: partition 0
+    replies, tally = _validate({1: 69, 2: 80}, "train.local_steps=10", bound=sized)
+    assert [r.has_error() for r in replies] == [True, False]
+    assert tally.rejections == ["node 1: update rejected: num-examples=69 exceeds 68, what "
+                                "partition 0's 20 training examples give in "
+                                "train.local_steps=10 batches of 8"]  # fmt: skip
+    replies, tally = _validate({1: 500, 2: 501}, "federation.max_examples=500")
+    assert [r.has_error() for r in replies] == [False, True]
+    assert tally.rejections == ["node 2: update rejected: num-examples=501 exceeds 500, "
+                                "federation.max_examples=500"]  # fmt: skip
+
+
+def test_an_inflating_client_claims_scale_times_its_count_and_keeps_its_tensors() -> None:
+    poison = ['faults.poison="inflate_examples"', "faults.poison_scale=1000",
+              "faults.poison_clients=[1]"]  # fmt: skip
+    scenario = load_scenario("smoke", poison)
+    ensure_task_identity()
+    config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
+    msg = Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(REF)}),
+                  dst_node_id=1, message_type=MessageType.TRAIN)  # fmt: skip
+    trained = _update(a=torch.ones(4, 6))
+
+    def handler(m, c):
+        metrics = MetricRecord({records.NUM_EXAMPLES: 16, records.TRAIN_LOSS: 0.5})
+        return Message(RecordDict({records.ARRAYS: state_to_arrayrecord(trained),
+                                   records.METRICS: metrics}), reply_to=m)  # fmt: skip
+
+    def reply_of(pid: int) -> tuple[object, dict[str, torch.Tensor]]:
+        context = Context(run_id=1, node_id=1, node_config={records.NODE_PARTITION_ID: pid},
+                          state=RecordDict(), run_config={})  # fmt: skip
+        content = fault_mod(msg, context, handler).content
+        count = content.metric_records[records.METRICS][records.NUM_EXAMPLES]
+        return count, arrayrecord_to_state(content.array_records[records.ARRAYS])
+
+    (lied, lied_state), (honest, honest_state) = reply_of(1), reply_of(0)
+    assert (lied, type(lied), honest) == (16000, int, 16)
+    assert all(torch.equal(lied_state[k], trained[k]) for k in trained)
+    assert all(torch.equal(honest_state[k], trained[k]) for k in trained)
+    with pytest.raises(ScenarioError, match="'inflate_examples'"):
+        load_scenario("smoke", ['faults.poison="inflate"'])
+    with pytest.raises(ScenarioError, match="federation.max_examples"):
+        load_scenario("smoke", ["federation.max_examples=-1"])
+
+
+def test_inflated_counts_are_rejected_in_a_federation_with_their_reason(tmp_path) -> None:
+    """Partitions 0 and 1 claim 1000x their 16 examples in every round: both refused."""
+    poison = ['faults.poison="inflate_examples"', "faults.poison_scale=1000",
+              "faults.poison_clients=[0,1]", "federation.rounds=2"]  # fmt: skip
+    summary, rows = _run(tmp_path, *poison)
+    assert summary["rounds_completed"] == 2
+    for row in rows:
+        assert row["updates_rejected"] == 2 and row["aggregated"] is True
+        assert sorted(c[records.PARTITION_ID] for c in row["client_metrics"]) == [2, 3, 4]
+        assert all(r.endswith(f"update rejected: num-examples=16000 exceeds 16, {SMOKE_CAP}")
+                   for r in row["rejections"])  # fmt: skip
+        assert math.isfinite(row["train_loss"])
