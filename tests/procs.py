@@ -6,13 +6,17 @@ SuperNodes and app processes alike); tests stop only those.
 """
 
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+import pytest
 
 # what the output contract (../shared/DESIGN.md) promises in metrics.jsonl rows and summary.json
 CONTRACT_ROW_KEYS = {
@@ -64,10 +68,22 @@ def _env(marker: str) -> dict[str, str]:
     return {**os.environ, "PYTHONWARNINGS": "ignore", "FEDPEFT_TEST_RUN": marker}
 
 
+def _as_in_a_terminal() -> None:
+    """In the child, before exec: SIGINT at its default, as for a command run in a terminal.
+
+    A shell without job control starts background jobs with SIGINT ignored, and exec keeps
+    it ignored; Python then installs no KeyboardInterrupt handler. A test suite started
+    that way (``pytest &`` in a script, some CI runners) would pass that on to the run,
+    which would then rightly ignore the test's Ctrl-C and finish all its rounds.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _spawn(args: tuple[str, ...], cwd: Path, marker: str) -> subprocess.Popen:
     """Start the console script, its output (stdout and stderr) in one text pipe."""
     return subprocess.Popen(_command(args), cwd=cwd, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=_env(marker))  # fmt: skip
+                            stderr=subprocess.STDOUT, env=_env(marker),
+                            preexec_fn=_as_in_a_terminal)  # fmt: skip
 
 
 def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -79,25 +95,74 @@ def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.Complet
     return proc
 
 
-def interrupt_fedpeft(*args: str, cwd: Path, after: str, sig: int) -> int:
-    """Run the console script, send ``sig`` once a line of its output starts with ``after``.
+@dataclass
+class Interrupted:
+    """How an interrupted run ended: its exit code, how long it took to exit after the last
+    signal, and its output (stdout and stderr)."""
 
-    Returns its exit code; fails (stopping them) if it left processes behind.
+    code: int
+    seconds: float
+    output: str
+
+
+def interrupt_fedpeft(
+    *args: str, cwd: Path, sig: int, after: str | None = None, after_process: str | None = None,
+    times: int = 1, gap: float = 0.3, within: float = 60.0,
+) -> Interrupted:  # fmt: skip
+    """Run the console script; send ``sig`` ``times`` times, ``gap`` seconds apart, once a
+    line of its output starts with ``after`` (or, with ``after_process``, once one of its
+    processes has that text in its command line, e.g. ``raylet`` while Ray starts).
+
+    Its output is read to the end, as a terminal would: a pipe nobody reads would block
+    the run's next write. Fails if it has not exited ``within`` seconds after the last
+    signal, or if it left processes behind (stopping them).
     """
     marker = uuid.uuid4().hex
     proc = _spawn(args, cwd, marker)
-    try:
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            if line.startswith(after):
+            lines.append(line)
+            if after is not None and line.startswith(after):
+                seen.set()
+        seen.set()  # the run ended first: the signals find it gone, and the test says so
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        while not seen.wait(0.05):
+            if after_process is not None and _running(marker, after_process):
                 break
-        proc.send_signal(sig)
-        code = proc.wait(timeout=60)
+        for i in range(times):
+            if i:
+                time.sleep(gap)
+            proc.send_signal(sig)
+        sent = time.monotonic()
+        try:
+            code = proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {within:.0f}s after the signal:\n{''.join(lines)[-3000:]}")
+        seconds = time.monotonic() - sent
+        reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()
     _assert_nothing_left(marker)
-    return code
+    return Interrupted(code, seconds, "".join(lines))
+
+
+def _running(marker: str, text: str) -> bool:
+    """Whether a process of the run ``marker`` has ``text`` in its command line."""
+    for pid in pids_marked(marker):
+        try:
+            if text in " ".join(psutil.Process(pid).cmdline()):
+                return True
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return False
 
 
 def sigkill_fedpeft(*args: str, cwd: Path, after: str, file: Path) -> list[str]:
