@@ -38,6 +38,8 @@ PLAN: dict[str, tuple[list[str], list[str] | None]] = {
     "deploy_latency": ([], None),  # a deployment on 127.0.0.1: minutes; full runs only
     "ranking": ([], None),  # three 6-round compare-noniid runs, ~10 minutes: full runs only
 }
+#: benchmarks run by hand on other machines (gpu.py needs CUDA); RESULTS.md keeps their results
+ELSEWHERE = ("gpu",)
 
 
 def run_bench(quick: bool, only: list[str] | None = None) -> int:
@@ -206,7 +208,7 @@ def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:
         *(f"| {t} | {g} | {m} | {v} |" for t, g, m, v in targets()),
         "",
     ]
-    for name in PLAN:
+    for name in (*PLAN, *ELSEWHERE):
         md = _result(name, "md")
         if md:
             text = md.read_text().strip().splitlines()
