@@ -1,23 +1,44 @@
-"""The ``fedpeft`` command: ``run`` a scenario, ``list`` what is available."""
+"""The ``fedpeft`` command.
+
+``run`` a scenario in Flower's Simulation Engine; ``compare`` strategies (or any key) on the
+same scenario and seeds; ``list`` PEFT methods, strategies, scenarios, data sets and models;
+``deploy`` a real federation (``certs``, ``node-key``, ``superlink``, ``supernode``, ``run``,
+``local``); ``bench`` the benchmarks in benchmarks/.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import logging
 import os
+import shlex
 import sys
+import textwrap
 import traceback
 import warnings
 from pathlib import Path
+from typing import NoReturn
 
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.deploy import DeployError
+from fedpeft.interrupt import watch_interrupts
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from fedpeft.report import command_seconds, narrator, step
+
+    if not args.resume:
+        _announce(args.scenario or "quickstart", len(args.set))
+    step("importing torch, transformers and Flower")
+    # before those imports: libraries read these settings once, when imported
+    from server.simulation import quiet_libraries, set_process_env
+
+    set_process_env()
+    if not args.verbose:
+        quiet_libraries()
     from server.run import default_out_dir
-    from server.simulation import set_process_env
 
     if args.resume:
         if args.scenario or args.set or args.out:
@@ -36,7 +57,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         joins = [f"simulation.ray_address={json.dumps(args.ray_address)}"] * bool(args.ray_address)
         scenario = load_scenario(args.scenario or "quickstart", [*args.set, *joins])
         out_dir = Path(args.out) if args.out else default_out_dir(scenario)
-    set_process_env()
+    # Ctrl-C raises KeyboardInterrupt below, which stops Ray; a second one, or a first one
+    # still unanswered after 10 s (the main thread waits in Ray's C++), ends the run at once
+    watch_interrupts(f"fedpeft: interrupted; rounds finished so far are in {out_dir}",
+                     on_interrupt=None if args.verbose else _quiet_flower)  # fmt: skip
     if scenario.simulation.ray_address:  # fail now, not after Ray's minutes of retries
         from server.simulation import reachable
 
@@ -45,7 +69,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from server.simulation import simulate
 
     try:
-        simulate(scenario, out_dir, verbose=args.verbose, resume=bool(args.resume))
+        simulate(scenario, out_dir, verbose=args.verbose, resume=bool(args.resume),
+                 command=args.command_line)  # fmt: skip
     except KeyboardInterrupt:
         # The ServerApp runs in a worker thread that would finish its rounds first; Ray is
         # already stopped (simulate's finally), and metrics.jsonl holds every finished round.
@@ -67,7 +92,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
             print(f"fedpeft: its finished rounds are checkpointed; carry on with: "
                   f"fedpeft run --resume {out_dir}", file=sys.stderr)  # fmt: skip
         return 1
+    # here, not in the ServerApp: Ray has stopped, so this is the whole command's time
+    narrator.print(f"[bold]done[/] in {command_seconds():.0f}s, start to finish")
+    if args.own_process:
+        _exit_now(0)
     return 0
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process without Python's teardown of the objects torch and transformers made.
+
+    That teardown took 4 to 7 s after ``done in`` on a busy 2-core machine, so the line
+    would not be the command's own time. By now the run's files are closed and Ray is
+    stopped; exit handlers still run.
+    """
+    import atexit
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
+
+
+def _quiet_flower() -> None:
+    """After a Ctrl-C, Flower's threads log each message that Ray's shutdown cut off: not news."""
+    logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
 def _resumable(out_dir: Path):  # type: ignore[no-untyped-def]
@@ -83,18 +132,58 @@ def _resumable(out_dir: Path):  # type: ignore[no-untyped-def]
     return scenario
 
 
+def _announce(name: str, overrides: int) -> None:
+    """The run's first line, before any slow import: the scenario and what it is for."""
+    import scenarios
+    from fedpeft.config import resolve_scenario_path
+    from fedpeft.report import narrator
+
+    about = scenarios.describe(resolve_scenario_path(name))
+    changed = f" with {overrides} --set override{'s' * (overrides > 1)}" if overrides else ""
+    narrator.print(f"[bold]fedpeft run[/] {name}{changed}" + (f": {about}" if about else ""))
+
+
+def _model_step(scenario) -> str:  # type: ignore[no-untyped-def]
+    """What loading the scenario's model is, for the start-up step that announces it."""
+    from fedpeft.models import ALIASES
+
+    name = scenario.model.name
+    random = name in ALIASES and ALIASES[name][0] is not None
+    note = " (random weights, a test model: accuracy stays near chance)" if random else ""
+    return f"loading model {name} with {scenario.peft.label}{note}"
+
+
+def _data_step(cfg) -> str:  # type: ignore[no-untyped-def]
+    """What loading ``cfg``'s data set will do, for the start-up step that announces it."""
+    from fedpeft.data import BUNDLED, LOCAL_SUFFIXES, bundled_path
+
+    if cfg.name in BUNDLED:
+        target = bundled_path(cfg.name)
+        if (target / "dataset_dict.json").is_file():
+            return f"loading data set {cfg.name}"
+        return (f"building data set {cfg.name} into {target} (the first run only; "
+                "later runs reuse it)")  # fmt: skip
+    if Path(cfg.name).suffix in LOCAL_SUFFIXES:
+        return f"reading data file {cfg.name}"
+    return f"loading data set {cfg.name} (Hugging Face hub, or its local cache)"
+
+
 def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
     """Fail on a bad scenario before any Ray process starts (and warm this process's caches)."""
-    from fedpeft.data import load_task_data
+    from fedpeft.data import check_partitions, load_task_data
     from fedpeft.methods import check_methods
     from fedpeft.models import cached_peft_model, resolve_device
+    from fedpeft.report import step
     from fedpeft.tasks import check_scenario
     from fedpeft.train import autocast_dtype
     from strategies import build_strategy
 
     check_methods(scenario.peft, scenario.model.task)
     build_strategy(scenario)
+    step(_data_step(scenario.data))
     data = load_task_data(scenario.data)
+    check_partitions(scenario.data, scenario.seed)  # every client gets examples
+    step(_model_step(scenario))
     check_scenario(scenario)  # the task's processor loads and its data columns exist
     autocast_dtype(scenario.train.precision, resolve_device(scenario.model.device))
     # the server's own model (largest rank), so the ServerApp thread reuses this one
@@ -134,8 +223,6 @@ def _cmd_deploy_node_key(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    import shlex
-
     from fedpeft.deploy import SuperLinkOptions, deploy_env, superlink_command
 
     opts = SuperLinkOptions(
@@ -149,8 +236,6 @@ def _cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 
 def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
-    import shlex
-
     from fedpeft.deploy import SuperNodeOptions, deploy_env, supernode_command
 
     opts = SuperNodeOptions(
@@ -262,7 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedpeft", description="Federated parameter-efficient fine-tuning on Flower."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a scenario in Flower's Simulation Engine")
+    import scenarios
+
+    bundled = ", ".join(sorted(scenarios.bundled()))
+    epilog = (f"bundled scenarios: {bundled} (`fedpeft list` says what each one is; "
+              "`fedpeft list --keys` lists every key --set takes)")  # fmt: skip
+    run = sub.add_parser(
+        "run", help="run a scenario in Flower's Simulation Engine",
+        # wrapped here: argparse would break scenario names at their hyphens
+        epilog=textwrap.fill(epilog, 78, break_on_hyphens=False),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     run.add_argument("scenario", nargs="?",
                      help="scenario TOML path or bundled name (default: quickstart)")  # fmt: skip
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -272,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="join this running Ray cluster (simulation.ray_address)")  # fmt: skip
     run.add_argument("--resume", metavar="DIR",
                      help="carry on an interrupted run from DIR's last checkpoint")  # fmt: skip
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument("--verbose", action="store_true",
+                     help="show Flower's and Ray's logs, the client processes' too")  # fmt: skip
     run.set_defaults(func=_cmd_run)
     cmp = sub.add_parser("compare", help="run a scenario per strategy x --vary value x seed")
     cmp.add_argument("scenario", help="scenario TOML path or bundled name")
@@ -360,7 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     # libraries' deprecation notes are for their callers' authors, not fedpeft's users
     # (the run's other processes get the same filter from server.simulation.QUIET_ENV)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from fedpeft.report import start_command_clock
+
+    start_command_clock()
     args = build_parser().parse_args(argv)
+    # the command as typed, recorded with the run (the adapter's model card)
+    args.command_line = shlex.join(["fedpeft", *(sys.argv[1:] if argv is None else argv)])
+    args.own_process = argv is None  # the process is this command (not a caller's main([...]))
     try:
         return int(args.func(args))
     except (ScenarioError, DeployError) as err:

@@ -104,6 +104,28 @@ ALIASES: dict[str, tuple[Callable[[], PretrainedConfig] | None, Callable[[], Pat
 }
 
 
+# alias -> the hub id of the same pretrained weights (what a model card names as its base)
+HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
+
+
+def describe_base(name: str) -> dict[str, str]:
+    """What base model ``name`` is, for a model card.
+
+    ``hub_id`` (empty when none), ``source``: where its weights load from (empty for a
+    random test model, which only fedpeft rebuilds), and ``about``: one line.
+    """
+    if name in ALIASES:
+        make_config, source, about = ALIASES[name]
+        pretrained = make_config is None and source is not None
+        if not (pretrained or "random" in about):
+            about = f"{about} (random weights)"
+        weights = str(source()) if pretrained and source else ""
+        return {"name": name, "hub_id": HUB_IDS.get(name, ""), "source": weights, "about": about}
+    local = Path(name).exists()
+    about = "a local model folder" if local else "a Hugging Face hub model"
+    return {"name": name, "hub_id": "" if local else name, "source": name, "about": about}
+
+
 def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     """Return the tokenizer for a model alias, hub id or local path."""
     source: str | Path = name

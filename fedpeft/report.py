@@ -16,6 +16,28 @@ SUMMARY_FILE = "summary.json"
 PLOTS_DIR = "plots"
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
+# what a command is doing before its rounds (start-up steps): stdout, so that a command
+# refused before any round leaves exactly its one error line on stderr
+narrator = Console(highlight=False, soft_wrap=True)
+
+# When this process's command started: ``fedpeft.cli.main`` restarts it; a process that
+# runs no command (a ServerApp under ``flwr run``) keeps its import time.
+_command_started = [time.monotonic()]
+
+
+def start_command_clock() -> None:
+    """Mark now as the start of the command this process runs (``done in`` counts from it)."""
+    _command_started[0] = time.monotonic()
+
+
+def command_seconds() -> float:
+    """Seconds since the command started: what the user waited for."""
+    return time.monotonic() - _command_started[0]
+
+
+def step(text: str) -> None:
+    """Print one start-up step, stamped with the seconds since the command started."""
+    narrator.print(f"[dim]{command_seconds():5.1f}s[/] {text}")
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
@@ -148,3 +170,116 @@ def plot_run(
     fig.savefig(written[-1], dpi=100)
     plt.close(fig)
     return written
+
+
+# the transformers class that loads each task's base model (the card's loading snippet)
+AUTO_CLASSES = {
+    "seq-cls": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-cls": "AutoModelForImageClassification",
+}
+
+
+def model_card(
+    summary: dict[str, Any], base: dict[str, str], command: str, folder: Path, peft: bool
+) -> str:
+    """The adapter folder's README.md: what it was trained from, how, to what metrics.
+
+    ``summary`` is the run's summary.json; ``base`` says what the base model is
+    (``name``, ``hub_id`` when it has one, ``source``: where its weights load from, empty
+    for a random test model, ``about``); ``command`` made the run (empty when unknown);
+    ``folder`` is the adapter's; ``peft``: whether it is a Hugging Face peft checkpoint.
+    """
+    scn = summary["scenario"]
+    model, pft, data, fed = scn["model"], scn["peft"], scn["data"], scn["federation"]
+    methods = pft["method"] if isinstance(pft["method"], list) else [pft["method"]]
+    label = "+".join(methods)
+    final = ", ".join(f"{k} {v:.4f}" for k, v in summary["final"].items() if _number(v))
+    partition = data["partitioner"] + (
+        f" (alpha {data['alpha']})" if data["partitioner"] == "dirichlet" else ""
+    )
+    rank = f", r={pft['r']}, alpha={pft['alpha']:g}" + (", rsLoRA" if pft["use_rslora"] else "")
+    targets = ", ".join(pft["target_modules"]) or "peft's default for the model"
+    trainable, total = summary["trainable_params"], summary["total_params"]
+    labels = len(summary.get("label_names") or [])
+    front = [
+        "---",
+        f"base_model: {base.get('hub_id') or base['source'] or model['name']}",
+        *(["library_name: peft"] if peft else []),
+        "tags:",
+        *(f"- {tag}" for tag in ("fedpeft", "flower", "federated-learning", *methods)),
+        "---",
+    ]
+    rows = [
+        ("base model", f"`{model['name']}`: {base['about']}"
+                       + (f" (`{base['source']}`)" if base["source"] else "")),
+        ("task", model["task"] + (f", {labels} labels" if labels else "")),
+        ("PEFT method", f"{label}{rank if 'lora' in methods else ''}; target modules: {targets}"),
+        ("strategy", scn["strategy"]["name"]),
+        ("rounds", f"{summary['rounds_completed']} of {fed['rounds']}, with "
+                   f"{fed['clients_per_round']} of {data['num_clients']} clients a round"),
+        ("data", f"{data['name']}, {partition} partition over {data['num_clients']} clients; "
+                 f"evaluated on {summary['eval_data']['examples']} held-out examples"),
+        ("final metrics", final or "none recorded"),
+        ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"),
+        ("engine", summary["engine"]),
+    ]  # fmt: skip
+    lines = [
+        *front,
+        "",
+        f"# {scn['name']}: a federated {label} adapter for {model['name']}",
+        "",
+        "Trained with fedpeft, federated on [Flower](https://flower.ai): each client "
+        "fine-tuned only this adapter on its own data, and the server aggregated the "
+        "clients' adapters every round.",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {key} | {value} |" for key, value in rows),
+        "",
+        "## How it was made",
+        "",
+        "```bash",
+        command or f"# through Flower ({summary['engine']}); scenario {scn['name']!r}",
+        "```",
+        "",
+        "The resolved scenario, per-round metrics and byte counts are in the run folder "
+        "(`summary.json`, `metrics.jsonl`).",
+        "",
+        "## Load it",
+        "",
+        *_loading(model["task"], base, labels, str(folder), peft),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _loading(task: str, base: dict[str, str], labels: int, folder: str, peft: bool) -> list[str]:
+    """The card's loading instructions: plain peft where it can, else fedpeft's loader."""
+    fedpeft = [
+        "```python",
+        "from fedpeft.adapters import load_adapter",
+        "",
+        f'model = load_adapter("{folder}")  # rebuilds the base from fedpeft_adapter.json',
+        "```",
+    ]
+    if not (peft and base["source"]):  # a random test model is rebuilt by fedpeft only
+        return fedpeft
+    auto = AUTO_CLASSES.get(task, "AutoModel")
+    heads = f", num_labels={labels}" if labels else ""
+    return [
+        "```python",
+        "from peft import PeftModel",
+        f"from transformers import {auto}",
+        "",
+        f'base = {auto}.from_pretrained("{base.get("hub_id") or base["source"]}"{heads})',
+        f'model = PeftModel.from_pretrained(base, "{folder}")',
+        "```",
+        "",
+        "or, with fedpeft installed:",
+        "",
+        *fedpeft,
+    ]
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

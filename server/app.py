@@ -37,4 +37,5 @@ def main(grid: Grid, context: Context) -> None:
     secure = bool(context.run_config.get(records.RUN_SECURE, False))
     out_dir = Path(out) if out else default_out_dir(scenario)
     resume = bool(context.run_config.get(records.RUN_RESUME, False))
-    run_federation(grid, scenario, out_dir, engine, secure=secure, resume=resume)
+    command = str(context.run_config.get(records.RUN_COMMAND, "") or "")
+    run_federation(grid, scenario, out_dir, engine, secure=secure, resume=resume, command=command)

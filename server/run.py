@@ -35,16 +35,25 @@ from fedpeft.codecs import (
     tensors_nbytes,
 )
 from fedpeft.config import Scenario, ScenarioError
-from fedpeft.data import eval_split, load_task_data, partition_summary
+from fedpeft.data import client_train_size, eval_split, load_task_data, partition_summary
 from fedpeft.methods import get_method
 from fedpeft.models import (
     cached_peft_model,
+    describe_base,
     initial_adapter_state,
     load_processor,
     resolve_device,
     total_params,
 )
-from fedpeft.report import SUMMARY_FILE, RoundLog, console, plot_run, write_json_atomic
+from fedpeft.report import (
+    SUMMARY_FILE,
+    RoundLog,
+    console,
+    model_card,
+    plot_run,
+    step,
+    write_json_atomic,
+)
 from fedpeft.train import evaluate
 from server.checkpoint import (
     CHECKPOINT,
@@ -58,7 +67,7 @@ from server.checkpoint import (
 from server.compression import CodecGrid
 from server.grid import CountingGrid, PollingGrid
 from server.privacy import PrivacyGrid
-from server.reliability import FaultyGrid, ServerCrash, ValidatingGrid
+from server.reliability import ExampleBound, FaultyGrid, ServerCrash, ValidatingGrid
 from server.rounds import run_rounds
 from server.secagg import SecAggGrid
 from strategies import build_strategy
@@ -95,7 +104,9 @@ def save_final_adapter(
     """Save the final global adapter (see :func:`fedpeft.adapters.save_adapter` for formats).
 
     A strategy that changed the base weights (FLoRA, FedEx-LoRA) exports an adapter that
-    carries the change too; it is saved from a fresh copy of the untouched base model.
+    carries the change too; it is saved from a fresh copy of the untouched base model. The
+    saved config keeps the scenario's ``use_rslora``: the export's ``lora_alpha`` is the one
+    that gives its tensors their scaling under it (``strategies.lora_math.lora_alpha_for``).
     """
     if not isinstance(strategy, AdapterStrategy):
         save_adapter(model, where)
@@ -110,6 +121,15 @@ def save_final_adapter(
     fresh = cached_peft_model(scenario.model, export_peft, num_labels, scenario.seed)
     set_adapter_state(fresh, state)
     save_adapter(fresh, where)
+
+
+def write_model_card(
+    where: Path, summary: dict[str, Any], scenario: Scenario, command: str
+) -> None:
+    """Replace peft's empty model card in the adapter folder with this run's own."""
+    peft_format = (where / "adapter_config.json").is_file()
+    card = model_card(summary, describe_base(scenario.model.name), command, where, peft_format)
+    (where / "README.md").write_text(card, encoding="utf-8")
 
 
 def server_side(scenario: Scenario, device: torch.device) -> Scenario:
@@ -297,6 +317,17 @@ def new_run_tag() -> int:
     return (1 << 61) | int.from_bytes(os.urandom(8), "little") >> 3
 
 
+def example_bound(scenario: Scenario, engine: str) -> ExampleBound:
+    """The most examples a training reply may claim (see :class:`ExampleBound`).
+
+    Outside a deployment every client serves its partition of the scenario's data set,
+    which the server can size; a deployed node may bring its own data.
+    """
+    if engine == "deployment":
+        return ExampleBound(scenario)
+    return ExampleBound(scenario, lambda pid: client_train_size(scenario.data, scenario.seed, pid))
+
+
 def seed_everything(seed: int) -> None:
     """Seed the RNGs the server uses (Flower samples clients with ``random``)."""
     random.seed(seed)
@@ -312,12 +343,14 @@ def run_federation(
     *,
     secure: bool = False,
     resume: bool = False,
+    command: str = "",
 ) -> dict[str, Any]:
     """Run every round of ``scenario`` on ``grid`` and write the run's outputs to ``out_dir``.
 
     ``secure`` is recorded in summary.json: a deployment with TLS and node authentication.
     With ``resume``, the run carries on from ``out_dir``'s checkpoint (its own scenario,
-    strategy, RNG states, client state and metrics) at the round after it.
+    strategy, RNG states, client state and metrics) at the round after it. ``command``,
+    the command line that started the run, goes into the adapter's model card.
     """
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -355,6 +388,10 @@ def run_federation(
     elif engine == "deployment":
         wait_for_nodes(grid, scenario)
         grid = PollingGrid(grid)  # replies in ~0.1 s instead of Flower's 3 s pull interval
+    if engine == "simulation":
+        step("starting the client processes (each imports torch, then builds its model once)")
+    elif engine == "deployment":
+        step(f"asking the {len(list(grid.get_node_ids()))} SuperNodes which partition each serves")
     guess = simulated_partitions(grid)  # None on any Grid but Flower's in-memory one
     counting = CountingGrid(grid)
     discover_nodes(counting, scenario, strategy, guess)
@@ -371,7 +408,8 @@ def run_federation(
         inner = SecAggGrid(inner, counting, scenario)
     if scenario.faults.drop_rate > 0:
         inner = FaultyGrid(inner, counting, scenario)
-    validating = ValidatingGrid(inner, counting, reference, scenario)
+    bound = example_bound(scenario, engine)
+    validating = ValidatingGrid(inner, counting, reference, scenario, bound)
     private = (
         PrivacyGrid(validating, scenario, counting.partitions)
         if scenario.privacy.dp != "none"
@@ -463,7 +501,7 @@ def run_federation(
     if checkpoint is not None:
         done.resumed_after.append(done.round)
         set_rng_states(done.rng)  # last: nothing above may draw from them
-    round_clock[0] = time.perf_counter()
+    round_clock[0] = rounds_started = time.perf_counter()
     final = run_rounds(
         strategy,
         private or validating,
@@ -477,6 +515,7 @@ def run_federation(
         round_end=round_end,
         replies_in=replies_in,
     )
+    rounds_seconds = time.perf_counter() - rounds_started
     set_adapter_state(model, arrayrecord_to_state(final))
     save_final_adapter(strategy, model, local, data.num_labels, out_dir / ADAPTER_DIR)
     rows = log.rows
@@ -521,11 +560,13 @@ def run_federation(
         "label_names": data.label_names,
     }
     write_json_atomic(out_dir / SUMMARY_FILE, summary)
+    write_model_card(out_dir / ADAPTER_DIR, summary, scenario, command)
     title = f"{scenario.name}: {scenario.peft.label} + {scenario.strategy.name}"
     plot_run(out_dir, rows, initial_metrics or None, title)
     console.print(
-        f"[bold]done[/] in {summary['wall_seconds']:.0f}s: eval_accuracy "
-        f"{final_metrics.get('eval_accuracy', float('nan')):.4f}; each client sent "
+        f"[bold]finished[/] {len(rows)} round{'s' * (len(rows) != 1)} "
+        f"({rounds_seconds:.0f}s of rounds here): "
+        f"eval_accuracy {final_metrics.get('eval_accuracy', float('nan')):.4f}; each client sent "
         f"{per_client_up / 1e3:.0f} kB per round vs {full_model_bytes / 1e6:.1f} MB for full "
         f"fine-tuning ({summary['saving_vs_full'] or 0:.0f}x less). Outputs: {out_dir}"
     )

@@ -38,12 +38,37 @@ def set_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+def quiet_libraries() -> None:
+    """Apply the quiet settings in effect to libraries this process has already imported.
+
+    ``datasets`` and ``transformers`` read their variables once, on import: progress bars
+    (``Generating train split``, ``Saving the dataset``) and transformers' LOAD REPORT
+    (a fresh classifier head is MISSING from a pretrained checkpoint, as intended) would
+    otherwise still reach the console. A user's own setting of a variable is kept.
+    """
+    import datasets
+    import transformers
+
+    if os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") == "1":
+        datasets.disable_progress_bars()
+    if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
+        transformers.logging.set_verbosity_error()
+        datasets.logging.set_verbosity_error()
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":
+        transformers.logging.disable_progress_bar()
+
+
 def simulate(
-    scenario: Scenario, out_dir: Path, verbose: bool = False, resume: bool = False
+    scenario: Scenario,
+    out_dir: Path,
+    verbose: bool = False,
+    resume: bool = False,
+    command: str = "",
 ) -> None:
     """Run ``scenario`` on ``data.num_clients`` virtual SuperNodes and write to ``out_dir``.
 
     With ``resume``, carry on from ``out_dir``'s checkpoint instead of starting afresh.
+    ``command`` is the command line that started the run, recorded in the adapter's card.
     """
     set_process_env()
     os.environ["FEDPEFT_THREADS_PER_CLIENT"] = str(scenario.simulation.cpus_per_client)
@@ -63,6 +88,7 @@ def simulate(
         records.RUN_SCENARIO_JSON: scenario.to_json(),
         records.RUN_OUT_DIR: str(out_dir),
         records.RUN_RESUME: resume,
+        records.RUN_COMMAND: command,
     }
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
@@ -74,8 +100,26 @@ def simulate(
         },
         # "local": a Ray of the run's own, even where `ray start` left a cluster running on
         # this machine (ray.init would join that one); joining is simulation.ray_address
-        "init_args": {"logging_level": "ERROR" if not verbose else "INFO", "address": "local"},
+        # log_to_driver: the actors' own log lines (Flower's "Manually terminating
+        # ClientAppActor" at shutdown, library warnings) only with --verbose; a client's
+        # error reaches the run as a failed reply all the same
+        "init_args": {
+            "logging_level": "ERROR" if not verbose else "INFO",
+            "address": "local",
+            "log_to_driver": verbose,
+            "include_dashboard": scenario.simulation.dashboard,
+        },
     }
+    if not scenario.simulation.ray_address:
+        from fedpeft.report import step
+
+        if scenario.simulation.dashboard:
+            check_dashboard()
+        step(
+            f"starting Ray and {scenario.data.num_clients} virtual clients "
+            f"({scenario.simulation.cpus_per_client} CPU each)"
+            + (": dashboard at http://127.0.0.1:8265" if scenario.simulation.dashboard else "")
+        )
     try:
         _run_simulation(
             num_supernodes=scenario.data.num_clients,
@@ -91,6 +135,19 @@ def simulate(
         # stops it; on a joined cluster it only disconnects this driver.
         if ray.is_initialized():
             ray.shutdown()
+
+
+def check_dashboard() -> None:
+    """Refuse ``simulation.dashboard`` where Ray lacks its dashboard's packages (minimal ray)."""
+    from ray._private.utils import get_dashboard_dependency_error
+
+    from fedpeft.config import ScenarioError
+
+    if (missing := get_dashboard_dependency_error()) is not None:
+        raise ScenarioError(
+            f"simulation.dashboard=true, but Ray's dashboard cannot start here ({missing}): "
+            "pip install 'ray[default]', or leave simulation.dashboard=false"
+        )
 
 
 def reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -103,3 +104,27 @@ def test_docs_list_every_scenario_key():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "scenarios.md").read_text()
     for line in help_lines():
         assert line in doc, f"docs/scenarios.md is out of date: {line}"
+
+
+def test_run_help_lists_the_bundled_scenarios(capsys):
+    from fedpeft.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["run", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert set(scenarios.bundled()) <= set(re.split(r"[\s,()]+", text))  # no name broken
+    text = " ".join(text.split())
+    assert "`fedpeft list` says what each one is" in text
+
+
+def test_rays_dashboard_is_off_unless_asked_for_and_then_checked():
+    from server.simulation import check_dashboard
+
+    assert load_scenario("smoke").simulation.dashboard is False
+    with pytest.raises(ScenarioError, match="a joined cluster has its own dashboard"):
+        load_scenario("smoke", ["simulation.dashboard=true", "simulation.ray_address='h:6379'"])
+    try:
+        check_dashboard()  # passes where ray[default] is installed
+    except ScenarioError as err:
+        assert "pip install 'ray[default]'" in str(err)

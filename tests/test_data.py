@@ -119,3 +119,109 @@ def test_a_nodes_own_file_is_read_in_the_federations_label_space(tmp_path):
         node_split(cfg, str(file), names)
     with pytest.raises(ScenarioError, match="expected an existing"):
         node_split(cfg, str(tmp_path / "missing.csv"), names)
+
+
+GOOD_ROWS = "".join(f"gloss number {i},{'good' if i % 2 else 'bad'}\n" for i in range(30))
+# (file name, its bytes, what the one error line says): each a new user's likely mistake
+BAD_FILES = [
+    ("header-only.csv", b"text,label\n", "has no data rows (only a header)"),
+    ("no-label.csv", f"text,label\n{GOOD_ROWS}a gloss,\n".encode(),
+     "row 31 (line 32) has an empty label (column 'label')"),
+    ("blank-label.jsonl", b'{"text": "a", "label": "x"}\n\n{"text": "b", "label": " "}\n',
+     "row 2 (line 3) has an empty label"),
+    ("no-text.csv", f"text,label\n{GOOD_ROWS},good\n".encode(),
+     "row 31 (line 32) has an empty text"),
+    ("binary.csv", bytes(range(256)) * 4, "is binary, not csv text (a NUL byte on line 1)"),
+    ("latin1.csv", "text,label\ncafé,x\n".encode("latin-1"),
+     "binary or not UTF-8 text: line 2 holds byte 0xe9"),
+    ("nothing.csv", b"", "is empty"),
+    ("broken.jsonl", b'{"text": "a", "label": 1}\n{"text": "b"\n', "line 2 is not JSON"),
+    ("list.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
+    ("broken.parquet", b"PAR1 this is not parquet", "cannot be read as parquet"),
+    ("one-row.csv", b"text,label\nalone,x\n", "has 1 row: too few to hold out"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "message"), BAD_FILES, ids=[f[0] for f in BAD_FILES])
+def test_a_bad_data_file_is_one_error_naming_the_file_and_line(name, content, message, tmp_path):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ScenarioError) as err:
+        load_task_data(DataConfig(name=str(path)))
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_quoted_line_break_drops_the_line_number_not_the_row(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text('text,label\n"two\nlines",a\nb,\n')
+    with pytest.raises(ScenarioError, match=r"row 2 has an empty label"):
+        load_task_data(DataConfig(name=str(path)))
+
+
+def test_fewer_examples_than_clients_or_an_impossible_split_is_refused(tmp_path):
+    from fedpeft.data import check_partitions
+
+    path = tmp_path / "small.csv"
+    path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
+    check_partitions(DataConfig(name=str(path), partitioner="iid", num_clients=9), 0)
+    with pytest.raises(ScenarioError, match=r"has 9 training examples .* data.num_clients=10"):
+        check_partitions(DataConfig(name=str(path), partitioner="iid", num_clients=10), 0)
+    with pytest.raises(ScenarioError, match="data.partitioner='dirichlet' cannot divide the 9"):
+        check_partitions(DataConfig(name=str(path), partitioner="dirichlet", num_clients=2), 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [BAD_FILES[0], BAD_FILES[1], BAD_FILES[4],
+     ("small.csv", f"text,label\n{GOOD_ROWS}".encode(), "fewer than data.num_clients=40")],
+    ids=["header-only", "empty-label", "binary", "fewer-rows-than-clients"],
+)  # fmt: skip
+def test_fedpeft_run_refuses_a_bad_data_file_before_any_round(
+    name, content, message, tmp_path, capsys
+):
+    from fedpeft.cli import main
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    out = tmp_path / "out"
+    args = ["run", "smoke", "--set", f"data.name='{path}'", "--set", "data.num_clients=40",
+            "--set", "federation.clients_per_round=2", "--out", str(out)]  # fmt: skip
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fedpeft: error: data file"), captured.err
+    assert str(path) in lines[0] and message in lines[0]
+    assert "Traceback" not in captured.out + captured.err
+    assert "Generating train split" not in captured.out + captured.err
+    assert not out.exists()  # refused before the run started
+
+
+def test_quiet_libraries_silences_what_was_imported_before(tmp_path, capfd, monkeypatch):
+    """`fedpeft run` imports datasets and transformers before it can set their variables."""
+    import importlib
+
+    import datasets
+    import transformers
+
+    from fedpeft.config import ModelConfig
+    from fedpeft.models import load_base_model
+    from server.simulation import quiet_libraries
+
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label\n" + GOOD_ROWS)
+    # as on a user's machine, where no variable was set when datasets was imported
+    bars = importlib.import_module("datasets.utils.tqdm")  # the module, not its tqdm class
+    monkeypatch.setattr(bars, "HF_DATASETS_DISABLE_PROGRESS_BARS", None)
+    datasets.enable_progress_bars()
+    transformers.logging.set_verbosity_warning()
+    try:
+        quiet_libraries()
+        load_task_data(DataConfig(name=str(path)))
+        load_base_model(ModelConfig(name="minilm"), 2)  # a fresh head: a LOAD REPORT
+    finally:
+        datasets.disable_progress_bars()
+        transformers.logging.set_verbosity_error()
+    captured = capfd.readouterr()
+    assert "Generating train split" not in captured.err
+    assert "LOAD REPORT" not in captured.err + captured.out

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,11 +31,11 @@ import datasets
 
 from fedpeft.config import DataConfig, ScenarioError
 from fedpeft.data import digits, wordnet
+from fedpeft.data.files import LOCAL_SUFFIXES, read_local_file, row_name
 
 SPLIT_SEED = 2024  # fixes every held-out split, whatever the scenario's seed
 WORDNET_TEST_SIZE = 2000
 CACHE_VERSION = "v1"
-LOCAL_SUFFIXES = {".csv": "csv", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 BUNDLED = {
     "wordnet-supersense": "WordNet 3.0 noun gloss -> 26 supersenses (82k, offline)",
@@ -169,13 +170,54 @@ def _normalise(
     renames = {column: canonical for canonical, column in found.items() if column != canonical}
     if renames:
         dd = dd.rename_columns(renames)
+    _check_rows(dd, found, cfg.name)
     if "label" in found and label_names is not None:
         dd = _encode_as(dd, label_names, cfg.name)
     elif "label" in found and not isinstance(dd["train"].features["label"], datasets.ClassLabel):
         dd = dd.class_encode_column("label")
     if "test" not in dd:
+        rows = len(dd["train"])
+        if rows < 2:
+            raise ScenarioError(
+                f"data set {cfg.name!r} has {rows} row{'s' * (rows != 1)}: too few to hold out "
+                f"data.test_fraction={cfg.test_fraction} for evaluation and train on the rest"
+            )
         dd = dd["train"].train_test_split(test_size=cfg.test_fraction, seed=SPLIT_SEED)
     return datasets.DatasetDict({"train": dd["train"], "test": dd["test"]})
+
+
+def _check_rows(dd: datasets.DatasetDict, found: dict[str, str], source: str) -> None:
+    """Refuse, in one line, the first row whose text, response, image or label is missing.
+
+    A missing value would otherwise surface rounds later as a TypeError in a client (a
+    csv's empty field is a null); a label that is only blanks counts as missing too.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for split in ("train", "test"):
+        if split not in dd:
+            continue
+        part = dd[split]
+        table = part.with_format("arrow")[:]
+        for canonical, column in found.items():
+            values = table.column(canonical)
+            missing = pc.is_null(values)
+            if canonical == "label" and (
+                pa.types.is_string(values.type) or pa.types.is_large_string(values.type)
+            ):
+                blank = pc.equal(pc.utf8_trim_whitespace(values), "")
+                missing = pc.or_(missing, pc.fill_null(blank, True))
+            row = pc.index(missing, True).as_py()
+            if row < 0:
+                continue
+            if Path(source).suffix in LOCAL_SUFFIXES:  # a file: its only split is all of it
+                where = f"data file {source}: {row_name(Path(source), row, len(part))}"
+            else:
+                where = f"data set {source!r}: split {split!r}, row {row + 1}"
+            raise ScenarioError(
+                f"{where} has an empty {canonical} (column {column!r}); fill it in or drop the row"
+            )
 
 
 def _encode_as(dd: datasets.DatasetDict, names: list[str], source: str) -> datasets.DatasetDict:
@@ -216,11 +258,7 @@ def node_split(
     Columns are named by the scenario's ``data.*_column`` keys; labels (names or class
     ids) must be classes of the federation's data set, which fixes the model's head.
     """
-    file = Path(path)
-    if file.suffix not in LOCAL_SUFFIXES or not file.is_file():
-        raise ScenarioError(f"node data {path!r}: expected an existing "
-                            f"{'/'.join(LOCAL_SUFFIXES)} file")  # fmt: skip
-    rows = datasets.load_dataset(LOCAL_SUFFIXES[file.suffix], data_files=str(file))["train"]
+    rows = read_local_file(Path(path))
     dd = datasets.DatasetDict({"train": rows, "test": rows.select([])})  # no split of its own
     part = _normalise(dd, dataclasses.replace(cfg, name=path), label_names)["train"]
     return _holdout(part, cfg, SPLIT_SEED)
@@ -231,9 +269,7 @@ def _load_uncached(cfg: DataConfig) -> datasets.DatasetDict:
         return _load_bundled(cfg.name)
     path = Path(cfg.name)
     if path.suffix in LOCAL_SUFFIXES:
-        if not path.is_file():
-            raise ScenarioError(f"data file not found: {cfg.name}")
-        dd = datasets.load_dataset(LOCAL_SUFFIXES[path.suffix], data_files=str(path))
+        dd = datasets.DatasetDict({"train": read_local_file(path)})
     else:
         try:
             dd = datasets.load_dataset(cfg.name)
@@ -309,6 +345,36 @@ def build_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
     return partitioner
 
 
+def check_partitions(cfg: DataConfig, seed: int) -> None:
+    """Refuse, in one line and before any round, a training split the clients cannot share.
+
+    Every client needs an example; a label-skewed partitioner may also fail to reach its
+    minimum partition size on a small set (flwr-datasets raises after many tries).
+    """
+    train = load_task_data(cfg).train
+    what = (
+        f"data file {cfg.name}"
+        if Path(cfg.name).suffix in LOCAL_SUFFIXES
+        else (f"data set {cfg.name!r}")
+    )
+    if len(train) < cfg.num_clients:
+        raise ScenarioError(
+            f"{what} has {len(train)} training example{'s' * (len(train) != 1)} (after the "
+            f"held-out split), fewer than data.num_clients={cfg.num_clients}: every client "
+            "needs at least one; lower data.num_clients or add rows"
+        )
+    try:
+        with warnings.catch_warnings():  # each retry of a Dirichlet draw warns; the end counts
+            warnings.simplefilter("ignore")
+            build_partitioner(cfg, seed).load_partition(0)  # partitions the whole split
+    except ValueError as err:
+        raise ScenarioError(
+            f"data.partitioner={cfg.partitioner!r} cannot divide the {len(train)} training "
+            f"examples of {what} among data.num_clients={cfg.num_clients} clients "
+            f"({str(err).splitlines()[0]}); lower data.num_clients or use data.partitioner='iid'"
+        ) from None
+
+
 def client_partition(cfg: DataConfig, seed: int, partition_id: int) -> datasets.Dataset:
     """The training examples of client ``partition_id``."""
     if not 0 <= partition_id < cfg.num_clients:
@@ -358,11 +424,23 @@ def _holdout(
     part: datasets.Dataset, cfg: DataConfig, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """``part`` less its ``data.client_holdout`` share, and that share."""
-    n_holdout = int(round(len(part) * cfg.client_holdout))
-    if n_holdout == 0 or len(part) - n_holdout < 1:
+    n_holdout = _holdout_size(len(part), cfg)
+    if n_holdout == 0:
         return part, part.select([])
     split = part.train_test_split(test_size=n_holdout, seed=seed)
     return split["train"], split["test"]
+
+
+def _holdout_size(size: int, cfg: DataConfig) -> int:
+    """Examples of a ``size``-example partition held out (none if nothing would be left)."""
+    n_holdout = int(round(size * cfg.client_holdout))
+    return n_holdout if size - n_holdout >= 1 else 0
+
+
+def client_train_size(cfg: DataConfig, seed: int, partition_id: int) -> int:
+    """How many examples client ``partition_id`` trains on: its partition less the holdout."""
+    size = len(client_partition(cfg, seed, partition_id))
+    return size - _holdout_size(size, cfg)
 
 
 def partition_summary(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
