@@ -26,12 +26,16 @@ from common import fedpeft_run, machine, save_results  # noqa: E402
 SCENARIO = "quickstart"
 STEPS, PER_ROUND = 20, 5  # quickstart's train.local_steps and federation.clients_per_round
 SETTINGS = {
-    "centralised": ["data.num_clients=1", "federation.clients_per_round=1",
-                    f"train.local_steps={STEPS * PER_ROUND}", 'data.partitioner="iid"'],
+    "centralised": [
+        "data.num_clients=1",
+        "federation.clients_per_round=1",
+        f"train.local_steps={STEPS * PER_ROUND}",
+        'data.partitioner="iid"',
+    ],
     "federated IID": ['data.partitioner="iid"'],
     "federated Dirichlet 0.5": ['data.partitioner="dirichlet"', "data.alpha=0.5"],
     "federated Dirichlet 0.1": ['data.partitioner="dirichlet"', "data.alpha=0.1"],
-}  # fmt: skip
+}
 
 
 def main() -> None:
@@ -45,9 +49,16 @@ def main() -> None:
             summary, metrics, wall = fedpeft_run(SCENARIO, [*sets, *rounds], Path(tmp) / str(i))
             seen = sum(c.get("num-examples", 0) for r in metrics for c in r["client_metrics"])
             accuracy = summary["final"]["eval_accuracy"]
-            rows.append({"setting": name, "final_accuracy": accuracy, "examples_seen": seen,
-                         "rounds": len(metrics), "wall_seconds": wall,
-                         "accuracy_per_round": [r["eval_accuracy"] for r in metrics]})  # fmt: skip
+            rows.append(
+                {
+                    "setting": name,
+                    "final_accuracy": accuracy,
+                    "examples_seen": seen,
+                    "rounds": len(metrics),
+                    "wall_seconds": wall,
+                    "accuracy_per_round": [r["eval_accuracy"] for r in metrics],
+                }
+            )
             print(f"{name:26} acc {rows[-1]['final_accuracy']:.4f}  examples {seen}", flush=True)
     central = rows[0]["final_accuracy"]
     for r in rows:
@@ -72,17 +83,25 @@ def markdown(record: dict) -> str:
         "|---|---|---|---|---|",
     ]
     for r in record["results"]:
-        lines.append(f"| {r['setting']} | {r['rounds']} | {r['examples_seen']:,} | "
-                     f"{r['final_accuracy']:.4f} | {r['vs_centralised']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {r['setting']} | {r['rounds']} | {r['examples_seen']:,} | "
+            f"{r['final_accuracy']:.4f} | {r['vs_centralised']:.3f} |"
+        )
     central = record["results"][0].get("accuracy_per_round")
     if central:  # the ratio round by round: does federated catch up as rounds go on?
         rounds = range(1, len(central) + 1)
-        lines += ["", "Accuracy against centralised, round by round:", "",
-                  "| setting | " + " | ".join(f"round {i}" for i in rounds) + " |",
-                  "|---|" + "---|" * len(central)]  # fmt: skip
+        lines += [
+            "",
+            "Accuracy against centralised, round by round:",
+            "",
+            "| setting | " + " | ".join(f"round {i}" for i in rounds) + " |",
+            "|---|" + "---|" * len(central),
+        ]
         for r in record["results"][1:]:
-            ratios = [f / c if c else float("nan")
-                      for f, c in zip(r["accuracy_per_round"], central, strict=True)]  # fmt: skip
+            ratios = [
+                f / c if c else float("nan")
+                for f, c in zip(r["accuracy_per_round"], central, strict=True)
+            ]
             lines.append(f"| {r['setting']} | " + " | ".join(f"{x:.3f}" for x in ratios) + " |")
     return "\n".join(lines) + "\n"
 

@@ -96,8 +96,13 @@ def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
         states = [adapter(shape, seed) for seed in range(k)]
         current = adapter(shape, 10_000)
         for name, spec in sorted(STRATEGIES.items()):
-            sets = [f'strategy.name="{name}"', f"peft.r={r}", f"peft.alpha={2 * r}",
-                    f"data.num_clients={k}", f"federation.clients_per_round={k}"]  # fmt: skip
+            sets = [
+                f'strategy.name="{name}"',
+                f"peft.r={r}",
+                f"peft.alpha={2 * r}",
+                f"data.num_clients={k}",
+                f"federation.clients_per_round={k}",
+            ]
             strategy = build_strategy(load_scenario("smoke", sets))
             grid = StaticGrid(range(1, k + 1))
             list(strategy.configure_train(1, state_to_arrayrecord(current), ConfigRecord(), grid))
@@ -107,11 +112,19 @@ def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
                 started = time.perf_counter()
                 strategy.aggregate_train(1, replies)
                 seconds = time.perf_counter() - started
-            rows.append({"shape": shape, "clients": k, "strategy": name, "seconds": seconds,
-                         "peak_extra_mib": memory.mib,
-                         "factored": spec.heterogeneous_ranks or name == "fedex_lora"})  # fmt: skip
-            print(f"{shape:6} K={k:<5} {name:14} {seconds:8.3f} s  +{memory.mib:7.0f} MiB",
-                  flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "shape": shape,
+                    "clients": k,
+                    "strategy": name,
+                    "seconds": seconds,
+                    "peak_extra_mib": memory.mib,
+                    "factored": spec.heterogeneous_ranks or name == "fedex_lora",
+                }
+            )
+            print(
+                f"{shape:6} K={k:<5} {name:14} {seconds:8.3f} s  +{memory.mib:7.0f} MiB", flush=True
+            )
             del strategy, replies
         del states
         gc.collect()
@@ -150,13 +163,25 @@ def dense_against_factored(counts: list[int], d: int = 4096, r: int = 16) -> lis
         residual = dense - mean_b @ mean_a  # type: ignore[operator]
         fedex_dense_s = time.perf_counter() - started + 0.0
         fedex_diff = ((rb @ ra - residual).norm() / residual.norm()).item()
-        rows.append({"clients": k, "d": d, "r": r,
-                     "flexlora_factored_s": factored_s, "flexlora_dense_s": dense_s,
-                     "flexlora_speedup": dense_s / factored_s, "flexlora_rel_diff": flex_diff,
-                     "fedex_factored_s": fedex_factored_s, "fedex_dense_s": fedex_dense_s,
-                     "fedex_rel_diff": fedex_diff})  # fmt: skip
-        print(f"d={d} K={k}: FlexLoRA factored {factored_s:.3f} s, dense {dense_s:.2f} s "
-              f"({dense_s / factored_s:.0f}x), diff {flex_diff:.1e}", flush=True)  # fmt: skip
+        rows.append(
+            {
+                "clients": k,
+                "d": d,
+                "r": r,
+                "flexlora_factored_s": factored_s,
+                "flexlora_dense_s": dense_s,
+                "flexlora_speedup": dense_s / factored_s,
+                "flexlora_rel_diff": flex_diff,
+                "fedex_factored_s": fedex_factored_s,
+                "fedex_dense_s": fedex_dense_s,
+                "fedex_rel_diff": fedex_diff,
+            }
+        )
+        print(
+            f"d={d} K={k}: FlexLoRA factored {factored_s:.3f} s, dense {dense_s:.2f} s "
+            f"({dense_s / factored_s:.0f}x), diff {flex_diff:.1e}",
+            flush=True,
+        )
     return rows
 
 
@@ -182,8 +207,10 @@ def main() -> None:
 def markdown(record: dict) -> str:
     """Tables: seconds and extra MiB per strategy x shape x K; dense against factored."""
     cells = {(r["shape"], r["clients"], r["strategy"]): r for r in record["strategies"]}
-    columns = sorted({(r["shape"], r["clients"]) for r in record["strategies"]},
-                     key=lambda c: (c[0] != "minilm", c[1]))  # fmt: skip
+    columns = sorted(
+        {(r["shape"], r["clients"]) for r in record["strategies"]},
+        key=lambda c: (c[0] != "minilm", c[1]),
+    )
     names = sorted({r["strategy"] for r in record["strategies"]})
     head = " | ".join(f"{s} K={k}" for s, k in columns)
     lines = [

@@ -37,13 +37,17 @@ VARIANTS = {
     "LoRA + top-k 10% + int8 + EF": [
         'compression.uplink=["topk","int8"]',
         "compression.error_feedback=true",
-    ],  # fmt: skip
+    ],
     "LoRA, FFA-LoRA": ['strategy.name="ffa_lora"'],
     "LoRA, FlexLoRA": ['strategy.name="flexlora"'],
     "LoRA, FedEx-LoRA": ['strategy.name="fedex_lora"'],
 }
-QUICK = ("full fine-tuning, FedAvg", "LoRA, FedIT", "LoRA + top-k 10% + int8 + EF",
-         "LoRA, FFA-LoRA")  # fmt: skip
+QUICK = (
+    "full fine-tuning, FedAvg",
+    "LoRA, FedIT",
+    "LoRA + top-k 10% + int8 + EF",
+    "LoRA, FFA-LoRA",
+)
 
 
 def measure(scenario: str, name: str, sets: list[str], out: Path) -> dict:
@@ -75,9 +79,11 @@ def main() -> None:
                 continue
             rows.append(measure(scenario, name, sets, Path(tmp) / str(i)))
             last = rows[-1]
-            print(f"{name:32} acc {last['final_accuracy']:.4f}  up "
-                  f"{last['bytes_up_per_client_round']:,.0f} B  {last['wall_seconds']:.0f} s",
-                  flush=True)  # fmt: skip
+            print(
+                f"{name:32} acc {last['final_accuracy']:.4f}  up "
+                f"{last['bytes_up_per_client_round']:,.0f} B  {last['wall_seconds']:.0f} s",
+                flush=True,
+            )
     record = {
         "command": "python benchmarks/baselines.py" + (" --quick" if args.quick else ""),
         "machine": machine(),

@@ -14,8 +14,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def machine() -> str:
     """The machine a result was measured on, in one line."""
     memory = psutil.virtual_memory().total / 2**30
-    return (f"{platform.platform()}, {psutil.cpu_count()} CPUs, {memory:.0f} GiB, "
-            f"Python {platform.python_version()}")  # fmt: skip
+    return (
+        f"{platform.platform()}, {psutil.cpu_count()} CPUs, {memory:.0f} GiB, "
+        f"Python {platform.python_version()}"
+    )
 
 
 def save_results(name: str, record: dict, markdown: str) -> None:

@@ -53,8 +53,9 @@ print(json.dumps({"imports": t1 - t0, "data_set": t2 - t1, "partition": t3 - t2,
 def fedpeft(*args: str, cwd: Path) -> float:
     """Run the fedpeft console script; return its wall seconds (fails loudly)."""
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise SystemExit(f"fedpeft {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return time.perf_counter() - started
@@ -66,18 +67,28 @@ def rounds_of(out: Path) -> list[dict]:
 
 def cold_start(sets: list[str], cached: bool, cache: Path) -> dict[str, float]:
     proc = subprocess.run(
-        [sys.executable, "-c", COLD_START, json.dumps(sets), str(cache),
-         "cached" if cached else "plain"],
-        capture_output=True, text=True, check=True, cwd=HERE.parent,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            COLD_START,
+            json.dumps(sets),
+            str(cache),
+            "cached" if cached else "plain",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parent,
+    )
     result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--render", action="store_true",
-                        help="only rewrite the .md from the recorded .json")  # fmt: skip
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite the .md from the recorded .json"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--model", default="minilm")
@@ -87,14 +98,27 @@ def main() -> None:
         (RESULTS / "deploy_latency.md").write_text(render(recorded))
         return
     nodes = args.nodes
-    sets = [f"model.name={args.model}", f"federation.rounds={args.rounds}",
-            f"data.num_clients={nodes}", f"federation.clients_per_round={nodes}"]  # fmt: skip
+    sets = [
+        f"model.name={args.model}",
+        f"federation.rounds={args.rounds}",
+        f"data.num_clients={nodes}",
+        f"federation.clients_per_round={nodes}",
+    ]
     set_args = [a for s in sets for a in ("--set", s)]
     with tempfile.TemporaryDirectory(prefix="fedpeft-latency-") as tmp:
         work = Path(tmp)
         sim_wall = fedpeft("run", "smoke", *set_args, "--out", str(work / "sim"), cwd=work)
-        dep_wall = fedpeft("deploy", "local", "smoke", "--nodes", str(args.nodes), *set_args,
-                           "--out", str(work / "dep"), cwd=work)  # fmt: skip
+        dep_wall = fedpeft(
+            "deploy",
+            "local",
+            "smoke",
+            "--nodes",
+            str(args.nodes),
+            *set_args,
+            "--out",
+            str(work / "dep"),
+            cwd=work,
+        )
         sim, dep = rounds_of(work / "sim"), rounds_of(work / "dep")
         deployment = json.loads((work / "dep" / "deploy" / "deployment.json").read_text())
         cache = work / "cache"
@@ -114,13 +138,19 @@ def main() -> None:
         f"python {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "scenario": "smoke with " + ", ".join(sets),
-        "simulation": {"wall_seconds": sim_wall, "round_seconds_after_first":
-                       later(sim, "round_seconds"), "client_handler_seconds": handler(sim)},
-        "deployment": {"wall_seconds": dep_wall, "round_seconds_after_first":
-                       later(dep, "round_seconds"), "client_handler_seconds": handler(dep),
-                       "setup_seconds": deployment["setup_seconds"]},
+        "simulation": {
+            "wall_seconds": sim_wall,
+            "round_seconds_after_first": later(sim, "round_seconds"),
+            "client_handler_seconds": handler(sim),
+        },
+        "deployment": {
+            "wall_seconds": dep_wall,
+            "round_seconds_after_first": later(dep, "round_seconds"),
+            "client_handler_seconds": handler(dep),
+            "setup_seconds": deployment["setup_seconds"],
+        },
         "clientapp_cold_start_seconds": cold,
-    }  # fmt: skip
+    }
     result["overhead_per_round_seconds"] = (
         result["deployment"]["round_seconds_after_first"]
         - result["simulation"]["round_seconds_after_first"]

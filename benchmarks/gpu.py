@@ -353,15 +353,26 @@ def lora_client(
     collate = get_task(task).make_collate(tokenizer, sizes.max_length)
     data = datasets.Dataset.from_dict(rows)
     held = datasets.Dataset.from_dict(held_out)
-    before = get_task(task).evaluate(model, tokenizer, held, batch_size=32,
-                                     max_length=sizes.max_length, device=device)  # fmt: skip
+    before = get_task(task).evaluate(
+        model, tokenizer, held, batch_size=32, max_length=sizes.max_length, device=device
+    )
     parts = [  # fresh batches (seed) and a fresh optimizer each third, as in a new round
-        train_steps(model, collate, data, steps=n, batch_size=sizes.batch, lr=sizes.lr, seed=i,
-                    device=device, precision=precision)
+        train_steps(
+            model,
+            collate,
+            data,
+            steps=n,
+            batch_size=sizes.batch,
+            lr=sizes.lr,
+            seed=i,
+            device=device,
+            precision=precision,
+        )
         for i, n in enumerate(thirds(sizes.steps))
-    ]  # fmt: skip
-    after = get_task(task).evaluate(model, tokenizer, held, batch_size=32,
-                                    max_length=sizes.max_length, device=device)  # fmt: skip
+    ]
+    after = get_task(task).evaluate(
+        model, tokenizer, held, batch_size=32, max_length=sizes.max_length, device=device
+    )
     timed = parts[1:]
     result = {
         "task": task,
@@ -396,9 +407,12 @@ def client_run(
         print(f"{part:6} {model:16} failed: {entry['error']}", flush=True)
         return entry
     base = entry["quantization"] if entry["quantization"] != "none" else "full"
-    print(f"{part:6} {model:16} {base:5} {entry['precision']:5} step {entry['step_ms']:7.1f} ms"
-          f"  peak {entry['peak_memory_mb']:8.0f} MiB  held-out loss {entry['eval_loss'][0]:.3f}"
-          f" -> {entry['eval_loss'][1]:.3f}", flush=True)  # fmt: skip
+    print(
+        f"{part:6} {model:16} {base:5} {entry['precision']:5} step {entry['step_ms']:7.1f} ms"
+        f"  peak {entry['peak_memory_mb']:8.0f} MiB  held-out loss {entry['eval_loss'][0]:.3f}"
+        f" -> {entry['eval_loss'][1]:.3f}",
+        flush=True,
+    )
     return entry
 
 
@@ -411,21 +425,40 @@ def lora_part(device: torch.device, sizes: Sizes, work: Path) -> dict[str, Any]:
     llama = llama_folder(work, sizes)
     lm_rows, lm_held = instruction_rows(words, sizes.rows, 1), instruction_rows(words, 64, 11)
     runs = [
-        client_run("lora", llama.name, "random (LlamaConfig)", device, model_name=str(llama),
-                   task="causal-lm", rows=lm_rows, held_out=lm_held, sizes=sizes,
-                   precision=precision)
+        client_run(
+            "lora",
+            llama.name,
+            "random (LlamaConfig)",
+            device,
+            model_name=str(llama),
+            task="causal-lm",
+            rows=lm_rows,
+            held_out=lm_held,
+            sizes=sizes,
+            precision=precision,
+        )
         for precision in precisions(device)
-    ]  # fmt: skip
+    ]
     if sizes.minilm:
         name, weights = minilm_source(work, sizes)
         cls_rows = classification_rows(words, sizes.rows, CLASSES, seed=2)
         cls_held = classification_rows(words, 64, CLASSES, seed=12)
         runs += [
-            client_run("lora", "minilm", weights, device, model_name=name, task="seq-cls",
-                       rows=cls_rows, held_out=cls_held, sizes=sizes, precision=precision,
-                       num_labels=CLASSES)
+            client_run(
+                "lora",
+                "minilm",
+                weights,
+                device,
+                model_name=name,
+                task="seq-cls",
+                rows=cls_rows,
+                held_out=cls_held,
+                sizes=sizes,
+                precision=precision,
+                num_labels=CLASSES,
+            )
             for precision in precisions(device)
-        ]  # fmt: skip
+        ]
     return {"runs": runs}
 
 
@@ -439,11 +472,21 @@ def qlora_part(device: torch.device, sizes: Sizes, work: Path) -> dict[str, Any]
     llama = llama_folder(work, sizes)
     rows, held = instruction_rows(words, sizes.rows, 1), instruction_rows(words, 64, 11)
     runs = [
-        client_run("qlora", llama.name, "random (LlamaConfig)", device, model_name=str(llama),
-                   task="causal-lm", rows=rows, held_out=held, sizes=sizes, precision="auto",
-                   quantization=bits)
+        client_run(
+            "qlora",
+            llama.name,
+            "random (LlamaConfig)",
+            device,
+            model_name=str(llama),
+            task="causal-lm",
+            rows=rows,
+            held_out=held,
+            sizes=sizes,
+            precision="auto",
+            quantization=bits,
+        )
         for bits in ("4bit", "8bit")
-    ]  # fmt: skip
+    ]
     return {"runs": runs}
 
 
@@ -775,8 +818,11 @@ def _status(part: dict[str, Any]) -> list[str]:
 
 def _clients_md(part: dict[str, Any], label: str) -> list[str]:
     """LoRA or QLoRA clients: one row per (model, base, precision)."""
-    lines = [f"{label} Step time leaves out the first third of the steps (warm-up); peak "
-             "memory is the device's allocated peak in training.", ""]  # fmt: skip
+    lines = [
+        f"{label} Step time leaves out the first third of the steps (warm-up); peak "
+        "memory is the device's allocated peak in training.",
+        "",
+    ]
     if _status(part):
         return lines + _status(part)
     lines += [
@@ -800,19 +846,28 @@ def _clients_md(part: dict[str, Any], label: str) -> list[str]:
 
 
 def _lora_md(part: dict[str, Any]) -> list[str]:
-    return _clients_md(part, "**LoRA clients**, fp32 base weights; bf16 and fp16 are autocast, "
-                             "fp16 with a gradient scaler.")  # fmt: skip
+    return _clients_md(
+        part,
+        "**LoRA clients**, fp32 base weights; bf16 and fp16 are autocast, "
+        "fp16 with a gradient scaler.",
+    )
 
 
 def _qlora_md(part: dict[str, Any]) -> list[str]:
-    return _clients_md(part, "**QLoRA clients**, the base loaded by bitsandbytes in 4 bits "
-                             "(NF4) or 8 bits; train.precision=auto.")  # fmt: skip
+    return _clients_md(
+        part,
+        "**QLoRA clients**, the base loaded by bitsandbytes in 4 bits "
+        "(NF4) or 8 bits; train.precision=auto.",
+    )
 
 
 def _federation_md(part: dict[str, Any]) -> list[str]:
     """Each setting's round time and client figures, and the ratios between them."""
-    lines = ["**Several clients sharing one GPU**: the in-process Grid runs the real ServerApp "
-             "and ClientApp, the clients in turn on one shared base model.", ""]  # fmt: skip
+    lines = [
+        "**Several clients sharing one GPU**: the in-process Grid runs the real ServerApp "
+        "and ClientApp, the clients in turn on one shared base model.",
+        "",
+    ]
     if _status(part):
         return lines + _status(part)
     which = "the rounds after the first" if part["rounds"] > 1 else "round 1 (warm-up included)"
@@ -952,8 +1007,9 @@ def _parts(text: str) -> list[str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; sizes left unset keep :class:`Sizes`' defaults (or ``--tiny``'s)."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--device", type=_device, default=torch.device("cuda"),
-                        help="torch device (default: cuda)")  # fmt: skip
+    parser.add_argument(
+        "--device", type=_device, default=torch.device("cuda"), help="torch device (default: cuda)"
+    )
     parser.add_argument(
         "--parts",
         type=_parts,

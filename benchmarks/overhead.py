@@ -37,8 +37,11 @@ from common import fedpeft_run, machine, save_results  # noqa: E402
 def federated(scenario: str, sets: list[str], out: Path) -> dict:
     """``fedpeft run`` in a fresh process: wall time and per-round seconds."""
     summary, rows, wall = fedpeft_run(scenario, sets, out)
-    return {"wall_seconds": wall, "round_seconds": [r["round_seconds"] for r in rows],
-            "eval_accuracy": summary["final"].get("eval_accuracy")}  # fmt: skip
+    return {
+        "wall_seconds": wall,
+        "round_seconds": [r["round_seconds"] for r in rows],
+        "eval_accuracy": summary["final"].get("eval_accuracy"),
+    }
 
 
 def plain_loop(scenario_name: str, sets: list[str]) -> dict:
@@ -76,11 +79,18 @@ def plain_loop(scenario_name: str, sets: list[str]) -> dict:
             set_trainable(model, None)
             train_part, _ = client_split(sc.data, sc.seed, partition)
             result = train_steps(
-                model, collate, train_part, steps=t.local_steps, batch_size=t.batch_size,
-                lr=t.lr, seed=(sc.seed * 1_000_003 + server_round) * 10_007 + partition,
-                weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, device=device,
+                model,
+                collate,
+                train_part,
+                steps=t.local_steps,
+                batch_size=t.batch_size,
+                lr=t.lr,
+                seed=(sc.seed * 1_000_003 + server_round) * 10_007 + partition,
+                weight_decay=t.weight_decay,
+                max_grad_norm=t.max_grad_norm,
+                device=device,
                 precision=t.precision,
-            )  # fmt: skip
+            )
             states.append({k: v.detach().clone() for k, v in get_adapter_state(model).items()})
             weights.append(result.num_examples)
         total = sum(weights)
@@ -94,9 +104,13 @@ def plain_loop(scenario_name: str, sets: list[str]) -> dict:
         metrics = evaluate(model, sc, test, processor=processor, device=device)
         evals.append(time.perf_counter() - eval_started)
         rounds.append(time.perf_counter() - round_started)
-    return {"wall_seconds": time.perf_counter() - started, "setup_seconds": setup,
-            "round_seconds": rounds, "eval_seconds": evals,
-            "eval_accuracy": metrics["eval_accuracy"]}  # fmt: skip
+    return {
+        "wall_seconds": time.perf_counter() - started,
+        "setup_seconds": setup,
+        "round_seconds": rounds,
+        "eval_seconds": evals,
+        "eval_accuracy": metrics["eval_accuracy"],
+    }
 
 
 def serialization(scenario_name: str) -> dict:
@@ -111,8 +125,9 @@ def serialization(scenario_name: str) -> dict:
     from fedpeft.models import initial_adapter_state
 
     sc = load_scenario(scenario_name)
-    state = initial_adapter_state(sc.model, sc.peft_for_rank(sc.max_rank),
-                                  load_task_data(sc.data).num_labels, sc.seed)  # fmt: skip
+    state = initial_adapter_state(
+        sc.model, sc.peft_for_rank(sc.max_rank), load_task_data(sc.data).num_labels, sc.seed
+    )
     repeats = 20
     started = time.perf_counter()
     for _ in range(repeats):
@@ -121,8 +136,11 @@ def serialization(scenario_name: str) -> dict:
         blobs = [obj.deflate() for obj in get_all_nested_objects(content).values()]
         arrayrecord_to_state(content.array_records[records.ARRAYS])
     per_message = (time.perf_counter() - started) / repeats
-    return {"seconds_per_message": per_message, "bytes": sum(len(b) for b in blobs),
-            "messages_per_round": 2 * sc.federation.clients_per_round}  # fmt: skip
+    return {
+        "seconds_per_message": per_message,
+        "bytes": sum(len(b) for b in blobs),
+        "messages_per_round": 2 * sc.federation.clients_per_round,
+    }
 
 
 def plain_process(scenario: str, sets: list[str]) -> dict:
@@ -130,8 +148,12 @@ def plain_process(scenario: str, sets: list[str]) -> dict:
     ``fedpeft run`` (so both pay Python's start-up and the library imports)."""
     started = time.perf_counter()
     rounds = [f"--rounds={s.split('=')[1]}" for s in sets]
-    proc = subprocess.run([sys.executable, __file__, "--scenario", scenario, *rounds, "--plain"],
-                          capture_output=True, text=True, timeout=7200)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, __file__, "--scenario", scenario, *rounds, "--plain"],
+        capture_output=True,
+        text=True,
+        timeout=7200,
+    )
     if proc.returncode:
         raise SystemExit(f"plain loop failed: {proc.stderr[-2000:]}")
     result: dict = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -175,31 +197,35 @@ def main() -> None:
 def markdown(r: dict) -> str:
     """The comparison as a table, with the targets."""
     fed, plain, ser = r["federated"], r["plain"], r["serialization"]
-    later = (sum(fed["round_seconds"][1:]) / max(len(fed["round_seconds"]) - 1, 1),
-             sum(plain["round_seconds"][1:]) / max(len(plain["round_seconds"]) - 1, 1))  # fmt: skip
+    later = (
+        sum(fed["round_seconds"][1:]) / max(len(fed["round_seconds"]) - 1, 1),
+        sum(plain["round_seconds"][1:]) / max(len(plain["round_seconds"]) - 1, 1),
+    )
     eval_s = sum(plain["eval_seconds"]) / len(plain["eval_seconds"])
     ser_round = ser["seconds_per_message"] * ser["messages_per_round"]
     e2e, per_round = r["end_to_end_ratio"], r["later_round_ratio"]
-    return "\n".join([
-        "# Framework overhead: fedpeft against a plain training loop",
-        "",
-        f"`{r['command']}` on {r['machine']}, {r['date']}.",
-        "",
-        "| | fedpeft (Flower simulation, Ray) | plain loop | ratio | target |",
-        "|---|---|---|---|---|",
-        f"| end to end, s | {fed['wall_seconds']:.1f} | {plain['wall_seconds']:.1f} | "
-        f"{e2e:.2f}x | <= 1.25x: {'met' if e2e <= 1.25 else 'not met'} |",
-        f"| start-up to round 1, s | {r['startup_seconds']:.1f} | {plain['setup_seconds']:.1f} | "
-        "| |",
-        f"| round 1, s | {fed['round_seconds'][0]:.2f} | {plain['round_seconds'][0]:.2f} | | |",
-        f"| later rounds, mean s | {later[0]:.2f} | {later[1]:.2f} | {per_round:.3f}x | "
-        f"<= 1.05x: {'met' if per_round <= 1.05 else 'not met'} |",
-        f"| evaluation per round, s | | {eval_s:.2f} | | |",
-        f"| serialization per round, s ({ser['messages_per_round']} messages of "
-        f"{ser['bytes']:,} B) | {ser_round:.3f} | - | | |",
-        f"| final eval accuracy | {fed['eval_accuracy']} | {plain['eval_accuracy']:.4f} | | |",
-        "",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "# Framework overhead: fedpeft against a plain training loop",
+            "",
+            f"`{r['command']}` on {r['machine']}, {r['date']}.",
+            "",
+            "| | fedpeft (Flower simulation, Ray) | plain loop | ratio | target |",
+            "|---|---|---|---|---|",
+            f"| end to end, s | {fed['wall_seconds']:.1f} | {plain['wall_seconds']:.1f} | "
+            f"{e2e:.2f}x | <= 1.25x: {'met' if e2e <= 1.25 else 'not met'} |",
+            f"| start-up to round 1, s | {r['startup_seconds']:.1f} | "
+            f"{plain['setup_seconds']:.1f} | | |",
+            f"| round 1, s | {fed['round_seconds'][0]:.2f} | {plain['round_seconds'][0]:.2f} | | |",
+            f"| later rounds, mean s | {later[0]:.2f} | {later[1]:.2f} | {per_round:.3f}x | "
+            f"<= 1.05x: {'met' if per_round <= 1.05 else 'not met'} |",
+            f"| evaluation per round, s | | {eval_s:.2f} | | |",
+            f"| serialization per round, s ({ser['messages_per_round']} messages of "
+            f"{ser['bytes']:,} B) | {ser_round:.3f} | - | | |",
+            f"| final eval accuracy | {fed['eval_accuracy']} | {plain['eval_accuracy']:.4f} | | |",
+            "",
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -31,8 +31,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=0, help="override the scenario's 6")
     args = parser.parse_args()
-    command = [sys.executable, "-m", "fedpeft.cli", "compare", SCENARIO,
-               "--strategies", ",".join(STRATEGIES)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "fedpeft.cli",
+        "compare",
+        SCENARIO,
+        "--strategies",
+        ",".join(STRATEGIES),
+    ]
     if args.rounds:
         command += ["--set", f"federation.rounds={args.rounds}"]
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,14 +30,18 @@ VARIANTS = {
         'strategy.name="fedsa_lora"',
         'compression.uplink=["topk","int8"]',
         "compression.error_feedback=true",
-    ],  # fmt: skip
+    ],
 }
 
 
 def run(clients: int, rounds: int, sets: list[str], out: Path) -> dict:
     """One ``fedpeft run smoke`` with ``clients`` virtual clients; its numbers."""
-    args = [f"data.num_clients={clients}", "federation.clients_per_round=10",
-            f"federation.rounds={rounds}", *sets]  # fmt: skip
+    args = [
+        f"data.num_clients={clients}",
+        "federation.clients_per_round=10",
+        f"federation.rounds={rounds}",
+        *sets,
+    ]
     summary, rows, wall = fedpeft_run("smoke", args, out)
     stored = list((out / "client_state").rglob("*.safetensors"))
     return {
@@ -70,8 +74,11 @@ def main() -> None:
             for n in sizes:
                 row = run(n, args.rounds, sets, Path(tmp) / f"{name.split()[0]}-{n}")
                 results[name].append(row)
-                print(f"{name:24} {n:>6} clients: peak {row['server_peak_memory_mb']:.0f} MiB, "
-                      f"{row['round_seconds_after_first']:.2f} s/round", flush=True)  # fmt: skip
+                print(
+                    f"{name:24} {n:>6} clients: peak {row['server_peak_memory_mb']:.0f} MiB, "
+                    f"{row['round_seconds_after_first']:.2f} s/round",
+                    flush=True,
+                )
     record = {
         "command": "python benchmarks/scale_memory.py " + " ".join(sys.argv[1:]),
         "machine": machine(),

@@ -48,7 +48,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         keys.extend(names)
         weight = int(str(reply.content.metric_records[records.METRICS][records.NUM_EXAMPLES]))
         content = reply.content
-        content[f"{FITRES}.parameters"] = ArrayRecord(changes)  # type: ignore[arg-type]
+        content[f"{FITRES}.parameters"] = ArrayRecord(changes)
         content[f"{FITRES}.num_examples"] = MetricRecord({"num_examples": weight})
         content[f"{FITRES}.metrics"] = ConfigRecord({})
         content[f"{FITRES}.status"] = ConfigRecord({"code": 0, "message": ""})

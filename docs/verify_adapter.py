@@ -50,8 +50,13 @@ def main(run_dir: Path) -> int:
     with torch.no_grad():
         for start in range(0, len(test), 64):
             rows = test[start : start + 64]
-            enc = tokenizer(rows["text"], truncation=True, max_length=ev["max_length"],
-                            padding=True, return_tensors="pt")  # fmt: skip
+            enc = tokenizer(
+                rows["text"],
+                truncation=True,
+                max_length=ev["max_length"],
+                padding=True,
+                return_tensors="pt",
+            )
             pred = model(**enc).logits.argmax(-1)
             correct += int((pred == torch.tensor(rows["label"])).sum())
     accuracy = correct / len(test)

@@ -239,8 +239,10 @@ def save_adapter(model: torch.nn.Module, directory: Path) -> None:
         model.save_pretrained(str(directory))  # type: ignore[operator]
         meta["format"] = "transformers"
     else:
-        save_file({k: v.contiguous() for k, v in get_adapter_state(model).items()},
-                  str(directory / STATE_FILE))  # fmt: skip
+        save_file(
+            {k: v.contiguous() for k, v in get_adapter_state(model).items()},
+            str(directory / STATE_FILE),
+        )
         meta["format"] = "fedpeft"
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
 
@@ -269,7 +271,7 @@ def load_adapter(directory: Path | str, base: torch.nn.Module | None = None) -> 
         for name in peft_cfg.methods:
             if (prepare := get_method(name).prepare) is not None:
                 prepare(base)
-        return PeftModel.from_pretrained(base, str(directory))  # type: ignore[arg-type]
+        return PeftModel.from_pretrained(base, str(directory))
     model = build_peft_model(base, peft_cfg, meta["task"], meta["seed"])
     if meta["format"] == "peft":  # peft's own file, read by peft
         weights = load_peft_weights(str(directory))

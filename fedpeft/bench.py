@@ -45,13 +45,17 @@ ELSEWHERE = ("gpu",)
 def run_bench(quick: bool, only: list[str] | None = None) -> int:
     """Run the planned benchmarks (or ``only`` these) and regenerate RESULTS.md."""
     if not BENCH.is_dir():
-        print(f"fedpeft: no benchmarks/ folder at {BENCH} (run from a clone of the repository)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fedpeft: no benchmarks/ folder at {BENCH} (run from a clone of the repository)",
+            file=sys.stderr,
+        )
         return 2
     unknown = sorted(set(only or []) - PLAN.keys())
     if unknown:
-        print(f"fedpeft: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(PLAN)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fedpeft: unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(PLAN)}",
+            file=sys.stderr,
+        )
         return 2
     started = time.perf_counter()
     ran: dict[str, str] = {}
@@ -74,8 +78,13 @@ def run_bench(quick: bool, only: list[str] | None = None) -> int:
     # the latest run of each benchmark, kept across invocations (``--only`` reruns one)
     log = RESULTS / f"runs{'.quick' if quick else ''}.json"
     runs = json.loads(log.read_text()) if log.is_file() else {}
-    runs.update({k: f"{v} ({time.strftime('%Y-%m-%d')})" for k, v in ran.items()
-                 if not v.startswith("reused")})  # fmt: skip
+    runs.update(
+        {
+            k: f"{v} ({time.strftime('%Y-%m-%d')})"
+            for k, v in ran.items()
+            if not v.startswith("reused")
+        }
+    )
     RESULTS.mkdir(exist_ok=True)
     log.write_text(json.dumps(runs, indent=2) + "\n")
     write_results(quick, {**ran, **runs}, time.perf_counter() - started)
@@ -105,10 +114,22 @@ def targets() -> list[tuple[str, str, str, str]]:
     if over:
         e2e, later = over["end_to_end_ratio"], over["later_round_ratio"]
         scen = over["command"].split("--scenario ")[-1]
-        rows.append(("framework overhead, end to end", "<= 1.25x",
-                     f"{e2e:.2f}x ({scen})", "met" if e2e <= 1.25 else "gap"))  # fmt: skip
-        rows.append(("framework overhead, rounds after the first", "<= 1.05x",
-                     f"{later:.3f}x ({scen})", "met" if later <= 1.05 else "gap"))  # fmt: skip
+        rows.append(
+            (
+                "framework overhead, end to end",
+                "<= 1.25x",
+                f"{e2e:.2f}x ({scen})",
+                "met" if e2e <= 1.25 else "gap",
+            )
+        )
+        rows.append(
+            (
+                "framework overhead, rounds after the first",
+                "<= 1.05x",
+                f"{later:.3f}x ({scen})",
+                "met" if later <= 1.05 else "gap",
+            )
+        )
     else:
         rows.append(("framework overhead", "<= 1.25x, <= 5%/round", "not measured", "gap"))
     agg = _load("aggregation")
@@ -119,16 +140,30 @@ def targets() -> list[tuple[str, str, str, str]]:
         verdict = "met" if not slow and diff < 1e-6 else "gap"
         if slow and diff < 1e-6:  # the result agrees; say what limits the speed
             k, stacked = slow[0]["clients"], slow[0]["clients"] * slow[0]["r"]
-            verdict = (f"gap at K={k}: the stacked factors' rank K*r = {stacked} is "
-                       f"{stacked / slow[0]['d']:.2f} of d; the factored QR and SVD "
-                       "grow as (K*r)^2 d, the dense SVD stays d^3")  # fmt: skip
-        rows.append(("factored vs dense SVD at d = 4096 (FlexLoRA)", ">= 10x, same result",
-                     f"{speeds}; relative difference {diff:.0e}", verdict))  # fmt: skip
+            verdict = (
+                f"gap at K={k}: the stacked factors' rank K*r = {stacked} is "
+                f"{stacked / slow[0]['d']:.2f} of d; the factored QR and SVD "
+                "grow as (K*r)^2 d, the dense SVD stays d^3"
+            )
+        rows.append(
+            (
+                "factored vs dense SVD at d = 4096 (FlexLoRA)",
+                ">= 10x, same result",
+                f"{speeds}; relative difference {diff:.0e}",
+                verdict,
+            )
+        )
         sizes = sorted({(r["shape"], r["clients"]) for r in agg["strategies"]})
-        rows.append(("aggregation cost per strategy", "10/100/1000 updates, MiniLM and 7B",
-                     ", ".join(f"{s} K={k}" for s, k in sizes),
-                     "met" if ("7b", 1000) in sizes else "gap: 1000 7B-shaped updates are "
-                     "33 GB, more than this machine's memory"))  # fmt: skip
+        rows.append(
+            (
+                "aggregation cost per strategy",
+                "10/100/1000 updates, MiniLM and 7B",
+                ", ".join(f"{s} K={k}" for s, k in sizes),
+                "met"
+                if ("7b", 1000) in sizes
+                else "gap: 1000 7B-shaped updates are 33 GB, more than this machine's memory",
+            )
+        )
     fedavg: dict[int, float] = {}  # clients -> peak MiB: the preferred run first, then the other
     stems = ("scale_memory.quick", "scale_memory")
     for stem in stems if _PREFER_QUICK[0] else stems[::-1]:
@@ -138,8 +173,14 @@ def targets() -> list[tuple[str, str, str, str]]:
     for name, base, top in (("1,000 vs 10 clients", 10, 1000), ("10,000 vs 100", 100, 10000)):
         if base in fedavg and top in fedavg:
             ratio = fedavg[top] / fedavg[base]
-            rows.append((f"server memory, {name} (10 per round)", "<= 1.2x",
-                         f"{ratio:.3f}x", "met" if ratio <= 1.2 else "gap"))  # fmt: skip
+            rows.append(
+                (
+                    f"server memory, {name} (10 per round)",
+                    "<= 1.2x",
+                    f"{ratio:.3f}x",
+                    "met" if ratio <= 1.2 else "gap",
+                )
+            )
     deploy = _load("deploy_latency")
     if deploy:
         latency = deploy.get("round_ratio")
@@ -151,13 +192,24 @@ def targets() -> list[tuple[str, str, str, str]]:
         full, lora = by.get("full fine-tuning, FedAvg"), by.get("LoRA, FedIT")
         if full and lora:
             saving = full["bytes_up_per_client_round"] / lora["bytes_up_per_client_round"]
-            rows.append((f"LoRA against full fine-tuning, uplink bytes ({baselines['scenario']})",
-                         "about 300x less", f"{saving:.0f}x less; accuracy "
-                         f"{lora['final_accuracy']:.4f} vs {full['final_accuracy']:.4f}",
-                         "reported"))  # fmt: skip
+            rows.append(
+                (
+                    f"LoRA against full fine-tuning, uplink bytes ({baselines['scenario']})",
+                    "about 300x less",
+                    f"{saving:.0f}x less; accuracy "
+                    f"{lora['final_accuracy']:.4f} vs {full['final_accuracy']:.4f}",
+                    "reported",
+                )
+            )
     else:
-        rows.append(("full fine-tuning baseline (plain Flower FedAvg)", "bytes, accuracy, time",
-                     "not measured", "gap"))  # fmt: skip
+        rows.append(
+            (
+                "full fine-tuning baseline (plain Flower FedAvg)",
+                "bytes, accuracy, time",
+                "not measured",
+                "gap",
+            )
+        )
     acc = _load("accuracy")
     if acc:
         by = {r["setting"]: r for r in acc["results"]}
@@ -167,15 +219,20 @@ def targets() -> list[tuple[str, str, str, str]]:
             "gap: at equal examples, 5 clients' 20 steps averaged are 20 sequential steps "
             "a round (a 5x larger batch), centralised takes 100; ratios by round below"
         )
-        rows.append(("federated IID against centralised LoRA", ">= 0.95",
-                     f"{iid:.3f} ({label})", "met" if iid >= 0.95 else why))  # fmt: skip
+        rows.append(
+            (
+                "federated IID against centralised LoRA",
+                ">= 0.95",
+                f"{iid:.3f} ({label})",
+                "met" if iid >= 0.95 else why,
+            )
+        )
     else:
         rows.append(("federated vs centralised LoRA", "IID >= 0.95", "not measured", "gap"))
     ranked = "strategies ranked under non-IID data with heterogeneous ranks"
     ranking = _load("ranking")
     if ranking and ranking["results"]:
-        order = " > ".join(f"{r['strategy']} {r['final_accuracy']:.3f}"
-                           for r in ranking["results"])  # fmt: skip
+        order = " > ".join(f"{r['strategy']} {r['final_accuracy']:.3f}" for r in ranking["results"])
         rows.append((ranked, "a ranking", f"{order} (Dirichlet 0.1, ranks 4/8/16)", "reported"))
     else:
         rows.append((ranked, "a ranking", "not measured (python benchmarks/ranking.py)", "gap"))
@@ -190,8 +247,10 @@ def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:
     """
     _PREFER_QUICK[0] = quick
     memory = psutil.virtual_memory().total / 2**30
-    machine = (f"{platform.platform()}, {psutil.cpu_count()} CPUs, {memory:.0f} GiB, "
-               f"Python {platform.python_version()}")  # fmt: skip
+    machine = (
+        f"{platform.platform()}, {psutil.cpu_count()} CPUs, {memory:.0f} GiB, "
+        f"Python {platform.python_version()}"
+    )
     lines = [
         "# fedpeft benchmarks",
         "",

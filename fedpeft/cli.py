@@ -59,8 +59,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out else default_out_dir(scenario)
     # Ctrl-C raises KeyboardInterrupt below, which stops Ray; a second one, or a first one
     # still unanswered after 10 s (the main thread waits in Ray's C++), ends the run at once
-    watch_interrupts(f"fedpeft: interrupted; rounds finished so far are in {out_dir}",
-                     on_interrupt=None if args.verbose else _quiet_flower)  # fmt: skip
+    watch_interrupts(
+        f"fedpeft: interrupted; rounds finished so far are in {out_dir}",
+        on_interrupt=None if args.verbose else _quiet_flower,
+    )
     if scenario.simulation.ray_address:  # fail now, not after Ray's minutes of retries
         from server.simulation import reachable
 
@@ -69,8 +71,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from server.simulation import simulate
 
     try:
-        simulate(scenario, out_dir, verbose=args.verbose, resume=bool(args.resume),
-                 command=args.command_line)  # fmt: skip
+        simulate(
+            scenario,
+            out_dir,
+            verbose=args.verbose,
+            resume=bool(args.resume),
+            command=args.command_line,
+        )
     except KeyboardInterrupt:
         # The ServerApp runs in a worker thread that would finish its rounds first; Ray is
         # already stopped (simulate's finally), and metrics.jsonl holds every finished round.
@@ -84,13 +91,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
         (out_dir / "error.log").write_text(traceback.format_exc(), encoding="utf-8")
         cause = err.__cause__ or err
         where = out_dir / "error.log"
-        print(f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {where})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {where})",
+            file=sys.stderr,
+        )
         from server.checkpoint import checkpoint_dir
 
         if checkpoint_dir(out_dir) is not None and "--resume" not in str(cause):
-            print(f"fedpeft: its finished rounds are checkpointed; carry on with: "
-                  f"fedpeft run --resume {out_dir}", file=sys.stderr)  # fmt: skip
+            print(
+                f"fedpeft: its finished rounds are checkpointed; carry on with: "
+                f"fedpeft run --resume {out_dir}",
+                file=sys.stderr,
+            )
         return 1
     # here, not in the ServerApp: Ray has stopped, so this is the whole command's time
     narrator.print(f"[bold]done[/] in {command_seconds():.0f}s, start to finish")
@@ -119,7 +131,7 @@ def _quiet_flower() -> None:
     logging.getLogger("flwr").setLevel(logging.CRITICAL)
 
 
-def _resumable(out_dir: Path):  # type: ignore[no-untyped-def]
+def _resumable(out_dir: Path):
     """The checkpointed scenario of ``out_dir``, or None (said why) if no round is left."""
     from server.checkpoint import checkpointed
 
@@ -127,8 +139,10 @@ def _resumable(out_dir: Path):  # type: ignore[no-untyped-def]
     if done >= scenario.federation.rounds:
         print(f"fedpeft: {out_dir} finished all {done} rounds; nothing to resume")
         return None
-    print(f"fedpeft: resuming {scenario.name} in {out_dir} after round {done} "
-          f"of {scenario.federation.rounds}")  # fmt: skip
+    print(
+        f"fedpeft: resuming {scenario.name} in {out_dir} after round {done} "
+        f"of {scenario.federation.rounds}"
+    )
     return scenario
 
 
@@ -143,7 +157,7 @@ def _announce(name: str, overrides: int) -> None:
     narrator.print(f"[bold]fedpeft run[/] {name}{changed}" + (f": {about}" if about else ""))
 
 
-def _model_step(scenario) -> str:  # type: ignore[no-untyped-def]
+def _model_step(scenario) -> str:
     """What loading the scenario's model is, for the start-up step that announces it."""
     from fedpeft.models import ALIASES
 
@@ -153,7 +167,7 @@ def _model_step(scenario) -> str:  # type: ignore[no-untyped-def]
     return f"loading model {name} with {scenario.peft.label}{note}"
 
 
-def _data_step(cfg) -> str:  # type: ignore[no-untyped-def]
+def _data_step(cfg) -> str:
     """What loading ``cfg``'s data set will do, for the start-up step that announces it."""
     from fedpeft.data import BUNDLED, LOCAL_SUFFIXES, bundled_path
 
@@ -161,14 +175,15 @@ def _data_step(cfg) -> str:  # type: ignore[no-untyped-def]
         target = bundled_path(cfg.name)
         if (target / "dataset_dict.json").is_file():
             return f"loading data set {cfg.name}"
-        return (f"building data set {cfg.name} into {target} (the first run only; "
-                "later runs reuse it)")  # fmt: skip
+        return (
+            f"building data set {cfg.name} into {target} (the first run only; later runs reuse it)"
+        )
     if Path(cfg.name).suffix in LOCAL_SUFFIXES:
         return f"reading data file {cfg.name}"
     return f"loading data set {cfg.name} (Hugging Face hub, or its local cache)"
 
 
-def _preflight(scenario) -> None:  # type: ignore[no-untyped-def]
+def _preflight(scenario) -> None:
     """Fail on a bad scenario before any Ray process starts (and warm this process's caches)."""
     from fedpeft.data import check_partitions, load_task_data
     from fedpeft.methods import check_methods
@@ -208,8 +223,10 @@ def _cmd_deploy_certs(args: argparse.Namespace) -> int:
 
     paths = make_certs(args.dir, args.host, days=args.days)
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
-    print(f"the SuperLink uses {args.dir}; SuperNodes and `flwr` need only {paths['ca.crt']}; "
-          f"keep {paths['ca.key']} offline")  # fmt: skip
+    print(
+        f"the SuperLink uses {args.dir}; SuperNodes and `flwr` need only {paths['ca.crt']}; "
+        f"keep {paths['ca.key']} offline"
+    )
     return 0
 
 
@@ -217,8 +234,10 @@ def _cmd_deploy_node_key(args: argparse.Namespace) -> int:
     from fedpeft.deploy import make_node_key
 
     private, public = make_node_key(args.prefix)
-    print(f"wrote {private} (stays on the node) and {public} (register it: "
-          f"`flwr supernode register {public} CONNECTION`)")  # fmt: skip
+    print(
+        f"wrote {private} (stays on the node) and {public} (register it: "
+        f"`flwr supernode register {public} CONNECTION`)"
+    )
     return 0
 
 
@@ -226,10 +245,13 @@ def _cmd_deploy_superlink(args: argparse.Namespace) -> int:
     from fedpeft.deploy import SuperLinkOptions, deploy_env, superlink_command
 
     opts = SuperLinkOptions(
-        certs=Path(args.certs) if args.certs else None, insecure=args.insecure,
-        host=args.host, port=args.port, auth=not args.no_auth,
+        certs=Path(args.certs) if args.certs else None,
+        insecure=args.insecure,
+        host=args.host,
+        port=args.port,
+        auth=not args.no_auth,
         database=Path(args.database) if args.database else None,
-    )  # fmt: skip
+    )
     cmd = superlink_command(opts)
     print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, deploy_env())  # the SuperLink takes this process (and its PID)
@@ -239,19 +261,24 @@ def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
     from fedpeft.deploy import SuperNodeOptions, deploy_env, supernode_command
 
     opts = SuperNodeOptions(
-        superlink=args.superlink, partition_id=args.partition_id,
-        num_partitions=args.num_partitions, certs=Path(args.certs) if args.certs else None,
-        key=Path(args.key) if args.key else None, insecure=args.insecure, port=args.port,
-        device=args.device, rank=args.rank,
+        superlink=args.superlink,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        certs=Path(args.certs) if args.certs else None,
+        key=Path(args.key) if args.key else None,
+        insecure=args.insecure,
+        port=args.port,
+        device=args.device,
+        rank=args.rank,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         data=Path(args.data) if args.data else None,
-    )  # fmt: skip
+    )
     cmd = supernode_command(opts)
     print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, deploy_env())  # the SuperNode takes this process (and its PID)
 
 
-def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None):  # type: ignore[no-untyped-def]
+def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None):
     """The scenario to deploy, checked here before any process starts."""
     from fedpeft.methods import check_methods
     from strategies import build_strategy
@@ -276,9 +303,11 @@ def _cmd_deploy_local(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(scenario)
     summary = deploy_local(scenario, args.nodes, out_dir, strangers=args.unregistered)
     final = summary["final"].get("eval_accuracy", float("nan"))
-    print(f"fedpeft deploy: done: {summary['rounds_completed']} rounds on {args.nodes} "
-          f"SuperNodes, eval_accuracy {final:.4f}; outputs in {out_dir}; every process "
-          "it started is stopped")  # fmt: skip
+    print(
+        f"fedpeft deploy: done: {summary['rounds_completed']} rounds on {args.nodes} "
+        f"SuperNodes, eval_accuracy {final:.4f}; outputs in {out_dir}; every process "
+        "it started is stopped"
+    )
     return 0
 
 
@@ -350,49 +379,82 @@ def build_parser() -> argparse.ArgumentParser:
     import scenarios
 
     bundled = ", ".join(sorted(scenarios.bundled()))
-    epilog = (f"bundled scenarios: {bundled} (`fedpeft list` says what each one is; "
-              "`fedpeft list --keys` lists every key --set takes)")  # fmt: skip
+    epilog = (
+        f"bundled scenarios: {bundled} (`fedpeft list` says what each one is; "
+        "`fedpeft list --keys` lists every key --set takes)"
+    )
     run = sub.add_parser(
-        "run", help="run a scenario in Flower's Simulation Engine",
+        "run",
+        help="run a scenario in Flower's Simulation Engine",
         # wrapped here: argparse would break scenario names at their hyphens
         epilog=textwrap.fill(epilog, 78, break_on_hyphens=False),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    run.add_argument("scenario", nargs="?",
-                     help="scenario TOML path or bundled name (default: quickstart)")  # fmt: skip
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a scenario key; VALUE is a TOML value")  # fmt: skip
+    )
+    run.add_argument(
+        "scenario", nargs="?", help="scenario TOML path or bundled name (default: quickstart)"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key; VALUE is a TOML value",
+    )
     run.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
-    run.add_argument("--ray-address", metavar="HOST:PORT",
-                     help="join this running Ray cluster (simulation.ray_address)")  # fmt: skip
-    run.add_argument("--resume", metavar="DIR",
-                     help="carry on an interrupted run from DIR's last checkpoint")  # fmt: skip
-    run.add_argument("--verbose", action="store_true",
-                     help="show Flower's and Ray's logs, the client processes' too")  # fmt: skip
+    run.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="join this running Ray cluster (simulation.ray_address)",
+    )
+    run.add_argument(
+        "--resume", metavar="DIR", help="carry on an interrupted run from DIR's last checkpoint"
+    )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show Flower's and Ray's logs, the client processes' too",
+    )
     run.set_defaults(func=_cmd_run)
     cmp = sub.add_parser("compare", help="run a scenario per strategy x --vary value x seed")
     cmp.add_argument("scenario", help="scenario TOML path or bundled name")
-    cmp.add_argument("--strategies", metavar="A,B,C",
-                     help="strategies to compare (default: the scenario's own)")  # fmt: skip
+    cmp.add_argument(
+        "--strategies", metavar="A,B,C", help="strategies to compare (default: the scenario's own)"
+    )
     cmp.add_argument("--seeds", metavar="0,1,2", help="seeds (default: the scenario's seed)")
-    cmp.add_argument("--vary", action="append", default=[], metavar="KEY=V1,V2",
-                     help="sweep a key over TOML values (split on top-level commas)")  # fmt: skip
-    cmp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a scenario key in every cell (TOML value)")  # fmt: skip
+    cmp.add_argument(
+        "--vary",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="sweep a key over TOML values (split on top-level commas)",
+    )
+    cmp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key in every cell (TOML value)",
+    )
     cmp.add_argument("--out", help="output folder (default: runs/compare-<scenario>-<timestamp>/)")
     cmp.set_defaults(func=_cmd_compare)
     bench = sub.add_parser("bench", help="run benchmarks/ and regenerate benchmarks/RESULTS.md")
-    bench.add_argument("--quick", action="store_true",
-                       help="smaller sizes, under 15 minutes on a 2-core CPU")  # fmt: skip
+    bench.add_argument(
+        "--quick", action="store_true", help="smaller sizes, under 15 minutes on a 2-core CPU"
+    )
     bench.add_argument("--only", metavar="A,B", help="run only these benchmarks")
     bench.set_defaults(func=_cmd_bench)
     dep = sub.add_parser("deploy", help="certificates, keys and Flower processes for a deployment")
     dsub = dep.add_subparsers(dest="deploy_command", required=True)
     certs = dsub.add_parser("certs", help="a CA and a SuperLink certificate for the given hosts")
     certs.add_argument("dir", help="output folder")
-    certs.add_argument("--host", action="append", required=True, metavar="NAME_OR_IP",
-                       help="a name or IP SuperNodes use to reach the SuperLink (repeatable); "
-                            "localhost and 127.0.0.1 are always added")  # fmt: skip
+    certs.add_argument(
+        "--host",
+        action="append",
+        required=True,
+        metavar="NAME_OR_IP",
+        help="a name or IP SuperNodes use to reach the SuperLink (repeatable); "
+        "localhost and 127.0.0.1 are always added",
+    )
     certs.add_argument("--days", type=int, default=365, help="validity (default 365 days)")
     certs.set_defaults(func=_cmd_deploy_certs)
     nkey = dsub.add_parser("node-key", help="a SuperNode key pair: PREFIX and PREFIX.pub")
@@ -400,12 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
     nkey.set_defaults(func=_cmd_deploy_node_key)
     link = dsub.add_parser("superlink", help="start a SuperLink: TLS and node authentication")
     link.add_argument("--certs", metavar="DIR", help="folder from `fedpeft deploy certs`")
-    link.add_argument("--insecure", action="store_true",
-                      help="plain text, no node authentication (trusted networks)")  # fmt: skip
+    link.add_argument(
+        "--insecure",
+        action="store_true",
+        help="plain text, no node authentication (trusted networks)",
+    )
     link.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     link.add_argument("--port", type=int, default=8000, help="the one port of all its APIs")
-    link.add_argument("--no-auth", action="store_true",
-                      help="TLS, but let any SuperNode join (no key registration)")  # fmt: skip
+    link.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="TLS, but let any SuperNode join (no key registration)",
+    )
     link.add_argument("--database", help="SQLite file for the SuperLink's state (default: memory)")
     link.set_defaults(func=_cmd_deploy_superlink)
     node = dsub.add_parser("supernode", help="start a SuperNode serving one partition")
@@ -415,35 +483,65 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--certs", metavar="DIR", help="folder with the federation's ca.crt")
     node.add_argument("--key", metavar="FILE", help="this node's key (`fedpeft deploy node-key`)")
     node.add_argument("--insecure", action="store_true", help="plain-text SuperLink")
-    node.add_argument("--port", type=int, default=9094,
-                      help="this node's own API port (distinct per node on one host)")  # fmt: skip
+    node.add_argument(
+        "--port",
+        type=int,
+        default=9094,
+        help="this node's own API port (distinct per node on one host)",
+    )
     node.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the scenario's)")
     node.add_argument("--rank", type=int, help="this node's LoRA rank (heterogeneous ranks)")
     node.add_argument("--state-dir", help="where this node keeps per-client state across rounds")
-    node.add_argument("--data", metavar="PATH",
-                      help="the node's own csv/jsonl/parquet data, not partition I")  # fmt: skip
+    node.add_argument(
+        "--data", metavar="PATH", help="the node's own csv/jsonl/parquet data, not partition I"
+    )
     node.set_defaults(func=_cmd_deploy_supernode)
     drun = dsub.add_parser("run", help="submit a scenario to a SuperLink and stream its progress")
     drun.add_argument("scenario", help="scenario TOML path or bundled name")
     drun.add_argument("--superlink", required=True, metavar="HOST:PORT")
     drun.add_argument("--certs", metavar="DIR", help="folder with the federation's ca.crt (TLS)")
     drun.add_argument("--insecure", action="store_true", help="plain-text SuperLink")
-    drun.add_argument("--no-node-auth", action="store_true",
-                      help="the SuperLink lets any node join (secure=false)")  # fmt: skip
-    drun.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a scenario key; VALUE is a TOML value")  # fmt: skip
-    drun.add_argument("--out", help="output folder ON THE SUPERLINK'S MACHINE (absolute; "
-                      "default: runs/<scenario>-<timestamp>/ in its folder)")  # fmt: skip
+    drun.add_argument(
+        "--no-node-auth",
+        action="store_true",
+        help="the SuperLink lets any node join (secure=false)",
+    )
+    drun.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key; VALUE is a TOML value",
+    )
+    drun.add_argument(
+        "--out",
+        help="output folder ON THE SUPERLINK'S MACHINE (absolute; "
+        "default: runs/<scenario>-<timestamp>/ in its folder)",
+    )
     drun.set_defaults(func=_cmd_deploy_run)
     dloc = dsub.add_parser("local", help="a whole TLS + node-auth federation on 127.0.0.1")
-    dloc.add_argument("scenario", nargs="?", default="smoke",
-                      help="scenario TOML path or bundled name (default: smoke)")  # fmt: skip
+    dloc.add_argument(
+        "scenario",
+        nargs="?",
+        default="smoke",
+        help="scenario TOML path or bundled name (default: smoke)",
+    )
     dloc.add_argument("--nodes", type=int, default=2, help="SuperNodes (= data.num_clients)")
-    dloc.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a scenario key; VALUE is a TOML value")  # fmt: skip
+    dloc.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a scenario key; VALUE is a TOML value",
+    )
     dloc.add_argument("--out", help="output folder (default: runs/<scenario>-<timestamp>/)")
-    dloc.add_argument("--unregistered", type=int, default=0, metavar="K",
-                      help="also start K nodes with unregistered keys (refused)")  # fmt: skip
+    dloc.add_argument(
+        "--unregistered",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also start K nodes with unregistered keys (refused)",
+    )
     dloc.set_defaults(func=_cmd_deploy_local)
     lst = sub.add_parser("list", help="list PEFT methods, strategies, scenarios and data sets")
     lst.add_argument("--keys", action="store_true", help="list every scenario key instead")

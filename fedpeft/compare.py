@@ -299,8 +299,13 @@ def summarise_cells(cells: Sequence[Cell]) -> list[dict[str, Any]]:
         row["best_eval_accuracy_mean"] = _mean(bests)
         row["final_eval_loss_mean"] = _mean(_numbers(finals, "eval_loss"))
         row["personal_accuracy_mean"] = _mean(_numbers(finals, "personal_accuracy"))
-        keys = ("trainable_params", "bytes_up_per_client_round", "bytes_up_total",
-                "bytes_down_total", "wall_seconds")  # fmt: skip
+        keys = (
+            "trainable_params",
+            "bytes_up_per_client_round",
+            "bytes_up_total",
+            "bytes_down_total",
+            "wall_seconds",
+        )
         for key in keys:
             row[f"{key}_mean"] = _mean(_numbers(summaries, key))
         ratios = [s.get("compression", {}) for s in summaries]
@@ -409,9 +414,13 @@ def plot_rows(cells: Sequence[Cell], out_dir: Path, title: str = "") -> list[Pat
     for fig, ax, xlabel, name in (
         (fig_r, ax_r, "round", "accuracy_vs_round.png"),
         (fig_m, ax_m, "cumulative MB (up + down, all clients; log)", "accuracy_vs_megabytes.png"),
-        (fig_u, ax_u, "cumulative uplink MB (all clients; log)",
-         "accuracy_vs_uplink_megabytes.png"),
-    ):  # fmt: skip
+        (
+            fig_u,
+            ax_u,
+            "cumulative uplink MB (all clients; log)",
+            "accuracy_vs_uplink_megabytes.png",
+        ),
+    ):
         ax.set(xlabel=xlabel, ylabel="eval_accuracy (mean over seeds)", title=title)
         if "MB" in xlabel:  # traffic differs by orders of magnitude between rows
             ax.set_xscale("log")
@@ -441,8 +450,12 @@ def _plot_accuracy_vs_bytes(cells: Sequence[Cell], plots: Path, title: str) -> P
             ax.annotate(
                 label, (x, y), fontsize="x-small", xytext=(3, 3), textcoords="offset points"
             )
-    ax.set(xscale="log", xlabel="uplink bytes per client-round (log)",
-           ylabel="final eval_accuracy (mean over seeds)", title=title)  # fmt: skip
+    ax.set(
+        xscale="log",
+        xlabel="uplink bytes per client-round (log)",
+        ylabel="final eval_accuracy (mean over seeds)",
+        title=title,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path = plots / "accuracy_vs_bytes_per_client_round.png"

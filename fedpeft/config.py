@@ -10,13 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
-
-import tomllib
 
 
 class ScenarioError(ValueError):
@@ -73,7 +72,7 @@ class PeftSection:
     r: int = _f(
         8, "rank of low-rank methods; bottleneck width of `adapter`; AdaLoRA's initial rank"
     )
-    alpha: float = _f(16.0, "LoRA scaling numerator (scaling = alpha / r)")
+    alpha: float = _f(16.0, "LoRA scaling numerator: alpha / r, or alpha / sqrt(r) with use_rslora")
     dropout: float = _f(0.0, "dropout on the LoRA input")
     target_modules: list[str] = _f(
         [], "module names to adapt; empty = peft's default for the model"
@@ -486,8 +485,12 @@ class FaultsConfig:
         for key in ("drop_rate", "crash_rate", "slow_rate", "nan_rate"):
             value = getattr(self, key)
             _need(0 <= value <= 1, f"faults.{key}", "a share in [0, 1]", value)
-        _need(self.server_crash_round >= 0, "faults.server_crash_round", "a round >= 0 (0: never)",
-              self.server_crash_round)  # fmt: skip
+        _need(
+            self.server_crash_round >= 0,
+            "faults.server_crash_round",
+            "a round >= 0 (0: never)",
+            self.server_crash_round,
+        )
         _need(self.slow_seconds >= 0, "faults.slow_seconds", "seconds >= 0", self.slow_seconds)
         _need(self.poison_scale > 0, "faults.poison_scale", "a number > 0", self.poison_scale)
         _need(
@@ -530,15 +533,23 @@ class PrivacySection:
     )
 
     def __post_init__(self) -> None:
-        _need(self.noise_multiplier > 0, "privacy.noise_multiplier", "a number > 0",
-              self.noise_multiplier)  # fmt: skip
+        _need(
+            self.noise_multiplier > 0,
+            "privacy.noise_multiplier",
+            "a number > 0",
+            self.noise_multiplier,
+        )
         _need(self.clipping_norm > 0, "privacy.clipping_norm", "a number > 0", self.clipping_norm)
         _need(0 < self.delta < 1, "privacy.delta", "a number in (0, 1)", self.delta)
         for key in ("secagg_shares", "secagg_threshold"):
             value = getattr(self, key)
             _need(0 < value <= 1, f"privacy.{key}", "a share in (0, 1]", value)
-        _need(self.secagg_clipping_range > 0, "privacy.secagg_clipping_range", "a number > 0",
-              self.secagg_clipping_range)  # fmt: skip
+        _need(
+            self.secagg_clipping_range > 0,
+            "privacy.secagg_clipping_range",
+            "a number > 0",
+            self.secagg_clipping_range,
+        )
 
 
 @dataclass

@@ -41,7 +41,7 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def _san(host: str):  # type: ignore[no-untyped-def]
+def _san(host: str):
     from cryptography import x509
 
     try:
@@ -66,44 +66,66 @@ def make_certs(out: Path | str, hosts: list[str], days: int = 365) -> dict[str, 
     for host in names:
         if not host or any(c.isspace() for c in host) or "/" in host:
             raise DeployError(f"--host {host!r} is not a host name or IP address")
-    now = datetime.datetime.now(datetime.timezone.utc)
-    valid = {"not_valid_before": now - datetime.timedelta(minutes=5),
-             "not_valid_after": now + datetime.timedelta(days=days)}  # fmt: skip
+    now = datetime.datetime.now(datetime.UTC)
+    valid = {
+        "not_valid_before": now - datetime.timedelta(minutes=5),
+        "not_valid_after": now + datetime.timedelta(days=days),
+    }
 
     def pem(key: rsa.RSAPrivateKey) -> bytes:
-        return key.private_bytes(serialization.Encoding.PEM,
-                                 serialization.PrivateFormat.TraditionalOpenSSL,
-                                 serialization.NoEncryption())  # fmt: skip
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
 
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpeft federation CA")])
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+        .not_valid_before(valid["not_valid_before"])
+        .not_valid_after(valid["not_valid_after"])
         .add_extension(x509.SubjectAlternativeName([_san(h) for h in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
-    )  # fmt: skip
+    )
     paths = {name: out / name for name in (CA_CERT, CA_KEY, SERVER_CERT, SERVER_KEY)}
     _write(paths[CA_KEY], pem(ca_key), 0o600)
     _write(paths[CA_CERT], ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
@@ -122,9 +144,15 @@ def make_node_key(prefix: Path | str) -> tuple[Path, Path]:
     if private.exists():
         raise DeployError(f"{private} exists; a node key is never overwritten (delete it first)")
     key = ec.generate_private_key(ec.SECP384R1())
-    _write(private, key.private_bytes(serialization.Encoding.PEM,
-                                      serialization.PrivateFormat.OpenSSH,
-                                      serialization.NoEncryption()), 0o600)  # fmt: skip
+    _write(
+        private,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
     line = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
@@ -187,8 +215,14 @@ def superlink_command(opts: SuperLinkOptions) -> list[str]:
         )
     if opts.certs is not None and opts.insecure:
         raise DeployError("pass either --certs DIR or --insecure, not both")
-    cmd = [flower_bin("flower-superlink"), "--host", opts.host, "--port", str(opts.port),
-           "--disable-runtime-dependency-installation"]  # fmt: skip
+    cmd = [
+        flower_bin("flower-superlink"),
+        "--host",
+        opts.host,
+        "--port",
+        str(opts.port),
+        "--disable-runtime-dependency-installation",
+    ]
     if opts.certs is not None:
         certs = opts.certs.resolve()
         missing = [n for n in (CA_CERT, SERVER_CERT, SERVER_KEY) if not (certs / n).is_file()]
@@ -197,9 +231,14 @@ def superlink_command(opts: SuperLinkOptions) -> list[str]:
                 f"{certs} lacks {', '.join(missing)}; make them with `fedpeft deploy certs {certs}"
                 " --host NAME_OR_IP`"
             )
-        cmd += ["--ssl-ca-certfile", str(certs / CA_CERT),
-                "--ssl-certfile", str(certs / SERVER_CERT),
-                "--ssl-keyfile", str(certs / SERVER_KEY)]  # fmt: skip
+        cmd += [
+            "--ssl-ca-certfile",
+            str(certs / CA_CERT),
+            "--ssl-certfile",
+            str(certs / SERVER_CERT),
+            "--ssl-keyfile",
+            str(certs / SERVER_KEY),
+        ]
         if opts.auth:
             cmd.append("--enable-supernode-auth")
     else:
@@ -253,8 +292,15 @@ def node_config(opts: SuperNodeOptions) -> str:
 
 def supernode_command(opts: SuperNodeOptions) -> list[str]:
     """The ``flower-supernode`` command line: TLS and a node key unless ``insecure``."""
-    cmd = [flower_bin("flower-supernode"), "--superlink", opts.superlink,
-           "--port", str(opts.port), "--node-config", node_config(opts)]  # fmt: skip
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        opts.superlink,
+        "--port",
+        str(opts.port),
+        "--node-config",
+        node_config(opts),
+    ]
     if opts.insecure:
         if opts.certs is not None or opts.key is not None:
             raise DeployError("--insecure takes no --certs or --key (plain text has no TLS)")
@@ -348,9 +394,11 @@ def write_connection(home: Path, superlink: str, ca: Path | None) -> str:
 def write_run_config(path: Path, scenario_json: str, out_dir: str, secure: bool) -> Path:
     """The ``--run-config`` file of a deployed run: the resolved scenario and where to write."""
     values: dict[str, str | bool] = {
-        "scenario-json": scenario_json, "out-dir": out_dir, "engine": "deployment",
+        "scenario-json": scenario_json,
+        "out-dir": out_dir,
+        "engine": "deployment",
         "secure": secure,
-    }  # fmt: skip
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in values.items()))
     return path
@@ -358,8 +406,15 @@ def write_run_config(path: Path, scenario_json: str, out_dir: str, secure: bool)
 
 def flwr_run_command(app: Path, connection: str, run_config: Path) -> list[str]:
     """``flwr run APP CONNECTION --stream --run-config FILE``."""
-    return [flower_bin("flwr"), "run", str(app), connection, "--stream",
-            "--run-config", str(run_config)]  # fmt: skip
+    return [
+        flower_bin("flwr"),
+        "run",
+        str(app),
+        connection,
+        "--stream",
+        "--run-config",
+        str(run_config),
+    ]
 
 
 def submit_run(
@@ -385,9 +440,15 @@ def submit_run(
     config = write_run_config(work / "run-config.toml", scenario_json, out_dir, secure)
     run_env = {**(env or deploy_env()), "FLWR_HOME": str(home)}
     with (work / "flwr-run.log").open("w") as log:
-        proc = subprocess.Popen(flwr_run_command(app, connection, config), env=run_env,
-                                cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)  # fmt: skip
+        proc = subprocess.Popen(
+            flwr_run_command(app, connection, config),
+            env=run_env,
+            cwd=work,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
         try:
             assert proc.stdout is not None
             for line in proc.stdout:

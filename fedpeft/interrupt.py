@@ -56,9 +56,11 @@ def watch_interrupts(
         writer.close()
         return lambda: None
     watcher = threading.Thread(
-        target=_watch, args=(reader, message, grace, on_interrupt), name="fedpeft-interrupt",
+        target=_watch,
+        args=(reader, message, grace, on_interrupt),
+        name="fedpeft-interrupt",
         daemon=True,
-    )  # fmt: skip
+    )
     watcher.start()
     _wakeup.append(writer)
 

@@ -80,8 +80,14 @@ class Processes:
         """Start ``cmd`` with its output in ``log``."""
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("w") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                    cwd=self.cwd, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=self.cwd,
+                start_new_session=True,
+            )
         self.started.append((name, proc))
         return proc
 
@@ -196,11 +202,15 @@ def deploy_local(
             address = f"127.0.0.1:{port}"
             record["superlink"] = address
             link_log = logs / "superlink.log"
-            link = procs.start("superlink", superlink_command(SuperLinkOptions(
-                certs=certs, host="127.0.0.1", port=port)), link_log)  # fmt: skip
+            link = procs.start(
+                "superlink",
+                superlink_command(SuperLinkOptions(certs=certs, host="127.0.0.1", port=port)),
+                link_log,
+            )
             if not wait_for_text(link_log, READY_SUPERLINK, link, wait_s):
-                raise DeployError(f"the SuperLink did not start: {last_line(link_log)} "
-                                  f"(log: {link_log})")  # fmt: skip
+                raise DeployError(
+                    f"the SuperLink did not start: {last_line(link_log)} (log: {link_log})"
+                )
             write_connection(home, address, certs / CA_CERT)  # for the registrations below
             _print(f"SuperLink up at https://{address} (TLS, node authentication)")
 
@@ -210,43 +220,74 @@ def deploy_local(
             starting = []
             for i, (private, _) in enumerate(keypairs):
                 opts = SuperNodeOptions(
-                    superlink=address, partition_id=i, num_partitions=nodes, certs=certs,
-                    key=private, port=free_port(), state_dir=work / "nodes" / f"node-{i}",
-                )  # fmt: skip
+                    superlink=address,
+                    partition_id=i,
+                    num_partitions=nodes,
+                    certs=certs,
+                    key=private,
+                    port=free_port(),
+                    state_dir=work / "nodes" / f"node-{i}",
+                )
                 log = logs / f"supernode-{i}.log"
-                starting.append((i, procs.start(f"supernode-{i}", supernode_command(opts), log),
-                                 log, opts.port))  # fmt: skip
+                starting.append(
+                    (i, procs.start(f"supernode-{i}", supernode_command(opts), log), log, opts.port)
+                )
             stranger_runs = []
             for j in range(strangers):
                 private, _ = make_node_key(keys / f"stranger-{j}")
-                opts = SuperNodeOptions(superlink=address, partition_id=j % nodes,
-                                        num_partitions=nodes, certs=certs, key=private,
-                                        port=free_port())  # fmt: skip
+                opts = SuperNodeOptions(
+                    superlink=address,
+                    partition_id=j % nodes,
+                    num_partitions=nodes,
+                    certs=certs,
+                    key=private,
+                    port=free_port(),
+                )
                 log = logs / f"stranger-{j}.log"
-                stranger_runs.append((j, procs.start(f"stranger-{j}", supernode_command(opts),
-                                                     log), log))  # fmt: skip
+                stranger_runs.append(
+                    (j, procs.start(f"stranger-{j}", supernode_command(opts), log), log)
+                )
             for i, proc, log, node_port in starting:
                 if not wait_for_text(log, READY_SUPERNODE, proc, wait_s):
                     raise DeployError(f"SuperNode {i} did not join: {last_line(log)} (log: {log})")
                 node_id = _node_id(log)
-                record["nodes"].append({"partition_id": i, "pid": proc.pid, "port": node_port,
-                                        "node_id": node_id, "log": str(log)})  # fmt: skip
+                record["nodes"].append(
+                    {
+                        "partition_id": i,
+                        "pid": proc.pid,
+                        "port": node_port,
+                        "node_id": node_id,
+                        "log": str(log),
+                    }
+                )
             _print(f"{nodes} SuperNodes joined")
             for j, proc, log in stranger_runs:
                 refused = wait_for_text(log, REFUSED_SUPERNODE, proc, wait_s)
-                record["strangers"].append({"pid": proc.pid, "refused": refused,
-                                            "exit_code": proc.poll(), "log": str(log)})  # fmt: skip
-                _print(f"unregistered node {j}: " + ("refused by the SuperLink" if refused
-                                                      else "NOT refused"))  # fmt: skip
+                record["strangers"].append(
+                    {"pid": proc.pid, "refused": refused, "exit_code": proc.poll(), "log": str(log)}
+                )
+                _print(
+                    f"unregistered node {j}: "
+                    + ("refused by the SuperLink" if refused else "NOT refused")
+                )
             record["setup_seconds"] = time.perf_counter() - clock
 
             started = time.perf_counter()
-            code = submit_run(scenario.to_json(), address, certs / CA_CERT, str(out_dir),
-                              secure=True, work=work, env=procs.env)  # fmt: skip
+            code = submit_run(
+                scenario.to_json(),
+                address,
+                certs / CA_CERT,
+                str(out_dir),
+                secure=True,
+                work=work,
+                env=procs.env,
+            )
             record["run_seconds"] = time.perf_counter() - started
             if code != 0 or not (out_dir / "summary.json").is_file():
-                raise DeployError(f"the run failed (flwr run exit {code}); logs in {logs} and "
-                                  f"{work / 'flwr-run.log'}")  # fmt: skip
+                raise DeployError(
+                    f"the run failed (flwr run exit {code}); logs in {logs} and "
+                    f"{work / 'flwr-run.log'}"
+                )
         finally:
             procs.stop_all()
             record["stopped"] = [
@@ -266,11 +307,19 @@ def _print(text: str) -> None:
 def _register(public_keys: list[Path], env: dict[str, str], cwd: Path) -> None:
     """``flwr supernode register KEY.pub fedpeft`` for each key, side by side."""
     runs = [
-        (pub, subprocess.Popen([flower_bin("flwr"), "supernode", "register", str(pub), "fedpeft"],
-                               env=env, cwd=cwd, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True))
+        (
+            pub,
+            subprocess.Popen(
+                [flower_bin("flwr"), "supernode", "register", str(pub), "fedpeft"],
+                env=env,
+                cwd=cwd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
         for pub in public_keys
-    ]  # fmt: skip
+    ]
     for pub, proc in runs:
         out, _ = proc.communicate(timeout=120)
         if proc.returncode != 0:

@@ -340,7 +340,7 @@ def cached_peft_model(
         _CACHE[key] = model
         _CACHE["initial:" + key] = get_adapter_state(model)
         LOADS["base_model"] += 1
-    return _CACHE[key]  # type: ignore[no-any-return]
+    return _CACHE[key]
 
 
 def initial_adapter_state(

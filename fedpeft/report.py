@@ -139,8 +139,12 @@ def plot_run(
     axes[0].set(xlabel="round", ylabel="eval_accuracy", title="held-out accuracy")
     axes[1].plot(rounds, series("eval_loss"), marker="o", label="eval_loss")
     train_rounds = [r["round"] for r in rows if r.get("train_loss") is not None]
-    axes[1].plot(train_rounds, [r["train_loss"] for r in rows if r.get("train_loss") is not None],
-                 marker="s", label="train_loss")  # fmt: skip
+    axes[1].plot(
+        train_rounds,
+        [r["train_loss"] for r in rows if r.get("train_loss") is not None],
+        marker="s",
+        label="train_loss",
+    )
     axes[1].set(xlabel="round", ylabel="loss", title="loss")
     axes[1].legend()
     for ax in axes:
@@ -153,8 +157,11 @@ def plot_run(
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for label, keys in (("up + down", ("bytes_up", "bytes_down")), ("uplink", ("bytes_up",)),
-                        ("downlink", ("bytes_down",))):  # fmt: skip
+    for label, keys in (
+        ("up + down", ("bytes_up", "bytes_down")),
+        ("uplink", ("bytes_up",)),
+        ("downlink", ("bytes_down",)),
+    ):
         cumulative, total = [], 0
         for r in rows:
             total += sum(r[k] for k in keys)
@@ -211,19 +218,28 @@ def model_card(
         "---",
     ]
     rows = [
-        ("base model", f"`{model['name']}`: {base['about']}"
-                       + (f" (`{base['source']}`)" if base["source"] else "")),
+        (
+            "base model",
+            f"`{model['name']}`: {base['about']}"
+            + (f" (`{base['source']}`)" if base["source"] else ""),
+        ),
         ("task", model["task"] + (f", {labels} labels" if labels else "")),
         ("PEFT method", f"{label}{rank if 'lora' in methods else ''}; target modules: {targets}"),
         ("strategy", scn["strategy"]["name"]),
-        ("rounds", f"{summary['rounds_completed']} of {fed['rounds']}, with "
-                   f"{fed['clients_per_round']} of {data['num_clients']} clients a round"),
-        ("data", f"{data['name']}, {partition} partition over {data['num_clients']} clients; "
-                 f"evaluated on {summary['eval_data']['examples']} held-out examples"),
+        (
+            "rounds",
+            f"{summary['rounds_completed']} of {fed['rounds']}, with "
+            f"{fed['clients_per_round']} of {data['num_clients']} clients a round",
+        ),
+        (
+            "data",
+            f"{data['name']}, {partition} partition over {data['num_clients']} clients; "
+            f"evaluated on {summary['eval_data']['examples']} held-out examples",
+        ),
         ("final metrics", final or "none recorded"),
         ("trainable parameters", f"{trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"),
         ("engine", summary["engine"]),
-    ]  # fmt: skip
+    ]
     lines = [
         *front,
         "",

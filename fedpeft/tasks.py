@@ -71,16 +71,14 @@ class Task(abc.ABC):
     def model_from_config(self, config: PretrainedConfig, num_labels: int) -> PreTrainedModel:
         """A randomly initialised model of ``config`` (seed the RNG first)."""
         config.num_labels = num_labels
-        return self.auto_model.from_config(config)  # type: ignore[no-any-return]
+        return self.auto_model.from_config(config)
 
     def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
         """Pretrained weights from a hub id or local folder, with a fresh head if any.
 
         ``kwargs`` go to ``from_pretrained`` (a quantized load's config and device map).
         """
-        return self.auto_model.from_pretrained(  # type: ignore[no-any-return]
-            source, num_labels=num_labels, **kwargs
-        )
+        return self.auto_model.from_pretrained(source, num_labels=num_labels, **kwargs)
 
     def check_data(self, data: datasets.Dataset, cfg: DataConfig) -> None:
         """Refuse, in one line, a data set that lacks a column this task reads."""
@@ -364,13 +362,11 @@ class CausalLanguageModeling(_TextTask):
 
     def model_from_config(self, config: PretrainedConfig, num_labels: int) -> PreTrainedModel:
         """A random decoder; ``num_labels`` does not apply (the vocabulary is the output)."""
-        return AutoModelForCausalLM.from_config(config)  # type: ignore[no-any-return]
+        return AutoModelForCausalLM.from_config(config)
 
     def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
         """A pretrained decoder from a hub id or local folder."""
-        return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
-            source, **kwargs
-        )
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
 
     def make_collate(self, processor: Any, max_length: int) -> Collate:
         """Prompt + response tokens, right-padded; labels are -100 outside the response."""
@@ -591,7 +587,7 @@ class ImageClassification(Task):
 
     def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
         """Pretrained weights; the head is replaced when its class count differs."""
-        return AutoModelForImageClassification.from_pretrained(  # type: ignore[no-any-return]
+        return AutoModelForImageClassification.from_pretrained(
             source, num_labels=num_labels, ignore_mismatched_sizes=True, **kwargs
         )
 

@@ -70,8 +70,11 @@ class Checkpoint:
 
 def rng_states() -> dict[str, Any]:
     """The states of the RNGs the server draws from."""
-    return {"random": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state()}  # fmt: skip
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
@@ -105,8 +108,11 @@ def save_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = arrayrecord_to_state(arrays)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "arrays.safetensors"),
-              metadata={"order": json.dumps(list(state))})  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(tmp / "arrays.safetensors"),
+        metadata={"order": json.dumps(list(state))},
+    )
     with (tmp / "strategy.pkl").open("wb") as f:
         pickle.dump(strategy, f)
     with (tmp / "progress.pkl").open("wb") as f:

@@ -107,8 +107,13 @@ class CodecGrid(DelegatingGrid):
             }
         )
         meta = msg.metadata
-        sent = Message(new_content, dst_node_id=node, message_type=meta.message_type,
-                       ttl=meta.ttl, group_id=meta.group_id)  # fmt: skip
+        sent = Message(
+            new_content,
+            dst_node_id=node,
+            message_type=meta.message_type,
+            ttl=meta.ttl,
+            group_id=meta.group_id,
+        )
         if self.compression.downlink_delta:
             self.copies.save(self._node_key(node), coded.decoded)
         return sent, state, coded.decoded

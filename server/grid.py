@@ -107,14 +107,14 @@ class DelegatingGrid(Grid):
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+    def set_run(self, run):  # noqa: D102
         return self._grid.set_run(run)
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+    def run(self):  # noqa: D102
         return self._grid.run
 
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
+    def create_message(self, *args, **kwargs):  # noqa: D102
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
@@ -211,10 +211,12 @@ class CountingGrid(DelegatingGrid):
                 m = reply.content.metric_records[records.METRICS]
                 if records.PERSONAL_ACCURACY in m:
                     tally.personal.append(
-                        (float(str(m[records.PERSONAL_ACCURACY])),
-                         float(str(m[records.PERSONAL_LOSS])),
-                         _weight(m))
-                    )  # fmt: skip
+                        (
+                            float(str(m[records.PERSONAL_ACCURACY])),
+                            float(str(m[records.PERSONAL_LOSS])),
+                            _weight(m),
+                        )
+                    )
             if is_train and (entries := _tally_entries(reply.content)) is not None:
                 entry, loss = entries
                 tally.clients.append(entry)
@@ -226,8 +228,10 @@ class CountingGrid(DelegatingGrid):
             answered = {r.metadata.src_node_id for r in replies}
             for msg in messages:
                 if msg.metadata.dst_node_id not in answered:
-                    tally.failures.append(f"node {msg.metadata.dst_node_id}: no reply within "
-                                          f"the round timeout ({timeout} s)")  # fmt: skip
+                    tally.failures.append(
+                        f"node {msg.metadata.dst_node_id}: no reply within "
+                        f"the round timeout ({timeout} s)"
+                    )
         return replies
 
     def reject(self, reply: Message, reason: str) -> None:

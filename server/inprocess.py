@@ -48,14 +48,14 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return list(self._contexts)
 
-    def set_run(self, run_id):  # type: ignore[no-untyped-def]  # noqa: D102
+    def set_run(self, run_id):  # noqa: D102
         self._run_id = run_id
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+    def run(self):  # noqa: D102
         raise NotImplementedError("an in-process grid has no Flower Run object")
 
-    def create_message(  # type: ignore[no-untyped-def]  # noqa: D102
+    def create_message(  # noqa: D102
         self, content, message_type, dst_node_id, group_id, ttl=None
     ) -> Message:
         return Message(

@@ -83,9 +83,10 @@ class PrivacyGrid(DelegatingGrid):
         sent = {m.metadata.dst_node_id: m for m in messages}
         weights = [
             float(str(r.content.metric_records[records.METRICS].get(records.NUM_EXAMPLES, 1)))
-            if records.METRICS in r.content.metric_records else 1.0
+            if records.METRICS in r.content.metric_records
+            else 1.0
             for r in valid
-        ]  # fmt: skip
+        ]
         std = central_noise_std(weights, self.privacy.noise_multiplier, self.privacy.clipping_norm)
         generator = noise_generator()
         for reply in valid:

@@ -185,8 +185,9 @@ class ValidatingGrid(DelegatingGrid):
                     self.counting.reject(reply, f"update rejected: {reason}")
                     if sent is None:  # answers nothing this round asked: leave it out
                         continue
-                    reply = Message(Error(code=0, reason=f"update rejected: {reason}"),
-                                    reply_to=sent)  # fmt: skip
+                    reply = Message(
+                        Error(code=0, reason=f"update rejected: {reason}"), reply_to=sent
+                    )
                 else:
                     valid += 1
             checked.append(reply)
@@ -211,8 +212,9 @@ class ValidatingGrid(DelegatingGrid):
             return reason
         if records.ARRAYS not in reply.content.array_records:
             return "no adapter tensors in the reply"
-        send = records.factor_set(sent.content.config_records.get(records.CONFIG),
-                                  records.SEND_FACTORS)  # fmt: skip
+        send = records.factor_set(
+            sent.content.config_records.get(records.CONFIG), records.SEND_FACTORS
+        )
         try:
             update = message_state(reply)
         except Exception as exc:  # noqa: BLE001 - a malformed record is the client's fault

@@ -228,10 +228,11 @@ def _ask_in_batches(
     """
     for start in range(0, len(nodes), batch):
         messages = [
-            Message(RecordDict({records.CONFIG: config}), dst_node_id=n,
-                    message_type=MessageType.QUERY)
+            Message(
+                RecordDict({records.CONFIG: config}), dst_node_id=n, message_type=MessageType.QUERY
+            )
             for n in nodes[start : start + batch]
-        ]  # fmt: skip
+        ]
         yield from grid.send_and_receive(messages, timeout=timeout)
 
 
@@ -551,7 +552,7 @@ def run_federation(
         "privacy": {
             **dataclasses.asdict(scenario.privacy),
             "epsilon": private.epsilon() if private else None,
-        },  # fmt: skip
+        },
         "clients": [
             {**row, "rank": scenario.rank_of(row["client"])}
             for row in partition_summary(scenario.data, scenario.seed)

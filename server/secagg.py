@@ -107,10 +107,13 @@ class SecAggGrid(DelegatingGrid):
         ``count_failures`` is off (unmasking: its update is already in the sum).
         """
         messages = [  # a record per message: the client's mod pops entries off its own
-            Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(dict(cfg))}), dst_node_id=node,
-                    message_type=MessageType.TRAIN)
+            Message(
+                RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(dict(cfg))}),
+                dst_node_id=node,
+                message_type=MessageType.TRAIN,
+            )
             for node, cfg in configs.items()
-        ]  # fmt: skip
+        ]
         answers: dict[int, ConfigRecord] = {}
         failed: dict[int, str] = {node: f"no reply within {timeout} s" for node in configs}
         for reply in self._grid.send_and_receive(messages, timeout=timeout):
@@ -185,8 +188,10 @@ class _Round:
         answers = self.grid.exchange("setup", {n: settings for n in self.sampled}, self.timeout)
         self.lost |= set(self.sampled) - answers.keys()
         self._check(answers.keys(), "setup")
-        return {node: [cast(bytes, cfg[Key.PUBLIC_KEY_1]), cast(bytes, cfg[Key.PUBLIC_KEY_2])]
-                for node, cfg in answers.items()}  # fmt: skip
+        return {
+            node: [cast(bytes, cfg[Key.PUBLIC_KEY_1]), cast(bytes, cfg[Key.PUBLIC_KEY_2])]
+            for node, cfg in answers.items()
+        }
 
     def _share_keys(self, keys: dict[int, list[bytes]]) -> dict[int, list[tuple[int, bytes]]]:
         def config(node: int) -> ConfigRecord:
@@ -229,8 +234,9 @@ class _Round:
         self.keys = list(key_lists.pop())
         total: list[np.ndarray] | None = None
         for reply in self.masked:
-            masked = cast(list[bytes], reply.content.config_records[RECORD_KEY_CONFIGS][
-                Key.MASKED_PARAMETERS])  # fmt: skip
+            masked = cast(
+                list[bytes], reply.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]
+            )
             vector = [bytes_to_ndarray(b) for b in masked]
             total = vector if total is None else parameters_addition(total, vector)
         assert total is not None

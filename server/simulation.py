@@ -186,8 +186,11 @@ def join_cluster(address: str, verbose: bool) -> None:
 
     reachable(address)
     pythonpath = os.pathsep.join(p for p in sys.path if p)
-    env = {key: os.environ[key] for key in (*QUIET_ENV, "FEDPEFT_THREADS_PER_CLIENT")
-           if key in os.environ}  # fmt: skip
+    env = {
+        key: os.environ[key]
+        for key in (*QUIET_ENV, "FEDPEFT_THREADS_PER_CLIENT")
+        if key in os.environ
+    }
     try:
         ray.init(
             address=address,

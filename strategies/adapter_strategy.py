@@ -44,8 +44,11 @@ class AdapterStrategy(FedAvg):
 
     def __init__(self, scenario: Scenario, sampling: dict[str, Any]) -> None:
         if self.personalised:
-            sampling = {**sampling, "fraction_evaluate": sampling["fraction_train"],
-                        "min_evaluate_nodes": sampling["min_train_nodes"]}  # fmt: skip
+            sampling = {
+                **sampling,
+                "fraction_evaluate": sampling["fraction_train"],
+                "min_evaluate_nodes": sampling["min_train_nodes"],
+            }
         super().__init__(**sampling)
         self.scenario = scenario
         self.global_state: AdapterState = {}
@@ -140,9 +143,15 @@ class AdapterStrategy(FedAvg):
         super().summary()
 
     def _messages(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid,
-        fraction: float, minimum: int, message_type: str,
-    ) -> list[Message]:  # fmt: skip
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        fraction: float,
+        minimum: int,
+        message_type: str,
+    ) -> list[Message]:
         if not self.global_state:
             self.global_state = arrayrecord_to_state(arrays)
         if fraction == 0.0:
@@ -161,7 +170,7 @@ class AdapterStrategy(FedAvg):
                     **dict(config),
                     **self.instructions(server_round, node_id),
                     records.SERVER_ROUND: server_round,
-                }  # fmt: skip
+                }
             )
             content = RecordDict(
                 {
@@ -182,15 +191,29 @@ class AdapterStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Sample nodes and build each one's message from its down-state and instructions."""
-        return self._messages(server_round, arrays, config, grid, self.fraction_train,
-                              self.min_train_nodes, MessageType.TRAIN)  # fmt: skip
+        return self._messages(
+            server_round,
+            arrays,
+            config,
+            grid,
+            self.fraction_train,
+            self.min_train_nodes,
+            MessageType.TRAIN,
+        )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Personalised evaluation: each sampled client evaluates with its own local part."""
-        return self._messages(server_round, arrays, config, grid, self.fraction_evaluate,
-                              self.min_evaluate_nodes, MessageType.EVALUATE)  # fmt: skip
+        return self._messages(
+            server_round,
+            arrays,
+            config,
+            grid,
+            self.fraction_evaluate,
+            self.min_evaluate_nodes,
+            MessageType.EVALUATE,
+        )
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -239,8 +262,13 @@ def lora_factors(
     The factors come in float64, so the rules' sums are exact to double precision.
     """
     for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
-        yield (module, a_key, b_key, [s[b_key].double() for s in states],
-               [s[a_key].double() for s in states])  # fmt: skip
+        yield (
+            module,
+            a_key,
+            b_key,
+            [s[b_key].double() for s in states],
+            [s[a_key].double() for s in states],
+        )
 
 
 def select(state: AdapterState, factors: set[str]) -> AdapterState:

@@ -54,6 +54,8 @@ def build_fedex_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "fedex_lora", "FedIT plus the exact residual folded into the frozen base weights",
-    build_fedex_lora, lora_only=True,
-)  # fmt: skip
+    "fedex_lora",
+    "FedIT plus the exact residual folded into the frozen base weights",
+    build_fedex_lora,
+    lora_only=True,
+)

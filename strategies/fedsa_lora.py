@@ -42,8 +42,11 @@ class FedSALoRA(AdapterStrategy):
 
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """Train everything, send the shared part, keep the personal one."""
-        return instruct("head,lora_A,lora_B", send=",".join(sorted(self.shared)),
-                        personal=",".join(sorted(self.personal)))  # fmt: skip
+        return instruct(
+            "head,lora_A,lora_B",
+            send=",".join(sorted(self.shared)),
+            personal=",".join(sorted(self.personal)),
+        )
 
     def settings(self) -> dict[str, object]:
         """The scaling, and whether the head stays on each client."""
@@ -56,6 +59,8 @@ def build_fedsa_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "fedsa_lora", "average A, keep B on each client (personalised)", build_fedsa_lora,
+    "fedsa_lora",
+    "average A, keep B on each client (personalised)",
+    build_fedsa_lora,
     lora_only=True,
-)  # fmt: skip
+)

@@ -37,6 +37,8 @@ def build_ffa_lora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "ffa_lora", "frozen shared A from the seed, average B only (exact)", build_ffa_lora,
+    "ffa_lora",
+    "frozen shared A from the seed, average B only (exact)",
+    build_ffa_lora,
     lora_only=True,
-)  # fmt: skip
+)

@@ -78,6 +78,9 @@ def build_flexlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "flexlora", "SVD of the weighted sum of products; each client gets its rank's truncation",
-    build_flexlora, heterogeneous_ranks=True, lora_only=True,
-)  # fmt: skip
+    "flexlora",
+    "SVD of the weighted sum of products; each client gets its rank's truncation",
+    build_flexlora,
+    heterogeneous_ranks=True,
+    lora_only=True,
+)

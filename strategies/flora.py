@@ -90,6 +90,9 @@ def build_flora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "flora", "stack client factors (exact, any ranks), merge into the base, restart adapters",
-    build_flora, heterogeneous_ranks=True, lora_only=True,
-)  # fmt: skip
+    "flora",
+    "stack client factors (exact, any ranks), merge into the base, restart adapters",
+    build_flora,
+    heterogeneous_ranks=True,
+    lora_only=True,
+)

@@ -79,6 +79,9 @@ def build_hetlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "hetlora", "zero-pad to r_max, norm-weighted average, truncate; rank self-pruning",
-    build_hetlora, heterogeneous_ranks=True, lora_only=True,
-)  # fmt: skip
+    "hetlora",
+    "zero-pad to r_max, norm-weighted average, truncate; rank self-pruning",
+    build_hetlora,
+    heterogeneous_ranks=True,
+    lora_only=True,
+)

@@ -35,6 +35,8 @@ def build_rolora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
 
 
 register_strategy(
-    "rolora", "alternate rounds: average B with A frozen, then A with B frozen", build_rolora,
+    "rolora",
+    "alternate rounds: average B with A frozen, then A with B frozen",
+    build_rolora,
     lora_only=True,
-)  # fmt: skip
+)

@@ -25,23 +25,23 @@ class StaticGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:  # noqa: D102
         return list(self._nodes)
 
-    def set_run(self, run):  # type: ignore[no-untyped-def]  # noqa: D102
+    def set_run(self, run):  # noqa: D102
         raise NotImplementedError
 
     @property
-    def run(self):  # type: ignore[no-untyped-def]  # noqa: D102
+    def run(self):  # noqa: D102
         raise NotImplementedError
 
-    def create_message(self, *args, **kwargs):  # type: ignore[no-untyped-def]  # noqa: D102
+    def create_message(self, *args, **kwargs):  # noqa: D102
         raise NotImplementedError
 
-    def push_messages(self, messages):  # type: ignore[no-untyped-def]  # noqa: D102
+    def push_messages(self, messages):  # noqa: D102
         raise NotImplementedError
 
-    def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]  # noqa: D102
+    def pull_messages(self, message_ids):  # noqa: D102
         raise NotImplementedError
 
-    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]  # noqa: D102
+    def send_and_receive(self, messages, *, timeout=None):  # noqa: D102
         raise NotImplementedError
 
 

@@ -20,13 +20,29 @@ import pytest
 
 # what the output contract (../shared/DESIGN.md) promises in metrics.jsonl rows and summary.json
 CONTRACT_ROW_KEYS = {
-    "round", "strategy", "train_loss", "eval_loss", "eval_accuracy", "clients_sampled",
-    "clients_failed", "bytes_up", "bytes_down", "round_seconds",
-}  # fmt: skip
+    "round",
+    "strategy",
+    "train_loss",
+    "eval_loss",
+    "eval_accuracy",
+    "clients_sampled",
+    "clients_failed",
+    "bytes_up",
+    "bytes_down",
+    "round_seconds",
+}
 SUMMARY_KEYS = {
-    "scenario", "final", "bytes_up_total", "bytes_down_total", "wall_seconds",
-    "trainable_params", "total_params", "full_model_bytes", "engine", "clients",
-}  # fmt: skip
+    "scenario",
+    "final",
+    "bytes_up_total",
+    "bytes_down_total",
+    "wall_seconds",
+    "trainable_params",
+    "total_params",
+    "full_model_bytes",
+    "engine",
+    "clients",
+}
 
 
 def pids_marked(marker: str) -> set[int]:
@@ -81,16 +97,23 @@ def _as_in_a_terminal() -> None:
 
 def _spawn(args: tuple[str, ...], cwd: Path, marker: str) -> subprocess.Popen:
     """Start the console script, its output (stdout and stderr) in one text pipe."""
-    return subprocess.Popen(_command(args), cwd=cwd, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=_env(marker),
-                            preexec_fn=_as_in_a_terminal)  # fmt: skip
+    return subprocess.Popen(
+        _command(args),
+        cwd=cwd,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(marker),
+        preexec_fn=_as_in_a_terminal,
+    )
 
 
 def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the console script in a fresh process; stop only the processes it left behind."""
     marker = uuid.uuid4().hex
-    proc = subprocess.run(_command(args), cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=_env(marker))  # fmt: skip
+    proc = subprocess.run(
+        _command(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(marker)
+    )
     _assert_nothing_left(marker)
     return proc
 
@@ -106,9 +129,15 @@ class Interrupted:
 
 
 def interrupt_fedpeft(
-    *args: str, cwd: Path, sig: int, after: str | None = None, after_process: str | None = None,
-    times: int = 1, gap: float = 0.3, within: float = 60.0,
-) -> Interrupted:  # fmt: skip
+    *args: str,
+    cwd: Path,
+    sig: int,
+    after: str | None = None,
+    after_process: str | None = None,
+    times: int = 1,
+    gap: float = 0.3,
+    within: float = 60.0,
+) -> Interrupted:
     """Run the console script; send ``sig`` ``times`` times, ``gap`` seconds apart, once a
     line of its output starts with ``after`` (or, with ``after_process``, once one of its
     processes has that text in its command line, e.g. ``raylet`` while Ray starts).

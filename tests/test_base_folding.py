@@ -40,8 +40,9 @@ def test_fold_sets_w0_plus_delta_in_peft_orientation_and_restores(alias, targets
     after = layer.get_base_layer()(x)
     torch.testing.assert_close(after - before, x @ (p @ q).T, rtol=1e-4, atol=1e-4)
     fold_base_delta(model, {name: (2 * p, q)})  # a new fold replaces the old one
-    torch.testing.assert_close(layer.get_base_layer()(x) - before, 2 * x @ (p @ q).T,
-                               rtol=1e-4, atol=1e-4)  # fmt: skip
+    torch.testing.assert_close(
+        layer.get_base_layer()(x) - before, 2 * x @ (p @ q).T, rtol=1e-4, atol=1e-4
+    )
     fold_base_delta(model, {})
     assert torch.equal(layer.get_base_layer().weight, w0)
 

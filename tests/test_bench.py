@@ -18,12 +18,27 @@ def results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_verdicts_follow_the_measured_numbers(results: Path) -> None:
-    (results / "overhead.json").write_text(json.dumps(
-        {"end_to_end_ratio": 1.1, "later_round_ratio": 1.2,
-         "command": "python benchmarks/overhead.py --scenario smoke"}))  # fmt: skip
-    (results / "scale_memory.json").write_text(json.dumps({"results": {"fedavg": [
-        {"clients": 10, "server_peak_memory_mb": 100.0},
-        {"clients": 1000, "server_peak_memory_mb": 130.0}]}}))  # fmt: skip
+    (results / "overhead.json").write_text(
+        json.dumps(
+            {
+                "end_to_end_ratio": 1.1,
+                "later_round_ratio": 1.2,
+                "command": "python benchmarks/overhead.py --scenario smoke",
+            }
+        )
+    )
+    (results / "scale_memory.json").write_text(
+        json.dumps(
+            {
+                "results": {
+                    "fedavg": [
+                        {"clients": 10, "server_peak_memory_mb": 100.0},
+                        {"clients": 1000, "server_peak_memory_mb": 130.0},
+                    ]
+                }
+            }
+        )
+    )
     rows = {t: (m, v) for t, _, m, v in bench.targets()}
     assert rows["framework overhead, end to end"] == ("1.10x (smoke)", "met")
     assert rows["framework overhead, rounds after the first"] == ("1.200x (smoke)", "gap")
@@ -31,9 +46,16 @@ def test_verdicts_follow_the_measured_numbers(results: Path) -> None:
     assert rows["federated vs centralised LoRA"] == ("not measured", "gap")
     ranked = "strategies ranked under non-IID data with heterogeneous ranks"
     assert rows[ranked] == ("not measured (python benchmarks/ranking.py)", "gap")
-    (results / "ranking.json").write_text(json.dumps({"results": [
-        {"strategy": "flexlora", "final_accuracy": 0.243},
-        {"strategy": "flora", "final_accuracy": 0.232}]}))  # fmt: skip
+    (results / "ranking.json").write_text(
+        json.dumps(
+            {
+                "results": [
+                    {"strategy": "flexlora", "final_accuracy": 0.243},
+                    {"strategy": "flora", "final_accuracy": 0.232},
+                ]
+            }
+        )
+    )
     rows = {t: (m, v) for t, _, m, v in bench.targets()}
     assert rows[ranked] == (
         "flexlora 0.243 > flora 0.232 (Dirichlet 0.1, ranks 4/8/16)",
@@ -57,10 +79,10 @@ def test_an_unknown_benchmark_is_refused(capsys: pytest.CaptureFixture[str]) -> 
 def test_a_factored_svd_slower_than_10x_at_any_size_is_a_gap_with_its_reason(
     results: Path,
 ) -> None:
-    svd = [{"clients": 10, "d": 4096, "r": 16, "flexlora_speedup": 526.0,
-            "flexlora_rel_diff": 3e-14},
-           {"clients": 100, "d": 4096, "r": 16, "flexlora_speedup": 9.9,
-            "flexlora_rel_diff": 2e-13}]  # fmt: skip
+    svd = [
+        {"clients": 10, "d": 4096, "r": 16, "flexlora_speedup": 526.0, "flexlora_rel_diff": 3e-14},
+        {"clients": 100, "d": 4096, "r": 16, "flexlora_speedup": 9.9, "flexlora_rel_diff": 2e-13},
+    ]
     (results / "aggregation.json").write_text(json.dumps({"svd": svd, "strategies": []}))
     row = {t: (m, v) for t, _, m, v in bench.targets()}[
         "factored vs dense SVD at d = 4096 (FlexLoRA)"

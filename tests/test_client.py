@@ -26,7 +26,7 @@ def _message(global_state, instructions, state_dir):
             records.STATE_DIR: str(state_dir),
             records.SERVER_ROUND: 1,
             **instructions,
-        }  # fmt: skip
+        }
     )
     content = RecordDict(
         {records.ARRAYS: state_to_arrayrecord(global_state), records.CONFIG: config}
@@ -44,8 +44,11 @@ def _initial():
     return initial_adapter_state(SCENARIO.model, SCENARIO.peft_for_rank(4), labels, SCENARIO.seed)
 
 
-FEDSA = {records.TRAIN_FACTORS: "head,lora_A,lora_B", records.SEND_FACTORS: "head,lora_A",
-         records.PERSONAL_FACTORS: "lora_B"}  # fmt: skip
+FEDSA = {
+    records.TRAIN_FACTORS: "head,lora_A,lora_B",
+    records.SEND_FACTORS: "head,lora_A",
+    records.PERSONAL_FACTORS: "lora_B",
+}
 
 
 def test_personal_b_stays_with_its_client_and_newcomers_start_from_the_initial_b(tmp_path):
@@ -80,8 +83,11 @@ def test_a_node_may_state_its_own_rank(tmp_path):
 
 
 def test_ffa_clients_share_the_seeded_a_and_never_send_it(tmp_path):
-    ffa = {records.TRAIN_FACTORS: "head,lora_B", records.SEND_FACTORS: "head,lora_B",
-           records.PERSONAL_FACTORS: ""}  # fmt: skip
+    ffa = {
+        records.TRAIN_FACTORS: "head,lora_B",
+        records.SEND_FACTORS: "head,lora_B",
+        records.PERSONAL_FACTORS: "",
+    }
     initial = _initial()
     only_b = {k: v for k, v in initial.items() if factor_of(k) != "lora_A"}
     replies = [client_train(_message(only_b, ffa, tmp_path), _context(pid)) for pid in (0, 1)]
@@ -89,11 +95,15 @@ def test_ffa_clients_share_the_seeded_a_and_never_send_it(tmp_path):
         sent = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
         assert not any(factor_of(k) == "lora_A" for k in sent)
     a_seen = [
-        {k: v for k, v in get_adapter_state(_prepare(_message(only_b, ffa, tmp_path),
-                                                      _context(pid)).model).items()
-         if factor_of(k) == "lora_A"}
+        {
+            k: v
+            for k, v in get_adapter_state(
+                _prepare(_message(only_b, ffa, tmp_path), _context(pid)).model
+            ).items()
+            if factor_of(k) == "lora_A"
+        }
         for pid in (0, 1)
-    ]  # fmt: skip
+    ]
     for key, value in a_seen[0].items():
         assert torch.equal(value, a_seen[1][key]) and torch.equal(value, initial[key])
 

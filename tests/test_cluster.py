@@ -22,8 +22,13 @@ RAY = str(Path(sys.executable).parent / "ray")
 
 
 def _start(args: list[str], env: dict[str, str]) -> None:
-    proc = subprocess.run([RAY, "start", *args, "--disable-usage-stats"], env=env, text=True,
-                          capture_output=True, timeout=180)  # fmt: skip
+    proc = subprocess.run(
+        [RAY, "start", *args, "--disable-usage-stats"],
+        env=env,
+        text=True,
+        capture_output=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
@@ -54,18 +59,35 @@ def test_smoke_on_a_two_node_ray_cluster_spreads_and_leaves_it_running(tmp_path:
     port = free_port()
     address = f"127.0.0.1:{port}"
     try:
-        _start(["--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=1",
-                '--resources={"head": 1}', "--include-dashboard=false"], env)  # fmt: skip
-        _start([f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                '--resources={"worker": 1}'], env)  # fmt: skip
+        _start(
+            [
+                "--head",
+                "--node-ip-address=127.0.0.1",
+                f"--port={port}",
+                "--num-cpus=1",
+                '--resources={"head": 1}',
+                "--include-dashboard=false",
+            ],
+            env,
+        )
+        _start(
+            [
+                f"--address={address}",
+                "--node-ip-address=127.0.0.1",
+                "--num-cpus=1",
+                '--resources={"worker": 1}',
+            ],
+            env,
+        )
         daemons = {
             p for p in pids_marked(marker) if _names({p})[:1] in (["raylet"], ["gcs_server"])
         }
         assert _names(daemons) == ["gcs_server", "raylet", "raylet"]
 
         out = tmp_path / "run"
-        done = run_fedpeft("run", "smoke", "--ray-address", address, "--out", str(out),
-                           cwd=tmp_path)  # fmt: skip
+        done = run_fedpeft(
+            "run", "smoke", "--ray-address", address, "--out", str(out), cwd=tmp_path
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"joined the Ray cluster at {address}: 2 node(s), 2 CPUs" in done.stdout
 
@@ -92,7 +114,8 @@ def test_smoke_on_a_two_node_ray_cluster_spreads_and_leaves_it_running(tmp_path:
 
 def test_an_address_where_no_cluster_listens_fails_in_one_line(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
-    proc = run_fedpeft("run", "smoke", "--ray-address", f"127.0.0.1:{port}", cwd=tmp_path,
-                       timeout=60)  # fmt: skip
+    proc = run_fedpeft(
+        "run", "smoke", "--ray-address", f"127.0.0.1:{port}", cwd=tmp_path, timeout=60
+    )
     assert proc.returncode == 2
     assert "no Ray cluster answers" in proc.stderr and proc.stderr.count("\n") == 1

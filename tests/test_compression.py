@@ -330,8 +330,9 @@ def test_topk_then_quantise_keeps_the_same_positions_within_half_a_step(stage, g
     levels = LEVELS[stage]
     fraction = 0.2
     tensors = {k: _distinct(i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
-    pipe = Pipeline(("topk", stage), topk_fraction=fraction, granularity=granularity,
-                    topk_scope="tensor")  # fmt: skip
+    pipe = Pipeline(
+        ("topk", stage), topk_fraction=fraction, granularity=granularity, topk_scope="tensor"
+    )
     decoded = _roundtrip(pipe, tensors)
     for key, x in tensors.items():
         idx = _top_indices(x, fraction)
@@ -351,8 +352,9 @@ def test_topk_then_quantise_keeps_the_same_positions_within_half_a_step(stage, g
 
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 1.0])
 def test_global_topk_keeps_exactly_the_largest_entries_of_the_whole_update(fraction):
-    tensors = {k: _distinct(i, *shape) * (i + 1) for i, (k, shape) in
-               enumerate(TOPK_SHAPES.items())}  # fmt: skip
+    tensors = {
+        k: _distinct(i, *shape) * (i + 1) for i, (k, shape) in enumerate(TOPK_SHAPES.items())
+    }
     decoded = _roundtrip(Pipeline(("topk",), topk_fraction=fraction), tensors)
     everything = np.concatenate([x.reshape(-1).numpy() for x in tensors.values()])
     k = math.ceil(round(fraction * everything.size, 9))
@@ -378,8 +380,9 @@ def test_gradient_ranked_topk_keeps_the_largest_change_times_gradient():
     received = {k: torch.zeros(shape) for k, shape in TOPK_SHAPES.items()}  # changes stay exact
     change = {k: _randn(i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
     gradient = {k: _randn(20 + i, *shape) for i, (k, shape) in enumerate(TOPK_SHAPES.items())}
-    coded = encode_update(change, Pipeline(("topk",), topk_fraction=0.2), received,
-                          gradient=gradient)  # fmt: skip
+    coded = encode_update(
+        change, Pipeline(("topk",), topk_fraction=0.2), received, gradient=gradient
+    )
     sent = {k: coded.decoded[k] - received[k] for k in received}
     wanted = _kept_by_score(change, {k: (change[k] * gradient[k]).abs() for k in change}, 0.2)
     by_magnitude = _kept_by_score(change, {k: change[k].abs() for k in change}, 0.2)
@@ -405,8 +408,9 @@ def test_topk_ranks_by_magnitude_when_a_gradient_is_missing(broken):
         gradient[first] = gradient[first].reshape(-1)[:-1]
     else:
         gradient[first] = gradient[first].clone().fill_(float("nan"))
-    coded = encode_update(change, Pipeline(("topk",), topk_fraction=0.2), received,
-                          gradient=gradient)  # fmt: skip
+    coded = encode_update(
+        change, Pipeline(("topk",), topk_fraction=0.2), received, gradient=gradient
+    )
     wanted = _kept_by_score(change, {k: change[k].abs() for k in change}, 0.2)
     for key in change:
         assert np.array_equal(coded.decoded[key].reshape(-1).numpy() != 0, wanted[key])
@@ -817,8 +821,9 @@ def test_a_change_that_does_not_fit_its_reference_is_a_codec_error():
     wide = Pipeline(()).encode({"w": torch.zeros(4, 1)}, {"kinds": {"w": "sub"}})
     with pytest.raises(CodecError, match="does not fit"):
         decode_update(wide, reference)
-    wrong_width = Pipeline(()).encode({"w": torch.zeros(4, dtype=torch.int64)},
-                                      {"kinds": {"w": "xor"}})  # fmt: skip
+    wrong_width = Pipeline(()).encode(
+        {"w": torch.zeros(4, dtype=torch.int64)}, {"kinds": {"w": "xor"}}
+    )
     with pytest.raises(CodecError, match="does not fit"):
         decode_update(wrong_width, reference)
     for kinds in ([], {"w": "rot13"}):

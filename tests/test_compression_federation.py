@@ -37,8 +37,12 @@ from server.run import ADAPTER_DIR, run_federation
 from strategies import STRATEGIES, build_strategy
 
 SMALL = ["train.local_steps=2", "data.eval_examples=32"]
-COMPRESSED = ['compression.uplink=["topk","int8"]', "compression.error_feedback=true",
-              'compression.downlink=["int8"]', "compression.downlink_delta=true"]  # fmt: skip
+COMPRESSED = [
+    'compression.uplink=["topk","int8"]',
+    "compression.error_feedback=true",
+    'compression.downlink=["int8"]',
+    "compression.downlink_delta=true",
+]
 
 
 def _run(tmp: Path, *sets: str, app: ClientApp = client_app) -> dict:
@@ -96,8 +100,13 @@ def test_uplink_bytes_are_the_coded_payloads_and_the_ratio_is_against_the_same_t
 
 
 def test_client_and_server_hold_bit_identical_copies_after_lossy_downlink(tmp_path) -> None:
-    _run(tmp_path, *COMPRESSED, "federation.rounds=3", "data.num_clients=3",
-         "federation.clients_per_round=2")  # fmt: skip
+    _run(
+        tmp_path,
+        *COMPRESSED,
+        "federation.rounds=3",
+        "data.num_clients=3",
+        "federation.clients_per_round=2",
+    )
     server = tmp_path / "server_state" / "copies"
     clients = tmp_path / "client_state" / "codec"
     checked = 0
@@ -116,7 +125,7 @@ def _client_message(state: dict[str, torch.Tensor], scenario_json: str, server_r
             records.SCENARIO: scenario_json,
             records.SERVER_ROUND: server_round,
             records.STATE_DIR: "",
-        }  # fmt: skip
+        }
     )
     content = RecordDict({records.ARRAYS: state_to_arrayrecord(state), records.CONFIG: config})
     return Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
@@ -125,13 +134,18 @@ def _client_message(state: dict[str, torch.Tensor], scenario_json: str, server_r
 def test_error_feedback_books_balance_across_rounds_the_client_skips(tmp_path) -> None:
     """Through the real mod: what the server decodes plus the residual on the client's
     disk equals the sum of the client's raw updates, with a round the client sat out."""
-    scenario = load_scenario("smoke", ['compression.uplink=["topk","int4"]',
-                                       "compression.error_feedback=true"])  # fmt: skip
+    scenario = load_scenario(
+        "smoke", ['compression.uplink=["topk","int4"]', "compression.error_feedback=true"]
+    )
     g = torch.Generator().manual_seed(0)
     shapes = {"m.lora_A.weight": (4, 32), "m.lora_B.weight": (32, 4), "head.bias": (5,)}
-    context = Context(run_id=7, node_id=1, state=RecordDict(), run_config={},
-                      node_config={records.NODE_PARTITION_ID: 0,
-                                   records.NODE_STATE_DIR: str(tmp_path)})  # fmt: skip
+    context = Context(
+        run_id=7,
+        node_id=1,
+        state=RecordDict(),
+        run_config={},
+        node_config={records.NODE_PARTITION_ID: 0, records.NODE_STATE_DIR: str(tmp_path)},
+    )
     raw_sum = {k: torch.zeros(s) for k, s in shapes.items()}
     decoded_sum = {k: torch.zeros(s) for k, s in shapes.items()}
     for server_round in (1, 2, 4, 5):  # round 3: not sampled
@@ -146,8 +160,7 @@ def test_error_feedback_books_balance_across_rounds_the_client_skips(tmp_path) -
 
         msg = _client_message(received, scenario.to_json(), server_round)
         reply = compression_mod(msg, context, handler)
-        sent, _ = decode_update(blob_of(reply.content.array_records[records.COMPRESSED]),
-                                received)  # fmt: skip
+        sent, _ = decode_update(blob_of(reply.content.array_records[records.COMPRESSED]), received)
         for k in shapes:
             raw_sum[k] += update[k]
             decoded_sum[k] += sent[k] - received[k]
@@ -159,8 +172,9 @@ def test_error_feedback_books_balance_across_rounds_the_client_skips(tmp_path) -
 
 
 def test_a_node_that_lost_its_copy_gets_the_whole_adapter_next_time(tmp_path) -> None:
-    scenario = load_scenario("smoke", [*SMALL, "compression.downlink_delta=true",
-                                       'compression.downlink=["int8"]'])  # fmt: skip
+    scenario = load_scenario(
+        "smoke", [*SMALL, "compression.downlink_delta=true", 'compression.downlink=["int8"]']
+    )
     counting = CountingGrid(InProcessGrid(client_app, 2))
     grid = CodecGrid(counting, scenario.compression, tmp_path / "copies", seed=0)
     strategy = build_strategy(scenario)
@@ -241,8 +255,9 @@ def test_compare_varies_the_uplink_stages() -> None:
     cells = plan_cells(["fedavg"], vary, [0], [], Path("/nonexistent"))
     validate_cells("quickstart", cells)
     assert [c.error for c in cells] == [None, None, None]
-    bad = plan_cells(["fedavg"], parse_vary(['compression.uplink=["zip"]']), [0], [],
-                     Path("/nonexistent"))  # fmt: skip
+    bad = plan_cells(
+        ["fedavg"], parse_vary(['compression.uplink=["zip"]']), [0], [], Path("/nonexistent")
+    )
     validate_cells("quickstart", bad)
     assert "unknown stage 'zip'" in (bad[0].error or "")
 
@@ -276,13 +291,17 @@ def test_downlink_error_stays_out_of_what_the_server_aggregates(uplink, tmp_path
     """Clients train from a lossy copy (top-k + int8 downlink deltas); the server applies
     their change to its exact adapter, so the replies it hands the strategy are
     exact + step (up to the uplink's own error), not the lossy copy + step."""
-    sets = ['compression.downlink=["topk","int8"]', "compression.downlink_delta=true",
-            f"compression.uplink={json.dumps(uplink)}"]  # fmt: skip
+    sets = [
+        'compression.downlink=["topk","int8"]',
+        "compression.downlink_delta=true",
+        f"compression.uplink={json.dumps(uplink)}",
+    ]
     scenario = load_scenario("smoke", sets)
     stepper = ClientApp(mods=[compression_mod])
     stepper.train()(_step_train)
-    grid = CodecGrid(CountingGrid(InProcessGrid(stepper, 2)), scenario.compression,
-                     tmp_path / "copies", seed=0)  # fmt: skip
+    grid = CodecGrid(
+        CountingGrid(InProcessGrid(stepper, 2)), scenario.compression, tmp_path / "copies", seed=0
+    )
     config = {records.SCENARIO: scenario.to_json(), records.STATE_DIR: str(tmp_path / "c")}
     g = torch.Generator().manual_seed(0)
     exact = {"m.lora_A.weight": torch.randn(4, 64, generator=g), "head.bias": torch.randn(6)}

@@ -125,21 +125,33 @@ GOOD_ROWS = "".join(f"gloss number {i},{'good' if i % 2 else 'bad'}\n" for i in 
 # (file name, its bytes, what the one error line says): each a new user's likely mistake
 BAD_FILES = [
     ("header-only.csv", b"text,label\n", "has no data rows (only a header)"),
-    ("no-label.csv", f"text,label\n{GOOD_ROWS}a gloss,\n".encode(),
-     "row 31 (line 32) has an empty label (column 'label')"),
-    ("blank-label.jsonl", b'{"text": "a", "label": "x"}\n\n{"text": "b", "label": " "}\n',
-     "row 2 (line 3) has an empty label"),
-    ("no-text.csv", f"text,label\n{GOOD_ROWS},good\n".encode(),
-     "row 31 (line 32) has an empty text"),
+    (
+        "no-label.csv",
+        f"text,label\n{GOOD_ROWS}a gloss,\n".encode(),
+        "row 31 (line 32) has an empty label (column 'label')",
+    ),
+    (
+        "blank-label.jsonl",
+        b'{"text": "a", "label": "x"}\n\n{"text": "b", "label": " "}\n',
+        "row 2 (line 3) has an empty label",
+    ),
+    (
+        "no-text.csv",
+        f"text,label\n{GOOD_ROWS},good\n".encode(),
+        "row 31 (line 32) has an empty text",
+    ),
     ("binary.csv", bytes(range(256)) * 4, "is binary, not csv text (a NUL byte on line 1)"),
-    ("latin1.csv", "text,label\ncafé,x\n".encode("latin-1"),
-     "binary or not UTF-8 text: line 2 holds byte 0xe9"),
+    (
+        "latin1.csv",
+        "text,label\ncafé,x\n".encode("latin-1"),
+        "binary or not UTF-8 text: line 2 holds byte 0xe9",
+    ),
     ("nothing.csv", b"", "is empty"),
     ("broken.jsonl", b'{"text": "a", "label": 1}\n{"text": "b"\n', "line 2 is not JSON"),
     ("list.jsonl", b'{"text": "a", "label": 1}\n[1, 2]\n', "line 2 is not a JSON object"),
     ("broken.parquet", b"PAR1 this is not parquet", "cannot be read as parquet"),
     ("one-row.csv", b"text,label\nalone,x\n", "has 1 row: too few to hold out"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "content", "message"), BAD_FILES, ids=[f[0] for f in BAD_FILES])
@@ -173,10 +185,14 @@ def test_fewer_examples_than_clients_or_an_impossible_split_is_refused(tmp_path)
 
 @pytest.mark.parametrize(
     ("name", "content", "message"),
-    [BAD_FILES[0], BAD_FILES[1], BAD_FILES[4],
-     ("small.csv", f"text,label\n{GOOD_ROWS}".encode(), "fewer than data.num_clients=40")],
+    [
+        BAD_FILES[0],
+        BAD_FILES[1],
+        BAD_FILES[4],
+        ("small.csv", f"text,label\n{GOOD_ROWS}".encode(), "fewer than data.num_clients=40"),
+    ],
     ids=["header-only", "empty-label", "binary", "fewer-rows-than-clients"],
-)  # fmt: skip
+)
 def test_fedpeft_run_refuses_a_bad_data_file_before_any_round(
     name, content, message, tmp_path, capsys
 ):
@@ -185,8 +201,18 @@ def test_fedpeft_run_refuses_a_bad_data_file_before_any_round(
     path = tmp_path / name
     path.write_bytes(content)
     out = tmp_path / "out"
-    args = ["run", "smoke", "--set", f"data.name='{path}'", "--set", "data.num_clients=40",
-            "--set", "federation.clients_per_round=2", "--out", str(out)]  # fmt: skip
+    args = [
+        "run",
+        "smoke",
+        "--set",
+        f"data.name='{path}'",
+        "--set",
+        "data.num_clients=40",
+        "--set",
+        "federation.clients_per_round=2",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()

@@ -14,11 +14,11 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
-import tomllib
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -101,12 +101,22 @@ def test_superlink_command_is_tls_and_auth_by_default(tmp_path) -> None:
 def test_supernode_command_carries_the_node_config_and_refuses_what_cannot_work(tmp_path):
     make_certs(tmp_path, ["localhost"])
     key, _ = make_node_key(tmp_path / "node0")
-    opts = SuperNodeOptions("10.0.0.1:8000", 1, 3, certs=tmp_path, key=key, device="cuda:0",
-                            rank=4, state_dir=tmp_path / "state")  # fmt: skip
+    opts = SuperNodeOptions(
+        "10.0.0.1:8000",
+        1,
+        3,
+        certs=tmp_path,
+        key=key,
+        device="cuda:0",
+        rank=4,
+        state_dir=tmp_path / "state",
+    )
     cmd = supernode_command(opts)
     config = cmd[cmd.index("--node-config") + 1]
-    assert config == (f'partition-id=1 num-partitions=3 rank=4 device="cuda:0" '
-                      f'state-dir="{(tmp_path / "state").resolve()}"')  # fmt: skip
+    assert config == (
+        f'partition-id=1 num-partitions=3 rank=4 device="cuda:0" '
+        f'state-dir="{(tmp_path / "state").resolve()}"'
+    )
     parsed = tomllib.loads("\n".join(config.split(" ")))  # Flower reads each value as TOML
     assert parsed["partition-id"] == 1 and parsed["device"] == "cuda:0"
     assert cmd[cmd.index("--root-certificates") + 1] == str((tmp_path / CA_CERT).resolve())
@@ -133,15 +143,34 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
     procs = Processes({**deploy_env(), "FLWR_HOME": str(home)}, cwd=tmp_path)
 
     def supernode(key: Path, node_port: int) -> list[str]:
-        return [sys.executable, "-m", "fedpeft.cli", "deploy", "supernode", "--superlink",
-                f"127.0.0.1:{port}", "--partition-id", "0", "--num-partitions", "1",
-                "--certs", str(certs), "--key", str(key), "--port", str(node_port)]  # fmt: skip
+        return [
+            sys.executable,
+            "-m",
+            "fedpeft.cli",
+            "deploy",
+            "supernode",
+            "--superlink",
+            f"127.0.0.1:{port}",
+            "--partition-id",
+            "0",
+            "--num-partitions",
+            "1",
+            "--certs",
+            str(certs),
+            "--key",
+            str(key),
+            "--port",
+            str(node_port),
+        ]
 
     try:
         link_log = tmp_path / "superlink.log"
         command = ["deploy", "superlink", "--certs", str(certs), "--host", "127.0.0.1"]
-        link = procs.start("superlink", [sys.executable, "-m", "fedpeft.cli", *command,
-                                         "--port", str(port)], link_log)  # fmt: skip
+        link = procs.start(
+            "superlink",
+            [sys.executable, "-m", "fedpeft.cli", *command, "--port", str(port)],
+            link_log,
+        )
         assert wait_for_text(link_log, READY_SUPERLINK, link, 60), link_log.read_text()
         registered = subprocess.run(
             [flower_bin("flwr"), "supernode", "register", str(good_pub), connection],
@@ -168,8 +197,19 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
     tmp_path,
 ) -> None:
     out = tmp_path / "out"
-    proc = run_fedpeft("deploy", "local", "smoke", "--nodes", "2", "--unregistered", "1",
-                       "--out", str(out), cwd=tmp_path, timeout=420)  # fmt: skip
+    proc = run_fedpeft(
+        "deploy",
+        "local",
+        "smoke",
+        "--nodes",
+        "2",
+        "--unregistered",
+        "1",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        timeout=420,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the outputs of a simulation, from a deployment with TLS and node authentication
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -204,10 +244,19 @@ def _is_zombie(pid: int) -> bool:
 
 def test_an_interrupted_deploy_local_stops_every_process_it_started(tmp_path) -> None:
     code = interrupt_fedpeft(
-        "deploy", "local", "smoke", "--nodes", "2", "--set", "federation.rounds=50",
-        "--out", str(tmp_path / "out"), cwd=tmp_path,
-        after="round 1/", sig=signal.SIGTERM,  # the federation is up and training
-    ).code  # fmt: skip
+        "deploy",
+        "local",
+        "smoke",
+        "--nodes",
+        "2",
+        "--set",
+        "federation.rounds=50",
+        "--out",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+        after="round 1/",
+        sig=signal.SIGTERM,  # the federation is up and training
+    ).code
     assert code == 130  # and interrupt_fedpeft checked that no process was left behind
     assert (tmp_path / "out" / "deploy" / "deployment.json").is_file()
 

@@ -57,8 +57,14 @@ def test_run_writes_the_contract_files(minilm_run):
 def test_the_console_reads_clean_and_times_the_whole_command(minilm_run):
     out, proc = minilm_run
     console = proc.stdout + proc.stderr
-    for noise in ("LOAD REPORT", "Manually terminating", "Saving the dataset",
-                  "Generating train split", "Traceback", "dashboard"):  # fmt: skip
+    for noise in (
+        "LOAD REPORT",
+        "Manually terminating",
+        "Saving the dataset",
+        "Generating train split",
+        "Traceback",
+        "dashboard",
+    ):
         assert noise not in console, console[-3000:]
     steps = proc.stdout.splitlines()
     assert steps[0].startswith("fedpeft run smoke with 1 --set override: Tiny random BERT")
@@ -74,9 +80,14 @@ def test_the_adapter_card_says_what_made_it(minilm_run):
     card = (out / "adapter" / "README.md").read_text()
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in card
     assert "library_name: peft" in card
-    for fact in ("| strategy | fedavg |", "| rounds | 2 of 2, with 2 of 2 clients a round |",
-                 "lora, r=4, alpha=8", "wordnet-supersense, iid partition", "eval_accuracy 0.",
-                 f"fedpeft run smoke --set model.name=minilm --out {out}"):  # fmt: skip
+    for fact in (
+        "| strategy | fedavg |",
+        "| rounds | 2 of 2, with 2 of 2 clients a round |",
+        "lora, r=4, alpha=8",
+        "wordnet-supersense, iid partition",
+        "eval_accuracy 0.",
+        f"fedpeft run smoke --set model.name=minilm --out {out}",
+    ):
         assert fact in card, card
 
 
@@ -120,9 +131,16 @@ def test_smoke_runs_with_other_strategies(strategy, tmp_path):
 def test_heterogeneous_ranks_run_with_flexlora(tmp_path):
     out = tmp_path / "o"
     proc = run_fedpeft(
-        "run", "smoke", "--set", "peft.client_ranks=[2,4]", "--set", "strategy.name=flexlora",
-        "--out", str(out), cwd=tmp_path,
-    )  # fmt: skip
+        "run",
+        "smoke",
+        "--set",
+        "peft.client_ranks=[2,4]",
+        "--set",
+        "strategy.name=flexlora",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     ranks = {c["partition-id"]: c["rank"] for c in rows[-1]["client_metrics"]}
@@ -142,9 +160,17 @@ ON_RAY = "fedsa_lora,flora,hetlora"
 def test_compare_runs_peft_aware_strategies_on_flower(tmp_path):
     out = tmp_path / "cmp"
     proc = run_fedpeft(
-        "compare", "smoke", "--strategies", ON_RAY, "--set", "federation.rounds=1",
-        "--out", str(out), cwd=tmp_path, timeout=900,
-    )  # fmt: skip
+        "compare",
+        "smoke",
+        "--strategies",
+        ON_RAY,
+        "--set",
+        "federation.rounds=1",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = (out / "comparison.csv").read_text().splitlines()
     rows = {line.split(",")[0]: line for line in table[1:]}
@@ -189,8 +215,17 @@ def _kept_rounds(out: Path) -> int:
 @pytest.mark.parametrize("phase", PHASES)
 def test_ctrl_c_stops_a_run_promptly_and_keeps_finished_rounds(phase, tmp_path):
     out = tmp_path / "o"
-    run = interrupt_fedpeft("run", "smoke", "--set", "federation.rounds=200", "--out", str(out),
-                            cwd=tmp_path, sig=signal.SIGINT, **PHASES[phase])  # fmt: skip
+    run = interrupt_fedpeft(
+        "run",
+        "smoke",
+        "--set",
+        "federation.rounds=200",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        sig=signal.SIGINT,
+        **PHASES[phase],
+    )
     assert run.code == 130, run.output[-3000:]  # and no process was left behind
     # in order when it can; the run forces its exit 10 s after an unanswered Ctrl-C
     assert run.seconds < 30, run.output[-3000:]
@@ -202,9 +237,18 @@ def test_ctrl_c_stops_a_run_promptly_and_keeps_finished_rounds(phase, tmp_path):
 def test_a_second_ctrl_c_stops_a_run_at_once(tmp_path):
     """While Ray starts, the main thread may sit in C++ for many seconds, deaf to the first."""
     out = tmp_path / "o"
-    run = interrupt_fedpeft("run", "smoke", "--set", "federation.rounds=200", "--out", str(out),
-                            cwd=tmp_path, sig=signal.SIGINT, times=2,
-                            **PHASES["ray-start-up"])  # fmt: skip
+    run = interrupt_fedpeft(
+        "run",
+        "smoke",
+        "--set",
+        "federation.rounds=200",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+        sig=signal.SIGINT,
+        times=2,
+        **PHASES["ray-start-up"],
+    )
     assert run.code == 130, run.output[-3000:]  # and no process was left behind
     assert run.seconds < 5, run.output[-3000:]
     assert "fedpeft: interrupted; rounds finished so far are in" in run.output
@@ -217,9 +261,16 @@ def test_same_seed_same_run(tmp_path):
     for i in range(2):
         out = tmp_path / f"o{i}"
         proc = run_fedpeft(
-            "run", "smoke", "--set", "data.num_clients=4", "--set", "federation.rounds=3",
-            "--out", str(out), cwd=tmp_path,
-        )  # fmt: skip
+            "run",
+            "smoke",
+            "--set",
+            "data.num_clients=4",
+            "--set",
+            "federation.rounds=3",
+            "--out",
+            str(out),
+            cwd=tmp_path,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         adapters.append((out / "adapter" / "adapter_model.safetensors").read_bytes())
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -244,11 +244,16 @@ def test_train_result_reports_step_time_and_peak_memory(collate) -> None:
 def test_node_info_reaches_client_metrics(tmp_path: Path) -> None:
     scenario = load_scenario(
         "smoke",
-        ["federation.rounds=1", "train.local_steps=1", "data.eval_examples=16",
-         'model.device="cpu"'],
-    )  # fmt: skip
-    run_federation(InProcessGrid(client_app, scenario.data.num_clients), scenario, tmp_path,
-                   "in-process")  # fmt: skip
+        [
+            "federation.rounds=1",
+            "train.local_steps=1",
+            "data.eval_examples=16",
+            'model.device="cpu"',
+        ],
+    )
+    run_federation(
+        InProcessGrid(client_app, scenario.data.num_clients), scenario, tmp_path, "in-process"
+    )
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     clients = rows[0]["client_metrics"]
     assert len(clients) == 2

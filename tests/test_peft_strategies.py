@@ -148,16 +148,18 @@ def test_flora_merges_the_exact_sum_of_products_round_after_round():
     rounds = [[_client(1, 2), _client(2, 3)], [_client(3, 2), _client(4, 3)]]
     expected = torch.zeros(D, K, dtype=torch.float64)
     for t, clients in enumerate(rounds, start=1):
-        aggregate_with("flora", clients, [1, 3], current=_client(0, 3), strategy=strategy,
-                       server_round=t)  # fmt: skip
+        aggregate_with(
+            "flora", clients, [1, 3], current=_client(0, 3), strategy=strategy, server_round=t
+        )
         expected = expected + _dense_update(clients, [1, 3], 4.0)
         p, q = strategy.base_delta["m"]
         torch.testing.assert_close(p @ q, expected, rtol=1e-5, atol=1e-10)
     assert B_KEY not in strategy.down_state(3, 1)  # adapters restart; only the head travels
     state, rank, alpha = strategy.export()
     assert rank == alpha == state[B_KEY].shape[1]
-    torch.testing.assert_close(state[B_KEY].double() @ state[A_KEY].double(), expected,
-                               rtol=1e-5, atol=1e-6)  # fmt: skip
+    torch.testing.assert_close(
+        state[B_KEY].double() @ state[A_KEY].double(), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_fedex_lora_adapter_plus_folded_residual_is_exact():
@@ -167,9 +169,11 @@ def test_fedex_lora_adapter_plus_folded_residual_is_exact():
     scaling = 4.0 / 2
     p, q = strategy.base_delta["m"]
     torch.testing.assert_close(
-        scaling * out[B_KEY] @ out[A_KEY] + p @ q, _dense_update(clients, [1, 2, 5], 4.0),
-        rtol=1e-5, atol=1e-10,
-    )  # fmt: skip
+        scaling * out[B_KEY] @ out[A_KEY] + p @ q,
+        _dense_update(clients, [1, 2, 5], 4.0),
+        rtol=1e-5,
+        atol=1e-10,
+    )
     state, _, _ = strategy.export()
     exported = state[B_KEY].double() @ state[A_KEY].double()
     torch.testing.assert_close(
@@ -209,8 +213,9 @@ def test_flora_with_rslora_merges_and_exports_the_exact_sum():
     expected = torch.zeros(D, K, dtype=torch.float64)
     for t, clients in enumerate(rounds, start=1):
         # Execute
-        aggregate_with("flora", clients, [1, 3], current=_client(0, 3), strategy=strategy,
-                       server_round=t)  # fmt: skip
+        aggregate_with(
+            "flora", clients, [1, 3], current=_client(0, 3), strategy=strategy, server_round=t
+        )
         expected = expected + _dense_rs(clients, [1, 3], 4.0)
         # Assert: the merged base delta is the exact sum, round after round
         p, q = strategy.base_delta["m"]
@@ -226,13 +231,13 @@ def test_fedex_lora_with_rslora_adapter_plus_residual_is_exact():
     strategy = build_strategy(_scenario("fedex_lora", "peft.r=3", "peft.use_rslora=true"))
     clients = [_client(1, 3), _client(2, 3), _client(3, 3)]
     # Execute
-    out = aggregate_with("fedex_lora", clients, [1, 2, 5], current=_client(0, 3),
-                         strategy=strategy)  # fmt: skip
+    out = aggregate_with("fedex_lora", clients, [1, 2, 5], current=_client(0, 3), strategy=strategy)
     # Assert: base + adapter (as peft applies it) is the exact weighted sum
     p, q = strategy.base_delta["m"]
     exact = _dense_rs(clients, [1, 2, 5], 4.0)
-    torch.testing.assert_close(_rs(4.0, 3) * out[B_KEY] @ out[A_KEY] + p @ q, exact,
-                               rtol=1e-10, atol=1e-12)  # fmt: skip
+    torch.testing.assert_close(
+        _rs(4.0, 3) * out[B_KEY] @ out[A_KEY] + p @ q, exact, rtol=1e-10, atol=1e-12
+    )
     state, rank, alpha = strategy.export()
     exported = _rs(alpha, rank) * state[B_KEY].double() @ state[A_KEY].double()
     torch.testing.assert_close(exported, exact, rtol=1e-5, atol=1e-6)
@@ -242,15 +247,21 @@ def test_fedex_lora_with_rslora_adapter_plus_residual_is_exact():
 def test_flexlora_with_rslora_gives_each_rank_its_best_approximation(split):
     # Prepare
     alpha, ranks, weights = 4.0, [2, 3, 4], [1, 2, 3]
-    scenario = _scenario("flexlora", "peft.client_ranks=[2,3,4]", "data.num_clients=3",
-                         "peft.use_rslora=true", f"strategy.svd_split='{split}'")  # fmt: skip
+    scenario = _scenario(
+        "flexlora",
+        "peft.client_ranks=[2,3,4]",
+        "data.num_clients=3",
+        "peft.use_rslora=true",
+        f"strategy.svd_split='{split}'",
+    )
     strategy = build_strategy(scenario)
     clients = [_client(i + 1, r) for i, r in enumerate(ranks)]
     dense = _dense_rs(clients, weights, alpha)
     u, s, vh = torch.linalg.svd(dense)
     # Execute
-    out = aggregate_with("flexlora", clients, weights, scenario=scenario, current=_client(0, 4),
-                         strategy=strategy)  # fmt: skip
+    out = aggregate_with(
+        "flexlora", clients, weights, scenario=scenario, current=_client(0, 4), strategy=strategy
+    )
     strategy.node_ranks[9] = 2  # a rank-2 node that has replied before
     down = strategy.down_state(2, 9)
     # Assert: the server model (rank 4) and the rank-2 client, each under its own scaling
@@ -271,8 +282,9 @@ def test_hetlora_clients_share_the_largest_ranks_scaling_under_rslora():
     from clients.app import client_peft
 
     # Prepare: ranks 1, 4 and 8; every client must apply alpha / sqrt(8)
-    scenario = _scenario("hetlora", "peft.client_ranks=[1,4,8]", "peft.use_rslora=true",
-                         "data.num_clients=3")  # fmt: skip
+    scenario = _scenario(
+        "hetlora", "peft.client_ranks=[1,4,8]", "peft.use_rslora=true", "data.num_clients=3"
+    )
     for r in (1, 4, 8):
         # Execute
         cfg = client_peft(scenario, r, shared_scaling=True)
@@ -288,8 +300,9 @@ def test_hetlora_clients_share_the_largest_ranks_scaling_under_rslora():
 @pytest.mark.parametrize("weighting", ["norm", "examples_norm"])
 def test_hetlora_weights_the_padded_clients_as_asked(weighting):
     # Prepare: ranks 2 and 4, 1 and 3 examples
-    scenario = _scenario("hetlora", "peft.client_ranks=[2,4]",
-                         f"strategy.hetlora_weighting='{weighting}'")  # fmt: skip
+    scenario = _scenario(
+        "hetlora", "peft.client_ranks=[2,4]", f"strategy.hetlora_weighting='{weighting}'"
+    )
     c1, c2 = _client(1, 2), _client(2, 4)
     norms = [float(torch.linalg.matrix_norm(c[B_KEY] @ c[A_KEY])) for c in (c1, c2)]
     raw = norms if weighting == "norm" else [0.25 * norms[0], 0.75 * norms[1]]

@@ -68,8 +68,13 @@ def test_a_private_round_moves_the_global_by_at_most_the_clipping_norm(
     dp, tmp_path, moved_from_initial
 ) -> None:
     """With negligible noise, the average of clipped changes is within the bound."""
-    sets = [f'privacy.dp="{dp}"', "privacy.noise_multiplier=1e-9", "privacy.clipping_norm=0.05",
-            "federation.rounds=1", "train.lr=0.05"]  # fmt: skip
+    sets = [
+        f'privacy.dp="{dp}"',
+        "privacy.noise_multiplier=1e-9",
+        "privacy.clipping_norm=0.05",
+        "federation.rounds=1",
+        "train.lr=0.05",
+    ]
     scenario = load_scenario("smoke", sets)
     out = tmp_path / dp
     summary = run_federation(InProcessGrid(clients.app.app, 2), scenario, out, "in-process")

@@ -26,9 +26,12 @@ SECTIONS = {
 }
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**6), 10**6),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+)
 values = st.recursive(
     scalars,
     lambda inner: (
@@ -117,8 +120,11 @@ def updates(draw: st.DrawFn) -> dict[str, torch.Tensor]:
             shape = list(REFERENCE[key].shape)
         dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.int64, torch.float16]))
         fill = draw(st.floats(allow_nan=True, allow_infinity=True, width=16))
-        out[key] = torch.full(shape, fill).to(dtype) if dtype.is_floating_point else torch.zeros(
-            shape, dtype=dtype)  # fmt: skip
+        out[key] = (
+            torch.full(shape, fill).to(dtype)
+            if dtype.is_floating_point
+            else torch.zeros(shape, dtype=dtype)
+        )
     return out
 
 

@@ -94,18 +94,26 @@ def test_a_slow_client_sleeps_before_it_trains(tmp_path: Path) -> None:
     )
     ensure_task_identity()  # Flower's messages read the running app's identity
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
-    msg = Message(RecordDict({records.CONFIG: config}), dst_node_id=1,
-                  message_type=MessageType.TRAIN)  # fmt: skip
-    context = Context(run_id=1, node_id=1, node_config={records.NODE_PARTITION_ID: 0},
-                      state=RecordDict(), run_config={})  # fmt: skip
+    msg = Message(
+        RecordDict({records.CONFIG: config}), dst_node_id=1, message_type=MessageType.TRAIN
+    )
+    context = Context(
+        run_id=1,
+        node_id=1,
+        node_config={records.NODE_PARTITION_ID: 0},
+        state=RecordDict(),
+        run_config={},
+    )
     started = time.perf_counter()
     reply = fault_mod(msg, context, lambda m, c: Message(RecordDict(), reply_to=m))
     assert time.perf_counter() - started >= 0.4 and not reply.has_error()
 
 
 def _run(tmp_path: Path, *sets: str) -> tuple[dict, list[dict]]:
-    scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
-                                       "federation.rounds=3", *sets])  # fmt: skip
+    scenario = load_scenario(
+        "smoke",
+        ["data.num_clients=5", "federation.clients_per_round=5", "federation.rounds=3", *sets],
+    )
     out = tmp_path / "out"
     summary = run_federation(InProcessGrid(clients.app.app, 5), scenario, out, "in-process")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -115,8 +123,10 @@ def _run(tmp_path: Path, *sets: str) -> tuple[dict, list[dict]]:
 def test_failing_clients_are_counted_with_reasons_and_never_reach_the_aggregate(tmp_path) -> None:
     sets = ["faults.drop_rate=0.3", "faults.crash_rate=0.1", "faults.nan_rate=0.3"]
     summary, rows = _run(tmp_path, *sets)
-    scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
-                                       "federation.rounds=3", *sets])  # fmt: skip
+    scenario = load_scenario(
+        "smoke",
+        ["data.num_clients=5", "federation.clients_per_round=5", "federation.rounds=3", *sets],
+    )
     assert summary["rounds_completed"] == 3
     for row in rows:
         hits = [faults_of(scenario, row["round"], p) for p in range(5)]
@@ -151,16 +161,24 @@ def test_a_poisoner_sends_its_change_flipped_and_scaled(tmp_path) -> None:
     ensure_task_identity()
     sent = {"w": torch.ones(2, 2), "v": torch.zeros(3)}
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
-    msg = Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(sent)}),
-                  dst_node_id=1, message_type=MessageType.TRAIN)  # fmt: skip
+    msg = Message(
+        RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(sent)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     trained = {"w": torch.full((2, 2), 1.5), "v": torch.tensor([0.0, 1.0, -2.0])}
 
     def handler(m, c):
         return Message(RecordDict({records.ARRAYS: state_to_arrayrecord(trained)}), reply_to=m)
 
     def context(pid):
-        return Context(run_id=1, node_id=1, node_config={records.NODE_PARTITION_ID: pid},
-                       state=RecordDict(), run_config={})  # fmt: skip
+        return Context(
+            run_id=1,
+            node_id=1,
+            node_config={records.NODE_PARTITION_ID: pid},
+            state=RecordDict(),
+            run_config={},
+        )
 
     def reply_of(pid):
         return arrayrecord_to_state(fault_mod(msg, context(pid), handler).content["arrays"])
@@ -177,8 +195,13 @@ def test_a_poisoner_sends_its_change_flipped_and_scaled(tmp_path) -> None:
 @pytest.mark.parametrize("name", ["fedmedian", "fedtrimmedavg"])
 def test_robust_rules_aggregate_adapters_and_ignore_one_poisoner(name, tmp_path) -> None:
     """Three clients, one sending -50x its change: the robust rule stays near the honest."""
-    base = ["data.num_clients=3", "federation.clients_per_round=3", "federation.rounds=1",
-            f'strategy.name="{name}"', "strategy.trim_beta=0.34"]  # fmt: skip
+    base = [
+        "data.num_clients=3",
+        "federation.clients_per_round=3",
+        "federation.rounds=1",
+        f'strategy.name="{name}"',
+        "strategy.trim_beta=0.34",
+    ]
     poison = ['faults.poison="sign_flip"', "faults.poison_scale=50", "faults.poison_clients=[2]"]
     moved = {}
     for label, sets in {
@@ -201,8 +224,9 @@ def test_norm_clipping_bounds_each_update_before_any_strategy(tmp_path, moved_fr
     sets = ["federation.clip_update_norm=0.01", "federation.rounds=1", "train.lr=0.05"]
     _, rows = _run(tmp_path, *sets)
     assert rows[0]["clients_failed"] == 0
-    scenario = load_scenario("smoke", ["data.num_clients=5", "federation.clients_per_round=5",
-                                       *sets])  # fmt: skip
+    scenario = load_scenario(
+        "smoke", ["data.num_clients=5", "federation.clients_per_round=5", *sets]
+    )
     assert 0 < moved_from_initial(scenario, tmp_path / "out") <= 0.01 * (1 + 1e-4)
 
 
@@ -218,12 +242,16 @@ def test_a_reply_to_no_instruction_is_counted_rejected_and_left_out() -> None:
     ensure_task_identity()
     counting = CountingGrid(Unsolicited([1]))
     grid = ValidatingGrid(counting, counting, REF, load_scenario("smoke"))
-    instruction = Message(RecordDict({records.ARRAYS: state_to_arrayrecord(REF)}), dst_node_id=1,
-                          message_type=MessageType.TRAIN)  # fmt: skip
+    instruction = Message(
+        RecordDict({records.ARRAYS: state_to_arrayrecord(REF)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     replies = list(grid.send_and_receive([instruction]))
     assert [r.metadata.src_node_id for r in replies] == [1] and not replies[0].has_error()
-    assert counting.current.rejections == ["node 9: update rejected: a reply to no instruction "
-                                           "of this round"]  # fmt: skip
+    assert counting.current.rejections == [
+        "node 9: update rejected: a reply to no instruction of this round"
+    ]
 
 
 # --- example counts ------------------------------------------------------------------------
@@ -257,8 +285,10 @@ def test_the_bound_is_steps_x_batch_or_max_examples_or_what_the_partition_gives(
     assert ExampleBound(capped).of(3) == (500, "federation.max_examples=500")
     sized = ExampleBound(scenario, {0: 20, 1: 1000}.__getitem__)
     # 20 examples are 3 batches a pass (8, 8, 4): 3 passes and 1 more batch in 10 steps
-    assert sized.of(0) == (68, "what partition 0's 20 training examples give in "
-                                "train.local_steps=10 batches of 8")  # fmt: skip
+    assert sized.of(0) == (
+        68,
+        "what partition 0's 20 training examples give in train.local_steps=10 batches of 8",
+    )
     assert sized.of(1) == (80, cap) and sized.of(None) == (80, cap)
 
 
@@ -294,10 +324,13 @@ def _validate(counts: dict[int, object], *sets: str, bound: ExampleBound | None 
     grid = ValidatingGrid(counting, counting, REF, scenario, bound)
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
     instructions = [
-        Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(REF)}),
-                dst_node_id=n, message_type=MessageType.TRAIN)
+        Message(
+            RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(REF)}),
+            dst_node_id=n,
+            message_type=MessageType.TRAIN,
+        )
         for n in counts
-    ]  # fmt: skip
+    ]
     return list(grid.send_and_receive(instructions)), counting.take()
 
 
@@ -307,13 +340,16 @@ SMOKE_CAP = "train.local_steps x train.batch_size (2 x 8; federation.max_example
 @pytest.mark.parametrize(
     ("count", "reason"),
     [
-        *((c, f"num-examples={c!r} is not a finite positive integer")
-          for c in NOT_COUNTS if c is not True),  # a MetricRecord holds no bool
+        *(
+            (c, f"num-examples={c!r} is not a finite positive integer")
+            for c in NOT_COUNTS
+            if c is not True
+        ),  # a MetricRecord holds no bool
         (None, "no num-examples in the reply's metrics"),
         (17, f"num-examples=17 exceeds 16, {SMOKE_CAP}"),
         (10**12, f"num-examples=1e+12 exceeds 16, {SMOKE_CAP}"),
     ],
-)  # fmt: skip
+)
 def test_the_validating_grid_rejects_a_bad_count_and_keeps_it_out_of_the_tally(
     count, reason
 ) -> None:
@@ -329,8 +365,10 @@ def test_a_sound_count_leaves_the_reply_untouched() -> None:
     (reply,), tally = _validate({1: 16})
     assert not reply.has_error() and tally.rejections == []
     assert reply.content.metric_records[records.METRICS][records.NUM_EXAMPLES] == 16
-    assert all(torch.equal(v, REF[k]) for k, v in arrayrecord_to_state(reply.content[
-        records.ARRAYS]).items())  # fmt: skip
+    assert all(
+        torch.equal(v, REF[k])
+        for k, v in arrayrecord_to_state(reply.content[records.ARRAYS]).items()
+    )
 
 
 def test_the_partition_and_max_examples_bounds_reject_what_exceeds_them() -> None:
@@ -338,33 +376,49 @@ def test_the_partition_and_max_examples_bounds_reject_what_exceeds_them() -> Non
     sized = ExampleBound(scenario, {0: 20, 1: 1000}.__getitem__)  # node 1: partition 0
     replies, tally = _validate({1: 69, 2: 80}, "train.local_steps=10", bound=sized)
     assert [r.has_error() for r in replies] == [True, False]
-    assert tally.rejections == ["node 1: update rejected: num-examples=69 exceeds 68, what "
-                                "partition 0's 20 training examples give in "
-                                "train.local_steps=10 batches of 8"]  # fmt: skip
+    assert tally.rejections == [
+        "node 1: update rejected: num-examples=69 exceeds 68, what "
+        "partition 0's 20 training examples give in "
+        "train.local_steps=10 batches of 8"
+    ]
     replies, tally = _validate({1: 500, 2: 501}, "federation.max_examples=500")
     assert [r.has_error() for r in replies] == [False, True]
-    assert tally.rejections == ["node 2: update rejected: num-examples=501 exceeds 500, "
-                                "federation.max_examples=500"]  # fmt: skip
+    assert tally.rejections == [
+        "node 2: update rejected: num-examples=501 exceeds 500, federation.max_examples=500"
+    ]
 
 
 def test_an_inflating_client_claims_scale_times_its_count_and_keeps_its_tensors() -> None:
-    poison = ['faults.poison="inflate_examples"', "faults.poison_scale=1000",
-              "faults.poison_clients=[1]"]  # fmt: skip
+    poison = [
+        'faults.poison="inflate_examples"',
+        "faults.poison_scale=1000",
+        "faults.poison_clients=[1]",
+    ]
     scenario = load_scenario("smoke", poison)
     ensure_task_identity()
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
-    msg = Message(RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(REF)}),
-                  dst_node_id=1, message_type=MessageType.TRAIN)  # fmt: skip
+    msg = Message(
+        RecordDict({records.CONFIG: config, records.ARRAYS: state_to_arrayrecord(REF)}),
+        dst_node_id=1,
+        message_type=MessageType.TRAIN,
+    )
     trained = _update(a=torch.ones(4, 6))
 
     def handler(m, c):
         metrics = MetricRecord({records.NUM_EXAMPLES: 16, records.TRAIN_LOSS: 0.5})
-        return Message(RecordDict({records.ARRAYS: state_to_arrayrecord(trained),
-                                   records.METRICS: metrics}), reply_to=m)  # fmt: skip
+        return Message(
+            RecordDict({records.ARRAYS: state_to_arrayrecord(trained), records.METRICS: metrics}),
+            reply_to=m,
+        )
 
     def reply_of(pid: int) -> tuple[object, dict[str, torch.Tensor]]:
-        context = Context(run_id=1, node_id=1, node_config={records.NODE_PARTITION_ID: pid},
-                          state=RecordDict(), run_config={})  # fmt: skip
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={records.NODE_PARTITION_ID: pid},
+            state=RecordDict(),
+            run_config={},
+        )
         content = fault_mod(msg, context, handler).content
         count = content.metric_records[records.METRICS][records.NUM_EXAMPLES]
         return count, arrayrecord_to_state(content.array_records[records.ARRAYS])
@@ -381,13 +435,19 @@ def test_an_inflating_client_claims_scale_times_its_count_and_keeps_its_tensors(
 
 def test_inflated_counts_are_rejected_in_a_federation_with_their_reason(tmp_path) -> None:
     """Partitions 0 and 1 claim 1000x their 16 examples in every round: both refused."""
-    poison = ['faults.poison="inflate_examples"', "faults.poison_scale=1000",
-              "faults.poison_clients=[0,1]", "federation.rounds=2"]  # fmt: skip
+    poison = [
+        'faults.poison="inflate_examples"',
+        "faults.poison_scale=1000",
+        "faults.poison_clients=[0,1]",
+        "federation.rounds=2",
+    ]
     summary, rows = _run(tmp_path, *poison)
     assert summary["rounds_completed"] == 2
     for row in rows:
         assert row["updates_rejected"] == 2 and row["aggregated"] is True
         assert sorted(c[records.PARTITION_ID] for c in row["client_metrics"]) == [2, 3, 4]
-        assert all(r.endswith(f"update rejected: num-examples=16000 exceeds 16, {SMOKE_CAP}")
-                   for r in row["rejections"])  # fmt: skip
+        assert all(
+            r.endswith(f"update rejected: num-examples=16000 exceeds 16, {SMOKE_CAP}")
+            for r in row["rejections"]
+        )
         assert math.isfinite(row["train_loss"])

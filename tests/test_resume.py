@@ -19,8 +19,16 @@ from server.run import run_federation
 from strategies import STRATEGIES, build_strategy
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
-SAME = ("round", "eval_accuracy", "eval_loss", "train_loss", "bytes_up", "bytes_down",
-        "clients_sampled", "personal_accuracy")  # fmt: skip
+SAME = (
+    "round",
+    "eval_accuracy",
+    "eval_loss",
+    "train_loss",
+    "bytes_up",
+    "bytes_down",
+    "clients_sampled",
+    "personal_accuracy",
+)
 
 
 def rows(out: Path) -> list[dict]:
@@ -53,12 +61,16 @@ def crash_and_resume(sets: list[str], tmp_path: Path) -> tuple[Path, Path]:
     [
         [],  # FedSA-LoRA's personal B and top-k + int8 error-feedback residuals per client
         ['strategy.name="fedadam"', "compression.uplink=[]", "compression.error_feedback=false"],
-        ['strategy.name="hetlora"', "peft.client_ranks=[2, 4, 2, 4]", "compression.uplink=[]",
-         "compression.error_feedback=false"],
+        [
+            'strategy.name="hetlora"',
+            "peft.client_ranks=[2, 4, 2, 4]",
+            "compression.uplink=[]",
+            "compression.error_feedback=false",
+        ],
         ['strategy.name="fedex_lora"', "compression.downlink_delta=true"],
     ],
     ids=["fedsa-topk-ef", "fedadam", "hetlora-ranks", "fedex-downlink-delta"],
-)  # fmt: skip
+)
 def test_crash_and_resume_is_bit_identical(sets: list[str], tmp_path: Path) -> None:
     straight, resumed = crash_and_resume(sets, tmp_path)
     assert (resumed / ADAPTER).read_bytes() == (straight / ADAPTER).read_bytes()
@@ -88,8 +100,9 @@ def test_resume_restores_client_state_written_after_the_checkpoint(tmp_path: Pat
 def test_a_checkpoint_half_swapped_is_still_found(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(ServerCrash):
-        run_federation(InProcessGrid(clients.app.app, 4), load_scenario("smoke-resume"), out,
-                       "in-process")  # fmt: skip
+        run_federation(
+            InProcessGrid(clients.app.app, 4), load_scenario("smoke-resume"), out, "in-process"
+        )
     os.replace(out / CHECKPOINT, out / f"{CHECKPOINT}.old")  # killed between the two renames
     scenario, done = checkpointed(out)
     assert (scenario.name, done) == ("smoke-resume", 2)
@@ -132,16 +145,24 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     """The acceptance test: Flower's Simulation Engine, the server SIGKILLed in round 2."""
     killed, straight = tmp_path / "killed", tmp_path / "intact"  # equal lengths (see above)
     saved = killed / CHECKPOINT / "progress.pkl"
-    lines = sigkill_fedpeft("run", "smoke-resume", "--out", str(killed), cwd=tmp_path,
-                            after="round 1/4", file=saved)  # fmt: skip
+    lines = sigkill_fedpeft(
+        "run", "smoke-resume", "--out", str(killed), cwd=tmp_path, after="round 1/4", file=saved
+    )
     assert not (killed / "summary.json").exists(), "".join(lines)
     last = checkpointed(killed)[1]  # 1, unless round 2 finished in the moment the kill took
     assert last in (1, 2), "".join(lines)
     resumed = run_fedpeft("run", "--resume", str(killed), cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming smoke-resume" in resumed.stdout
-    done = run_fedpeft("run", "smoke-resume", "--set", "faults.server_crash_round=0", "--out",
-                       str(straight), cwd=tmp_path)  # fmt: skip
+    done = run_fedpeft(
+        "run",
+        "smoke-resume",
+        "--set",
+        "faults.server_crash_round=0",
+        "--out",
+        str(straight),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert (killed / ADAPTER).read_bytes() == (straight / ADAPTER).read_bytes()
     assert rows(killed) == rows(straight)

@@ -29,8 +29,10 @@ class Asked(DelegatingGrid):
 
 
 def _discover(guess: dict[int, int] | None) -> tuple[dict[int, int], int, dict[int, int]]:
-    scenario = load_scenario("smoke", [f"data.num_clients={NODES}", 'strategy.name="hetlora"',
-                                       "peft.client_ranks=[2, 4]"])  # fmt: skip
+    scenario = load_scenario(
+        "smoke",
+        [f"data.num_clients={NODES}", 'strategy.name="hetlora"', "peft.client_ranks=[2, 4]"],
+    )
     asked = Asked(InProcessGrid(clients.app.app, NODES))
     counting = CountingGrid(asked)
     strategy = build_strategy(scenario)

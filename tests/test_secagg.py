@@ -42,10 +42,13 @@ def _train(msg: Message, context: Context) -> Message:
         raise RuntimeError("client lost after sharing its keys")
     given = message_state(msg)
     sent = {k: given[k] + d for k, d in change_of(partition).items()}
-    metrics = MetricRecord({records.NUM_EXAMPLES: examples_of(partition),
-                            records.TRAIN_LOSS: float(partition)})  # fmt: skip
-    return Message(RecordDict({records.ARRAYS: state_to_arrayrecord(sent),
-                               records.METRICS: metrics}), reply_to=msg)  # fmt: skip
+    metrics = MetricRecord(
+        {records.NUM_EXAMPLES: examples_of(partition), records.TRAIN_LOSS: float(partition)}
+    )
+    return Message(
+        RecordDict({records.ARRAYS: state_to_arrayrecord(sent), records.METRICS: metrics}),
+        reply_to=msg,
+    )
 
 
 class Spy(DelegatingGrid):
@@ -59,10 +62,12 @@ class Spy(DelegatingGrid):
         replies = list(self._grid.send_and_receive(messages, timeout=timeout))
         for r in replies:
             if not r.has_error() and records.METRICS in r.content.metric_records:
-                self.seen.append({
-                    "tensors": sum(len(a) for a in r.content.array_records.values()),
-                    "masked": RECORD_KEY_CONFIGS in r.content.config_records,
-                })  # fmt: skip
+                self.seen.append(
+                    {
+                        "tensors": sum(len(a) for a in r.content.array_records.values()),
+                        "masked": RECORD_KEY_CONFIGS in r.content.config_records,
+                    }
+                )
         return replies
 
 
@@ -81,18 +86,22 @@ def secure_round(crash: list[int]) -> tuple[list[Message], Spy, CountingGrid]:
     g = torch.Generator().manual_seed(7)
     global_state = {k: torch.randn(shape, generator=g) for k, shape in SHAPES.items()}
     config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 1})
-    content = RecordDict({records.ARRAYS: state_to_arrayrecord(global_state),
-                          records.CONFIG: config})  # fmt: skip
-    messages = [Message(content, dst_node_id=101 + i, message_type=MessageType.TRAIN)
-                for i in range(NODES)]  # fmt: skip
+    content = RecordDict(
+        {records.ARRAYS: state_to_arrayrecord(global_state), records.CONFIG: config}
+    )
+    messages = [
+        Message(content, dst_node_id=101 + i, message_type=MessageType.TRAIN) for i in range(NODES)
+    ]
     return list(grid.send_and_receive(messages, timeout=60)), spy, counting
 
 
 def expected_mean(partitions: list[int]) -> dict[str, torch.Tensor]:
     """The independent formula: sum n_i d_i / sum n_i, in float64."""
     total = sum(examples_of(p) for p in partitions)
-    return {k: sum(examples_of(p) * change_of(p)[k].double() for p in partitions) / total
-            for k in SHAPES}  # fmt: skip
+    return {
+        k: sum(examples_of(p) * change_of(p)[k].double() for p in partitions) / total
+        for k in SHAPES
+    }
 
 
 @pytest.mark.parametrize("crash", [[], [2], [0, 3]], ids=["all", "one-drops", "two-drop"])
@@ -160,8 +169,9 @@ def test_ffa_lora_federation_with_secagg_ends_where_plain_aggregation_does(tmp_p
     runs = {}
     for name, extra in (("plain", []), ("secure", ["privacy.secure_aggregation=true"])):
         scenario = load_scenario("smoke", [*sets, *extra])
-        summary = run_federation(InProcessGrid(clients.app.app, 4), scenario, tmp_path / name,
-                                 "in-process")  # fmt: skip
+        summary = run_federation(
+            InProcessGrid(clients.app.app, 4), scenario, tmp_path / name, "in-process"
+        )
         runs[name] = (summary, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
     (plain, a), (secure, b) = runs["plain"], runs["secure"]
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
@@ -171,12 +181,21 @@ def test_ffa_lora_federation_with_secagg_ends_where_plain_aggregation_does(tmp_p
 
 def test_cli_secagg_runs_with_fedavg_and_refuses_flexlora(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    done = run_fedpeft("run", "smoke", "--set", "privacy.secure_aggregation=true", "--out",
-                       str(out), cwd=tmp_path)  # fmt: skip
+    done = run_fedpeft(
+        "run", "smoke", "--set", "privacy.secure_aggregation=true", "--out", str(out), cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients_sampled"] - r["clients_failed"] for r in rows] == [2, 2]
-    refused = run_fedpeft("run", "smoke", "--set", "privacy.secure_aggregation=true", "--set",
-                          'strategy.name="flexlora"', cwd=tmp_path, timeout=120)  # fmt: skip
+    refused = run_fedpeft(
+        "run",
+        "smoke",
+        "--set",
+        "privacy.secure_aggregation=true",
+        "--set",
+        'strategy.name="flexlora"',
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "flexlora" in refused.stderr

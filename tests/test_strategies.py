@@ -46,9 +46,14 @@ def test_fedadam_first_step_matches_the_formula():
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     scenario = load_scenario(
         "smoke",
-        ["strategy.name='fedadam'", f"strategy.server_lr={eta}", f"strategy.beta_1={b1}",
-         f"strategy.beta_2={b2}", f"strategy.tau={tau}"],
-    )  # fmt: skip
+        [
+            "strategy.name='fedadam'",
+            f"strategy.server_lr={eta}",
+            f"strategy.beta_1={b1}",
+            f"strategy.beta_2={b2}",
+            f"strategy.tau={tau}",
+        ],
+    )
     current = {"lora_A": torch.ones(2, 2), "head": torch.zeros(2)}
     out = aggregate_with("fedadam", [A1, A2], [1, 3], current=current, scenario=scenario)
     for key in current:

@@ -68,8 +68,16 @@ def test_proximal_term_keeps_the_adapter_near_the_global_one(tokenizer):
     for mu in (0.0, 100.0):
         model = _model()
         start = get_adapter_state(model)
-        train_steps(model, _collate(tokenizer), data, steps=15, batch_size=16, lr=1e-2,
-                    seed=0, proximal_mu=mu)  # fmt: skip
+        train_steps(
+            model,
+            _collate(tokenizer),
+            data,
+            steps=15,
+            batch_size=16,
+            lr=1e-2,
+            seed=0,
+            proximal_mu=mu,
+        )
         distances[mu] = _distance(get_adapter_state(model), start)
     assert distances[100.0] < 0.5 * distances[0.0]
 
@@ -112,8 +120,9 @@ def test_tracked_gradient_is_the_mean_of_each_steps_gradient(tokenizer):
     data, collate = _toy_data(), _collate(tokenizer)
     model = without_dropout(_model())
     start = get_adapter_state(model)
-    result = train_steps(model, collate, data, steps=3, batch_size=8, lr=1e-2, seed=5,
-                         track_gradient=True)  # fmt: skip
+    result = train_steps(
+        model, collate, data, steps=3, batch_size=8, lr=1e-2, seed=5, track_gradient=True
+    )
     params = adapter_parameters(model)
     assert len(result.mean_gradients) == len(params)
     assert all(p in result.mean_gradients for p in params.values())

@@ -50,8 +50,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for seed, acc in results.items():
         base = acc["uncompressed"]
-        print(f"| {seed} | {base:.4f} | {acc['magnitude']:.4f} | {acc['magnitude'] - base:+.4f} "
-              f"| {acc['loss']:.4f} | {acc['loss'] - base:+.4f} |")  # fmt: skip
+        print(
+            f"| {seed} | {base:.4f} | {acc['magnitude']:.4f} | {acc['magnitude'] - base:+.4f} "
+            f"| {acc['loss']:.4f} | {acc['loss'] - base:+.4f} |"
+        )
 
 
 if __name__ == "__main__":

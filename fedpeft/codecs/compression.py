@@ -141,7 +141,7 @@ class Pipeline:
             "granularity": self.granularity,
             "tensors": [
                 [k, list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()
-            ],  # fmt: skip
+            ],
             "meta": meta or {},
         }
         sections: dict[str, np.ndarray] = {}
@@ -152,10 +152,14 @@ class Pipeline:
         rows = [_rows(v) for v in tensors.values()]
         if self.sparse:
             kept_idx, values, groups = [], [], []
-            scores = flat if weights is None else [
-                x * weights[k].detach().reshape(-1).float().cpu()
-                for k, x in zip(tensors, flat, strict=True)
-            ]  # fmt: skip
+            scores = (
+                flat
+                if weights is None
+                else [
+                    x * weights[k].detach().reshape(-1).float().cpu()
+                    for k, x in zip(tensors, flat, strict=True)
+                ]
+            )
             chosen = self._topk(list(tensors), scores, dense)
             for t, (x, idx, (_, cols)) in enumerate(zip(flat, chosen, rows, strict=True)):
                 kept_idx.append(idx)
@@ -168,10 +172,16 @@ class Pipeline:
             group_vec = torch.cat(groups) if groups else torch.zeros(0, dtype=torch.long)
         else:
             value_vec = torch.cat(flat) if flat else torch.zeros(0)
-            group_vec = torch.cat([
-                self._groups(t, torch.arange(x.numel()), cols, rows)
-                for t, (x, (_, cols)) in enumerate(zip(flat, rows, strict=True))
-            ]) if flat else torch.zeros(0, dtype=torch.long)  # fmt: skip
+            group_vec = (
+                torch.cat(
+                    [
+                        self._groups(t, torch.arange(x.numel()), cols, rows)
+                        for t, (x, (_, cols)) in enumerate(zip(flat, rows, strict=True))
+                    ]
+                )
+                if flat
+                else torch.zeros(0, dtype=torch.long)
+            )
         num_groups = len(rows) if self.granularity == "tensor" else sum(r for r, _ in rows)
         sections.update(self._code_values(value_vec, group_vec, num_groups, generator))
         return _pack(header, sections)
@@ -182,11 +192,13 @@ class Pipeline:
         """Sorted indices of the largest ``|flat|`` (the scores): per tensor, or globally."""
         if self.topk_scope == "tensor":
             return [
-                torch.arange(x.numel()) if key in dense else
-                torch.topk(x.abs(), topk_count(self.topk_fraction, x.numel()),
-                           sorted=False).indices.sort().values
+                torch.arange(x.numel())
+                if key in dense
+                else torch.topk(x.abs(), topk_count(self.topk_fraction, x.numel()), sorted=False)
+                .indices.sort()
+                .values
                 for key, x in zip(keys, flat, strict=True)
-            ]  # fmt: skip
+            ]
         pool = [i for i, key in enumerate(keys) if key not in dense and flat[i].numel()]
         chosen = {i: torch.arange(flat[i].numel()) for i in range(len(keys)) if i not in pool}
         if pool:
@@ -194,8 +206,9 @@ class Pipeline:
             k = topk_count(self.topk_fraction, magnitudes.numel())
             picked = torch.zeros(magnitudes.numel(), dtype=torch.bool)
             picked[torch.topk(magnitudes, k, sorted=False).indices] = True
-            for i, part in zip(pool, torch.split(picked, [flat[i].numel() for i in pool]),
-                               strict=True):  # fmt: skip
+            for i, part in zip(
+                pool, torch.split(picked, [flat[i].numel() for i in pool]), strict=True
+            ):
                 chosen[i] = torch.nonzero(part).reshape(-1)
         return [chosen[i] for i in range(len(keys))]
 
@@ -281,16 +294,28 @@ class Pipeline:
             idx_parts = []
             for g in torch.split(gaps, counts):
                 idx_parts.append(torch.cumsum(g + 1, 0) - 1)
-            groups = torch.cat([
-                pipe._groups(t, i, cols, rows) for t, (i, (_, cols)) in
-                enumerate(zip(idx_parts, rows, strict=True))
-            ]) if idx_parts else torch.zeros(0, dtype=torch.long)  # fmt: skip
+            groups = (
+                torch.cat(
+                    [
+                        pipe._groups(t, i, cols, rows)
+                        for t, (i, (_, cols)) in enumerate(zip(idx_parts, rows, strict=True))
+                    ]
+                )
+                if idx_parts
+                else torch.zeros(0, dtype=torch.long)
+            )
             n_values = sum(counts)
         else:
-            groups = torch.cat([
-                pipe._groups(t, torch.arange(n), cols, rows)
-                for t, (n, (_, cols)) in enumerate(zip(sizes, rows, strict=True))
-            ]) if sizes else torch.zeros(0, dtype=torch.long)  # fmt: skip
+            groups = (
+                torch.cat(
+                    [
+                        pipe._groups(t, torch.arange(n), cols, rows)
+                        for t, (n, (_, cols)) in enumerate(zip(sizes, rows, strict=True))
+                    ]
+                )
+                if sizes
+                else torch.zeros(0, dtype=torch.long)
+            )
             n_values = sum(sizes)
         values = pipe._decode_values(sections, groups, n_values)
         out = {}
@@ -452,9 +477,9 @@ def apply_changes(
             continue
         ref = reference[key]
         fits = change.shape == ref.shape and (
-            kind == "sub" or (not change.is_floating_point()
-                              and change.element_size() == ref.element_size())
-        )  # fmt: skip
+            kind == "sub"
+            or (not change.is_floating_point() and change.element_size() == ref.element_size())
+        )
         if not fits:
             raise CodecError(
                 f"the change of {key} ({tuple(change.shape)}, {change.dtype}) does not fit "

@@ -315,8 +315,15 @@ def build_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
         PathologicalPartitioner,
     )
 
-    key = ("partitioner", cfg.name, cfg.partitioner, cfg.alpha, cfg.classes_per_client,
-           cfg.num_clients, seed)  # fmt: skip
+    key = (
+        "partitioner",
+        cfg.name,
+        cfg.partitioner,
+        cfg.alpha,
+        cfg.classes_per_client,
+        cfg.num_clients,
+        seed,
+    )
     if key in _CACHE:
         partitioner: Partitioner = _CACHE[key]
         return partitioner
@@ -410,8 +417,10 @@ def client_split(
         except OSError:  # another process of this node cached it first
             shutil.rmtree(tmp, ignore_errors=True)
         return parts
-    return (datasets.load_from_disk(str(folder / "train")),
-            datasets.load_from_disk(str(folder / "holdout")))  # fmt: skip
+    return (
+        datasets.load_from_disk(str(folder / "train")),
+        datasets.load_from_disk(str(folder / "holdout")),
+    )
 
 
 def _client_split(

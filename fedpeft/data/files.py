@@ -29,8 +29,9 @@ def read_local_file(path: Path) -> datasets.Dataset:
     csv with only its header) is one error line naming the file and, where known, the line.
     """
     if path.suffix not in LOCAL_SUFFIXES or not path.is_file():
-        raise ScenarioError(f"data file not found: {path} (expected an existing "
-                            f"{'/'.join(LOCAL_SUFFIXES)} file)")  # fmt: skip
+        raise ScenarioError(
+            f"data file not found: {path} (expected an existing {'/'.join(LOCAL_SUFFIXES)} file)"
+        )
     kind = LOCAL_SUFFIXES[path.suffix]
     if path.stat().st_size == 0:
         raise ScenarioError(f"data file {path} is empty")

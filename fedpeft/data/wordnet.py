@@ -18,12 +18,33 @@ WORDNET_DIR = Path("/usr/share/wordnet")
 INSTALL_HINT = "install it with `apt-get install wordnet-base` (Debian/Ubuntu) or run ./setup.sh"
 
 NOUN_SUPERSENSES = [
-    "noun.Tops", "noun.act", "noun.animal", "noun.artifact", "noun.attribute", "noun.body",
-    "noun.cognition", "noun.communication", "noun.event", "noun.feeling", "noun.food",
-    "noun.group", "noun.location", "noun.motive", "noun.object", "noun.person",
-    "noun.phenomenon", "noun.plant", "noun.possession", "noun.process", "noun.quantity",
-    "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
-]  # fmt: skip
+    "noun.Tops",
+    "noun.act",
+    "noun.animal",
+    "noun.artifact",
+    "noun.attribute",
+    "noun.body",
+    "noun.cognition",
+    "noun.communication",
+    "noun.event",
+    "noun.feeling",
+    "noun.food",
+    "noun.group",
+    "noun.location",
+    "noun.motive",
+    "noun.object",
+    "noun.person",
+    "noun.phenomenon",
+    "noun.plant",
+    "noun.possession",
+    "noun.process",
+    "noun.quantity",
+    "noun.relation",
+    "noun.shape",
+    "noun.state",
+    "noun.substance",
+    "noun.time",
+]
 FIRST_NOUN_LEXFILE = 3  # lexicographer files 03..28 are the noun supersenses
 
 

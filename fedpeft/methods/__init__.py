@@ -257,7 +257,7 @@ def _apply(
         if not ctx.hybrid and ctx.peft_task_type is None and ctx.head_modules:
             # image-cls: peft has no task type that saves the head, so name it
             config.modules_to_save = list(ctx.head_modules)  # type: ignore[attr-defined]
-        return get_peft_model(model, config)  # type: ignore[arg-type]
+        return get_peft_model(model, config)
     except (ValueError, TypeError, KeyError, RuntimeError) as err:
         raise _peft_error(spec, model, err) from None
 

@@ -53,7 +53,7 @@ class BottleneckAdapter(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer's output plus the bottleneck's correction of it."""
         y = self.base_layer(x, *args, **kwargs)
-        return y + self.up(self.act(self.down(y)))  # type: ignore[no-any-return]
+        return y + self.up(self.act(self.down(y)))
 
 
 def _weight_of(layer: nn.Module) -> torch.Tensor:

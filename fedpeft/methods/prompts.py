@@ -87,7 +87,7 @@ def accept_past_key_values(model: torch.nn.Module) -> None:
     at = next((i for i, p in enumerate(params) if p.kind is p.VAR_KEYWORD), len(params))
     params.insert(at, extra)
     forward_with_prefix.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
-    model.forward = forward_with_prefix  # type: ignore[method-assign]
+    model.forward = forward_with_prefix
 
 
 register_method(
