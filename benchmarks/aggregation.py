@@ -86,8 +86,8 @@ def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
 
     from fedpeft.codecs import state_to_arrayrecord
     from fedpeft.config import load_scenario
-    from strategies import STRATEGIES, build_strategy
-    from strategies.testing import StaticGrid, ensure_task_identity, train_reply
+    from fedpeft.strategies import STRATEGIES, build_strategy
+    from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
 
     ensure_task_identity()  # Messages need a run identity outside a running app
     rows = []
@@ -133,7 +133,7 @@ def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
 
 def dense_against_factored(counts: list[int], d: int = 4096, r: int = 16) -> list[dict]:
     """One module: FlexLoRA's SVD and FedEx-LoRA's residual, factored and dense."""
-    from strategies.lora_math import factored_svd, fedex_residual, stack_factors
+    from fedpeft.strategies.lora_math import factored_svd, fedex_residual, stack_factors
 
     rows = []
     for k in counts:

@@ -31,7 +31,7 @@ COLD_START = r"""
 import json, sys, tempfile, time
 from pathlib import Path
 t0 = time.perf_counter()
-import clients.app  # everything a flwr-clientapp process imports to serve a message
+import fedpeft.clients.app  # everything a flwr-clientapp process imports to serve a message
 t1 = time.perf_counter()
 from fedpeft.config import load_scenario
 from fedpeft.data import client_split, load_task_data

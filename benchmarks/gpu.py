@@ -550,9 +550,9 @@ def federation_summary(rows: list[dict[str, Any]], per_round: int) -> dict[str, 
 
 def federation_part(device: torch.device, sizes: Sizes, work: Path) -> dict[str, Any]:
     """``sizes.clients`` clients sharing ``device`` each round, against one client a round."""
-    import clients.app
-    from server.inprocess import InProcessGrid
-    from server.run import run_federation
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.inprocess import InProcessGrid
+    from fedpeft.server.run import run_federation
 
     words = synthetic_words(sizes.words)
     model = llama_folder(work, sizes)
@@ -572,7 +572,7 @@ def federation_part(device: torch.device, sizes: Sizes, work: Path) -> dict[str,
             torch.cuda.reset_peak_memory_stats(device)
         out = work / f"federation-{per_round}"
         started = time.perf_counter()
-        run_federation(InProcessGrid(clients.app.app, sizes.clients), scenario, out, "in-process")
+        run_federation(InProcessGrid(client_app, sizes.clients), scenario, out, "in-process")
         wall = time.perf_counter() - started
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         run = {**federation_summary(metrics, per_round), "wall_seconds": wall}
@@ -605,7 +605,7 @@ Rule = Callable[[list[torch.Tensor], list[torch.Tensor], list[float], int, float
 def _fedit(
     bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
 ) -> Factors:
-    from strategies.lora_math import weighted_mean
+    from fedpeft.strategies.lora_math import weighted_mean
 
     return weighted_mean(bs, w), weighted_mean(as_, w)
 
@@ -613,7 +613,7 @@ def _fedit(
 def _flora(
     bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
 ) -> Factors:
-    from strategies.lora_math import stack_factors
+    from fedpeft.strategies.lora_math import stack_factors
 
     return stack_factors(bs, as_, w)
 
@@ -621,7 +621,7 @@ def _flora(
 def _flexlora(
     bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
 ) -> Factors:
-    from strategies.lora_math import flexlora_aggregate
+    from fedpeft.strategies.lora_math import flexlora_aggregate
 
     return flexlora_aggregate(bs, as_, w, None, [r], [s])[0]
 
@@ -629,7 +629,7 @@ def _flexlora(
 def _hetlora(
     bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
 ) -> Factors:
-    from strategies.lora_math import hetlora_aggregate
+    from fedpeft.strategies.lora_math import hetlora_aggregate
 
     return hetlora_aggregate(bs, as_, w, r)
 
@@ -637,7 +637,7 @@ def _hetlora(
 def _fedex(
     bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
 ) -> Factors:
-    from strategies.lora_math import fedex_residual
+    from fedpeft.strategies.lora_math import fedex_residual
 
     return fedex_residual(bs, as_, w, s)
 

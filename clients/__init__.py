@@ -1,1 +1,1 @@
-"""fedpeft's Flower ClientApp (``clients.app:app``)."""
+"""fedpeft's Flower ClientApp (``fedpeft.clients.app:app``)."""

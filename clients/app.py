@@ -21,8 +21,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.compression import compression_mod, run_tag, state_dir
-from clients.secagg import secagg_mod
 from fedpeft import models, records
 from fedpeft.adapters import (
     AdapterState,
@@ -35,6 +33,8 @@ from fedpeft.adapters import (
     set_adapter_state,
     set_trainable,
 )
+from fedpeft.clients.compression import compression_mod, run_tag, state_dir
+from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import PeftSection, Scenario
 from fedpeft.data import client_split, load_task_data, node_split
@@ -48,13 +48,13 @@ from fedpeft.models import (
 )
 from fedpeft.privacy import local_dp_mod
 from fedpeft.state import ClientStateStore, scalar
-from fedpeft.train import evaluate, scenario_collate, train_steps
-from strategies.lora_math import (
+from fedpeft.strategies.lora_math import (
     hetlora_prune_rank,
     hetlora_self_pruning_penalty,
     lora_alpha_for,
     lora_scaling,
 )
+from fedpeft.train import evaluate, scenario_collate, train_steps
 
 # outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
 # decoded (and the reply coded last), local DP noises the reply, faults are injected (if

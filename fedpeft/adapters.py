@@ -136,7 +136,7 @@ def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
     fold replaces the previous one instead of adding to it; an empty ``delta`` restores
     ``W0`` everywhere it was changed. FLoRA merges and FedEx-LoRA residuals use this.
     """
-    from strategies.lora_math import delta_weight
+    from fedpeft.strategies.lora_math import delta_weight
 
     layers = {m: model.get_submodule(m) for m in delta}
     for name, layer in model.named_modules():

@@ -33,12 +33,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         _announce(args.scenario or "quickstart", len(args.set))
     step("importing torch, transformers and Flower")
     # before those imports: libraries read these settings once, when imported
-    from server.simulation import quiet_libraries, set_process_env
+    from fedpeft.server.simulation import quiet_libraries, set_process_env
 
     set_process_env()
     if not args.verbose:
         quiet_libraries()
-    from server.run import default_out_dir
+    from fedpeft.server.run import default_out_dir
 
     if args.resume:
         if args.scenario or args.set or args.out:
@@ -64,11 +64,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         on_interrupt=None if args.verbose else _quiet_flower,
     )
     if scenario.simulation.ray_address:  # fail now, not after Ray's minutes of retries
-        from server.simulation import reachable
+        from fedpeft.server.simulation import reachable
 
         reachable(scenario.simulation.ray_address)
     _preflight(scenario)
-    from server.simulation import simulate
+    from fedpeft.server.simulation import simulate
 
     try:
         simulate(
@@ -95,7 +95,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             f"fedpeft: run failed: {type(cause).__name__}: {cause} (traceback in {where})",
             file=sys.stderr,
         )
-        from server.checkpoint import checkpoint_dir
+        from fedpeft.server.checkpoint import checkpoint_dir
 
         if checkpoint_dir(out_dir) is not None and "--resume" not in str(cause):
             print(
@@ -133,7 +133,7 @@ def _quiet_flower() -> None:
 
 def _resumable(out_dir: Path):
     """The checkpointed scenario of ``out_dir``, or None (said why) if no round is left."""
-    from server.checkpoint import checkpointed
+    from fedpeft.server.checkpoint import checkpointed
 
     scenario, done = checkpointed(out_dir)
     if done >= scenario.federation.rounds:
@@ -148,7 +148,7 @@ def _resumable(out_dir: Path):
 
 def _announce(name: str, overrides: int) -> None:
     """The run's first line, before any slow import: the scenario and what it is for."""
-    import scenarios
+    from fedpeft import scenarios
     from fedpeft.config import resolve_scenario_path
     from fedpeft.report import narrator
 
@@ -189,9 +189,9 @@ def _preflight(scenario) -> None:
     from fedpeft.methods import check_methods
     from fedpeft.models import cached_peft_model, resolve_device
     from fedpeft.report import step
+    from fedpeft.strategies import build_strategy
     from fedpeft.tasks import check_scenario
     from fedpeft.train import autocast_dtype
-    from strategies import build_strategy
 
     check_methods(scenario.peft, scenario.model.task)
     build_strategy(scenario)
@@ -281,7 +281,7 @@ def _cmd_deploy_supernode(args: argparse.Namespace) -> int:
 def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None):
     """The scenario to deploy, checked here before any process starts."""
     from fedpeft.methods import check_methods
-    from strategies import build_strategy
+    from fedpeft.strategies import build_strategy
 
     scenario = load_scenario(args.scenario, [*args.set, *(extra or [])])
     check_methods(scenario.peft, scenario.model.task)
@@ -291,7 +291,7 @@ def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None):
 
 def _cmd_deploy_local(args: argparse.Namespace) -> int:
     from fedpeft.local_federation import deploy_local
-    from server.run import default_out_dir
+    from fedpeft.server.run import default_out_dir
 
     if args.nodes < 1:
         raise DeployError(f"--nodes must be at least 1, got {args.nodes}")
@@ -342,11 +342,11 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
         print("\n".join(help_lines()))
         return 0
-    import scenarios
+    from fedpeft import scenarios
     from fedpeft.data import BUNDLED
     from fedpeft.methods import METHODS
     from fedpeft.models import ALIASES
-    from strategies import STRATEGIES
+    from fedpeft.strategies import STRATEGIES
 
     print("PEFT methods:")
     for m in sorted(METHODS.values(), key=lambda m: (m.family, m.name)):
@@ -376,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedpeft", description="Federated parameter-efficient fine-tuning on Flower."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    import scenarios
+    from fedpeft import scenarios
 
     bundled = ", ".join(sorted(scenarios.bundled()))
     epilog = (

@@ -217,7 +217,7 @@ def plan_cells(
 
 def validate_cells(scenario: str, cells: Sequence[Cell]) -> None:
     """Load every cell's scenario and build its strategy; a refusal marks that cell failed."""
-    from strategies import build_strategy
+    from fedpeft.strategies import build_strategy
 
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -579,7 +579,7 @@ def run_compare(
         TimeRemainingColumn,
     )
 
-    from strategies import get_strategy
+    from fedpeft.strategies import get_strategy
 
     sets = list(sets)
     base = load_scenario(scenario, sets)

@@ -588,7 +588,7 @@ class Scenario:
 
         Peft's scaling is then its own at that rank (``alpha / rank``, or ``alpha /
         sqrt(rank)`` with rsLoRA); HetLoRA's clients share one scaling instead
-        (``clients.app.client_peft``).
+        (``fedpeft.clients.app.client_peft``).
         """
         return dataclasses.replace(self.peft, r=rank, client_ranks=[])
 
@@ -746,7 +746,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def resolve_scenario_path(name_or_path: str) -> Path:
     """Map a scenario argument to a file: a path that exists, or a bundled scenario name."""
-    import scenarios  # bundled recipes live in the top-level `scenarios` package
+    from fedpeft import scenarios  # bundled recipes live in the top-level `scenarios` package
 
     path = Path(name_or_path)
     if path.suffix == ".toml" or "/" in name_or_path:

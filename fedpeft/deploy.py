@@ -177,7 +177,7 @@ def deploy_env() -> dict[str, str]:
     This Python's folder goes first on PATH: the SuperLink and SuperNodes start
     ``flower-superexec`` and ``flwr-clientapp`` by name, from the same environment.
     """
-    from server.simulation import QUIET_ENV
+    from fedpeft.server.simulation import QUIET_ENV
 
     bin_dir = str(Path(sys.executable).parent)
     return {
@@ -347,9 +347,9 @@ def _toml_value(value: str | bool) -> str:
 def write_app(folder: Path) -> Path:
     """Write the Flower app that ``flwr run`` packs (a FAB holding only this pyproject.toml).
 
-    Its components, ``server.app:app`` and ``clients.app:app``, are imported from the
-    fedpeft installed next to the SuperLink and every SuperNode, so the FAB carries no code
-    and the run uses exactly the fedpeft those machines have.
+    Its components, ``fedpeft.server.app:app`` and ``fedpeft.clients.app:app``, are
+    imported from the fedpeft installed next to the SuperLink and every SuperNode, so the
+    FAB carries no code and the run uses exactly the fedpeft those machines have.
     """
     from fedpeft import __version__
 
@@ -362,8 +362,8 @@ def write_app(folder: Path) -> Path:
         'description = "fedpeft ServerApp and ClientApp"\nlicense = "Apache-2.0"\n'
         "dependencies = []\n\n"
         '[tool.flwr.app]\npublisher = "fedpeft"\n\n'
-        '[tool.flwr.app.components]\nserverapp = "server.app:app"\n'
-        'clientapp = "clients.app:app"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedpeft.server.app:app"\n'
+        'clientapp = "fedpeft.clients.app:app"\n\n'
         f"[tool.flwr.app.config]\n{config}\n",
         encoding="utf-8",
     )

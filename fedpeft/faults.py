@@ -2,7 +2,7 @@
 
 Whether a client fails in a round is a pure function of (seed, round, client, kind), so a
 run's failures are the same every time and the same in simulation and deployment. The
-server drops lost instructions (:class:`server.reliability.FaultyGrid`); the rest happens
+server drops lost instructions (:class:`fedpeft.server.reliability.FaultyGrid`); the rest happens
 in the client, in :func:`fault_mod`, around the real training handler.
 """
 

@@ -1,1 +1,1 @@
-"""fedpeft's Flower ServerApp (``server.app:app``), round driver and simulation launcher."""
+"""fedpeft's Flower ServerApp (``fedpeft.server.app:app``), round driver and simulation launcher."""

@@ -11,7 +11,7 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from fedpeft import records
 from fedpeft.config import Scenario, load_scenario
-from server.run import default_out_dir, run_federation
+from fedpeft.server.run import default_out_dir, run_federation
 
 app = ServerApp()
 

@@ -41,8 +41,8 @@ from fedpeft.codecs.compression import (
     state_digest,
 )
 from fedpeft.config import CompressionConfig
+from fedpeft.server.grid import CountingGrid, DelegatingGrid, round_of
 from fedpeft.state import ClientStateStore
-from server.grid import CountingGrid, DelegatingGrid, round_of
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from fedpeft import records
 from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.privacy import add_noise, clip_update, epsilon, noise_generator
-from server.grid import DelegatingGrid, is_training
+from fedpeft.server.grid import DelegatingGrid, is_training
 
 
 def central_noise_std(weights: list[float], noise_multiplier: float, clip: float) -> float:

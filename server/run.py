@@ -54,8 +54,7 @@ from fedpeft.report import (
     step,
     write_json_atomic,
 )
-from fedpeft.train import evaluate
-from server.checkpoint import (
+from fedpeft.server.checkpoint import (
     CHECKPOINT,
     STATE_DIRS,
     Progress,
@@ -64,14 +63,15 @@ from server.checkpoint import (
     save_checkpoint,
     set_rng_states,
 )
-from server.compression import CodecGrid
-from server.grid import CountingGrid, PollingGrid
-from server.privacy import PrivacyGrid
-from server.reliability import ExampleBound, FaultyGrid, ServerCrash, ValidatingGrid
-from server.rounds import run_rounds
-from server.secagg import SecAggGrid
-from strategies import build_strategy
-from strategies.adapter_strategy import AdapterStrategy
+from fedpeft.server.compression import CodecGrid
+from fedpeft.server.grid import CountingGrid, PollingGrid
+from fedpeft.server.privacy import PrivacyGrid
+from fedpeft.server.reliability import ExampleBound, FaultyGrid, ServerCrash, ValidatingGrid
+from fedpeft.server.rounds import run_rounds
+from fedpeft.server.secagg import SecAggGrid
+from fedpeft.strategies import build_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy
+from fedpeft.train import evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def save_final_adapter(
     A strategy that changed the base weights (FLoRA, FedEx-LoRA) exports an adapter that
     carries the change too; it is saved from a fresh copy of the untouched base model. The
     saved config keeps the scenario's ``use_rslora``: the export's ``lora_alpha`` is the one
-    that gives its tensors their scaling under it (``strategies.lora_math.lora_alpha_for``).
+    that gives its tensors their scaling under it (``fedpeft.strategies.lora_math.lora_alpha_for``).
     """
     if not isinstance(strategy, AdapterStrategy):
         save_adapter(model, where)

@@ -4,7 +4,7 @@ Flower 1.42 has SecAgg+ only as a legacy-API workflow (``SecAggPlusWorkflow``, d
 a ``LegacyContext`` and ``Strategy.configure_fit``). :class:`SecAggGrid` runs the same
 protocol as a Grid wrapper, so any weighted-sum strategy gets it unchanged. It uses
 Flower's primitives (Shamir shares, key agreement, masks, quantization) and, on the
-client, Flower's own ``secaggplus_mod`` (see :mod:`clients.secagg`). For one round's
+client, Flower's own ``secaggplus_mod`` (see :mod:`fedpeft.clients.secagg`). For one round's
 training instructions it runs the four stages:
 
 0. setup: send the protocol's settings; each client answers with two public keys;
@@ -55,7 +55,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fedpeft import records
 from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
-from server.grid import CountingGrid, DelegatingGrid, _short, is_training, round_of
+from fedpeft.server.grid import CountingGrid, DelegatingGrid, _short, is_training, round_of
 
 logger = logging.getLogger(__name__)
 

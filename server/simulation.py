@@ -76,8 +76,8 @@ def simulate(
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
 
-    from clients.app import app as client_app
-    from server.app import app as server_app
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.app import app as server_app
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)

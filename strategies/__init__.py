@@ -25,7 +25,7 @@ class AggregationError(ValueError):
     """Replies a rule cannot aggregate: a NaN or inf tensor, or an unusable example count.
 
     Every registered strategy raises it (and no other error) for such replies; its message
-    is one line naming the node and the tensor or key (see :mod:`strategies.guard`).
+    is one line naming the node and the tensor or key (see :mod:`fedpeft.strategies.guard`).
     """
 
 
@@ -169,7 +169,7 @@ def check_secure_aggregation(spec: StrategySpec, scenario: Scenario) -> None:
 
 
 # Strategy modules register themselves on import.
-from strategies import (  # noqa: E402,F401
+from fedpeft.strategies import (  # noqa: E402,F401
     fedavg,
     fedex_lora,
     fedit,

@@ -12,8 +12,8 @@ from flwr.serverapp import strategy as flwr
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.guard import GuardedReplies
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.guard import GuardedReplies
 
 
 # Flower's rules as they are, refusing replies they cannot use (strategies.guard)

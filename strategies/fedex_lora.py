@@ -15,10 +15,10 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, lora_factors, weighted_average
-from strategies.flora import export_with_base
-from strategies.lora_math import accumulate_factors, fedex_residual
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy, lora_factors, weighted_average
+from fedpeft.strategies.flora import export_with_base
+from fedpeft.strategies.lora_math import accumulate_factors, fedex_residual
 
 
 class FedExLoRA(AdapterStrategy):

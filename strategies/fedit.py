@@ -1,7 +1,7 @@
 """FedIT (Zhang et al., 2024): FedAvg applied to each LoRA factor separately.
 
 ``A = sum p_i A_i`` and ``B = sum p_i B_i``. It is inexact: the product of the averages
-misses the cross term ``sum p_i (B_i - B)(A_i - A)`` (see :func:`strategies.lora_math`),
+misses the cross term ``sum p_i (B_i - B)(A_i - A)`` (see :func:`fedpeft.strategies.lora_math`),
 which is what FFA-LoRA, FLoRA, FlexLoRA and FedEx-LoRA set out to fix.
 """
 
@@ -12,8 +12,8 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy
 
 
 class FedIT(AdapterStrategy):

@@ -17,8 +17,8 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import AdapterState
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, instruct, select
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy, instruct, select
 
 
 class FedSALoRA(AdapterStrategy):

@@ -21,9 +21,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy
-from strategies.lora_math import factored_svd, truncate_to_rank
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy
+from fedpeft.strategies.lora_math import factored_svd, truncate_to_rank
 
 
 class FlexLoRA(AdapterStrategy):

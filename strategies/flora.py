@@ -16,9 +16,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, select
-from strategies.lora_math import accumulate_factors
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy, select
+from fedpeft.strategies.lora_math import accumulate_factors
 
 
 class FLoRA(AdapterStrategy):

@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import records
-from strategies import AggregationError
+from fedpeft.strategies import AggregationError
 
 
 def reply_weight(msg: Message, key: str) -> float:

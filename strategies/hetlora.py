@@ -5,7 +5,7 @@ averages with weights proportional to ``||B_i A_i||_F`` (the paper; larger updat
 more), or to ``p_i * ||B_i A_i||_F`` (``strategy.hetlora_weighting = "examples_norm"``);
 client j receives the first r_j components. Clients add the rank self-pruning
 regulariser to their loss and shrink their own rank when the tail of their factors has
-become negligible (:mod:`strategies.lora_math`). All ranks share peft's scaling at
+become negligible (:mod:`fedpeft.strategies.lora_math`). All ranks share peft's scaling at
 ``r_max`` here (``alpha / r_max``, or ``alpha / sqrt(r_max)`` with rsLoRA: each client's
 ``lora_alpha`` is set to match), so padded factors of different ranks add up in the same
 units.
@@ -19,9 +19,9 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, instruct, lora_factors
-from strategies.lora_math import hetlora_aggregate, hetlora_truncate
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, instruct, lora_factors
+from fedpeft.strategies.lora_math import hetlora_aggregate, hetlora_truncate
 
 
 class HetLoRA(AdapterStrategy):

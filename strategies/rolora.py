@@ -12,8 +12,8 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import Scenario
-from strategies import register_strategy
-from strategies.adapter_strategy import AdapterStrategy, instruct
+from fedpeft.strategies import register_strategy
+from fedpeft.strategies.adapter_strategy import AdapterStrategy, instruct
 
 
 def trained_factor(server_round: int) -> str:

@@ -13,7 +13,7 @@ from fedpeft import records
 from fedpeft.adapters import AdapterState
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario, load_scenario
-from strategies import build_strategy
+from fedpeft.strategies import build_strategy
 
 
 class StaticGrid(Grid):

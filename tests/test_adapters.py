@@ -56,7 +56,7 @@ class TestAdapterTable:
             assert torch.equal(v, state[k])
 
     def test_identical_updates_aggregate_to_that_update(self, case, alias, peft):
-        from strategies.testing import aggregate_with
+        from fedpeft.strategies.testing import aggregate_with
 
         state = get_adapter_state(_model(alias, peft))
         out = aggregate_with("fedavg", [state, state, state], [3, 1, 5])

@@ -4,16 +4,16 @@ trains, sends and keeps follows the server's instructions, and personal state pe
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
-from clients.app import _prepare
-from clients.app import train as client_train
 from fedpeft import records
 from fedpeft.adapters import factor_of, get_adapter_state
+from fedpeft.clients.app import _prepare
+from fedpeft.clients.app import train as client_train
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import load_scenario
 from fedpeft.data import load_task_data
 from fedpeft.models import initial_adapter_state
 from fedpeft.state import ClientStateStore
-from strategies.testing import ensure_task_identity
+from fedpeft.strategies.testing import ensure_task_identity
 
 SCENARIO = load_scenario("smoke", ["train.local_steps=3", "train.lr=0.05"])
 
@@ -109,7 +109,7 @@ def test_ffa_clients_share_the_seeded_a_and_never_send_it(tmp_path):
 
 
 def test_fit_rank_keeps_the_update_under_per_rank_scaling():
-    from clients.app import fit_rank
+    from fedpeft.clients.app import fit_rank
 
     g = torch.Generator().manual_seed(0)
     a8, b8 = torch.randn(8, 5, generator=g), torch.randn(6, 8, generator=g)
@@ -127,7 +127,7 @@ def test_fit_rank_keeps_the_update_under_per_rank_scaling():
 
 
 def test_fit_rank_keeps_the_update_under_rslora():
-    from clients.app import fit_rank
+    from fedpeft.clients.app import fit_rank
 
     g = torch.Generator().manual_seed(0)
     a8, b8 = torch.randn(8, 5, generator=g), torch.randn(6, 8, generator=g)
@@ -147,7 +147,7 @@ def test_equal_client_ranks_are_not_heterogeneous():
 
 
 def test_a_node_trains_on_its_own_file_or_its_cached_partition(tmp_path):
-    from clients.app import local_data
+    from fedpeft.clients.app import local_data
     from fedpeft.data import client_split
 
     job = _prepare(_message(_initial(), {}, tmp_path), _context(1))

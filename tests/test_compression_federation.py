@@ -15,11 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
-from clients.app import app as client_app
-from clients.app import describe_node, evaluate_personal, train
-from clients.compression import HELD, RESIDUAL, compression_mod
 from fedpeft import records
 from fedpeft.adapters import load_adapter
+from fedpeft.clients.app import app as client_app
+from fedpeft.clients.app import describe_node, evaluate_personal, train
+from fedpeft.clients.compression import HELD, RESIDUAL, compression_mod
 from fedpeft.codecs import (
     arrayrecord_to_state,
     blob_of,
@@ -30,11 +30,11 @@ from fedpeft.codecs import (
 from fedpeft.codecs.compression import CodecError, Pipeline, decode_update, encode_update
 from fedpeft.compare import parse_vary, plan_cells, validate_cells
 from fedpeft.config import ScenarioError, load_scenario
-from server.compression import CodecGrid
-from server.grid import CountingGrid
-from server.inprocess import InProcessGrid
-from server.run import ADAPTER_DIR, run_federation
-from strategies import STRATEGIES, build_strategy
+from fedpeft.server.compression import CodecGrid
+from fedpeft.server.grid import CountingGrid
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.run import ADAPTER_DIR, run_federation
+from fedpeft.strategies import STRATEGIES, build_strategy
 
 SMALL = ["train.local_steps=2", "data.eval_examples=32"]
 COMPRESSED = [
@@ -342,7 +342,7 @@ def test_flexlora_refuses_error_feedback_in_one_line() -> None:
 def test_the_mean_gradient_reaches_the_codec_and_never_the_wire(sets, tracked, tmp_path) -> None:
     """The training handler attaches its mean gradient (one tensor per sent tensor) when
     top-k ranks by it; the real ClientApp's reply carries only the coded update."""
-    from strategies.testing import ensure_task_identity
+    from fedpeft.strategies.testing import ensure_task_identity
 
     scenario = load_scenario("smoke", [*SMALL, 'compression.uplink=["topk","int8"]', *sets])
     ensure_task_identity()

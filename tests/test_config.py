@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-import scenarios
+from fedpeft import scenarios
 from fedpeft.config import Scenario, ScenarioError, apply_overrides, load_scenario, parse_override
 
 
@@ -119,7 +119,7 @@ def test_run_help_lists_the_bundled_scenarios(capsys):
 
 
 def test_rays_dashboard_is_off_unless_asked_for_and_then_checked():
-    from server.simulation import check_dashboard
+    from fedpeft.server.simulation import check_dashboard
 
     assert load_scenario("smoke").simulation.dashboard is False
     with pytest.raises(ScenarioError, match="a joined cluster has its own dashboard"):

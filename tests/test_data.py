@@ -232,7 +232,7 @@ def test_quiet_libraries_silences_what_was_imported_before(tmp_path, capfd, monk
 
     from fedpeft.config import ModelConfig
     from fedpeft.models import load_base_model
-    from server.simulation import quiet_libraries
+    from fedpeft.server.simulation import quiet_libraries
 
     path = tmp_path / "rows.csv"
     path.write_text("text,label\n" + GOOD_ROWS)

@@ -183,13 +183,13 @@ def test_compare_runs_peft_aware_strategies_on_flower(tmp_path):
 @pytest.mark.parametrize("name", PEFT_AWARE.split(","))
 def test_every_peft_aware_strategy_runs_a_federation(name, tmp_path):
     """The real ServerApp code, strategy and ClientApp, without Ray's start-up per rule."""
-    import clients.app
+    from fedpeft.clients.app import app as client_app
     from fedpeft.config import load_scenario
-    from server.inprocess import InProcessGrid
-    from server.run import run_federation
+    from fedpeft.server.inprocess import InProcessGrid
+    from fedpeft.server.run import run_federation
 
     scenario = load_scenario("smoke", [f'strategy.name="{name}"'])
-    summary = run_federation(InProcessGrid(clients.app.app, 2), scenario, tmp_path, "in-process")
+    summary = run_federation(InProcessGrid(client_app, 2), scenario, tmp_path, "in-process")
     assert summary["rounds_completed"] == 2
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
@@ -203,7 +203,7 @@ PHASES = {"ray-start-up": {"after_process": "raylet"}, "mid-round": {"after": "r
 def _kept_rounds(out: Path) -> int:
     """Finished rounds the interrupted run kept: whole rows, numbered 1..n, checkpointed."""
     from fedpeft.report import read_metrics
-    from server.checkpoint import checkpoint_dir, checkpointed
+    from fedpeft.server.checkpoint import checkpoint_dir, checkpointed
 
     rows = read_metrics(out)  # every line parses: no half-written row
     assert [r["round"] for r in rows] == list(range(1, len(rows) + 1))

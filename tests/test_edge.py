@@ -15,18 +15,18 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-from clients.app import app as client_app
 from fedpeft import models, records
 from fedpeft.adapters import fold_base_delta, get_adapter_state
+from fedpeft.clients.app import app as client_app
 from fedpeft.config import ModelConfig, PeftSection, Scenario, ScenarioError, load_scenario
 from fedpeft.methods import build_peft_model
 from fedpeft.models import check_quantization, load_base_model, load_tokenizer
+from fedpeft.server.grid import CountingGrid
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.run import run_federation
+from fedpeft.strategies.testing import StaticGrid, train_reply
 from fedpeft.tasks import get_task
 from fedpeft.train import autocast_dtype, train_steps
-from server.grid import CountingGrid
-from server.inprocess import InProcessGrid
-from server.run import run_federation
-from strategies.testing import StaticGrid, train_reply
 
 CPU = torch.device("cpu")
 SEQ_CLS = get_task("seq-cls")
@@ -290,7 +290,7 @@ def test_a_rejected_reply_leaves_the_tally_with_its_node_info() -> None:
 
 
 def test_a_server_without_cuda_evaluates_on_an_unquantized_base():
-    from server.run import server_side
+    from fedpeft.server.run import server_side
 
     scenario = load_scenario("smoke", ["model.name=minilm", 'model.quantization="4bit"'])
     local = server_side(scenario, torch.device("cpu"))

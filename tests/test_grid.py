@@ -6,8 +6,8 @@ from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 from fedpeft import records
 from fedpeft.codecs import payload_nbytes, state_to_arrayrecord
 from fedpeft.config import load_scenario
-from server.grid import CountingGrid
-from strategies.testing import StaticGrid, ensure_task_identity, train_reply
+from fedpeft.server.grid import CountingGrid
+from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
 
 
 class EchoGrid(StaticGrid):
@@ -45,9 +45,9 @@ def test_counts_both_directions_and_failures():
 def test_polling_grid_collects_late_replies_and_gives_up_at_the_timeout():
     import time
 
-    from clients.app import app as client_app
-    from server.grid import PollingGrid
-    from server.inprocess import InProcessGrid
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.grid import PollingGrid
+    from fedpeft.server.inprocess import InProcessGrid
 
     class OneReplyPerPull(InProcessGrid):  # replies trickle in, as from a real SuperLink
         pulls = 0

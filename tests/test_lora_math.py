@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from transformers.pytorch_utils import Conv1D
 
-from strategies.lora_math import (
+from fedpeft.strategies.lora_math import (
     delta_weight,
     factored_svd,
     fedex_residual,

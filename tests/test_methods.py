@@ -15,7 +15,6 @@ import pytest
 import torch
 from peft import PeftModel
 
-from clients.app import app as client_app
 from fedpeft.adapters import (
     META_FILE,
     _canonical,
@@ -25,15 +24,16 @@ from fedpeft.adapters import (
     save_adapter,
     set_adapter_state,
 )
+from fedpeft.clients.app import app as client_app
 from fedpeft.codecs import arrayrecord_to_state, payload_nbytes, state_to_arrayrecord
 from fedpeft.config import Scenario, ScenarioError, load_scenario
 from fedpeft.data import client_split, load_task_data
 from fedpeft.methods import METHODS, build_peft_model, get_method
 from fedpeft.models import load_base_model
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.run import ADAPTER_DIR, run_federation
+from fedpeft.strategies.testing import aggregate_with
 from fedpeft.train import evaluate
-from server.inprocess import InProcessGrid
-from server.run import ADAPTER_DIR, run_federation
-from strategies.testing import aggregate_with
 
 TASK_SCENARIOS = {"seq-cls": "smoke", "causal-lm": "smoke-llm", "image-cls": "smoke-vision"}
 

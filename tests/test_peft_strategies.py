@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedpeft.config import ScenarioError, load_scenario
-from strategies import build_strategy
-from strategies.testing import aggregate_with
+from fedpeft.strategies import build_strategy
+from fedpeft.strategies.testing import aggregate_with
 
 D, K = 6, 5
 A_KEY, B_KEY, HEAD = "m.lora_A.weight", "m.lora_B.weight", "classifier.weight"
@@ -279,7 +279,7 @@ def test_flexlora_with_rslora_gives_each_rank_its_best_approximation(split):
 def test_hetlora_clients_share_the_largest_ranks_scaling_under_rslora():
     from peft import LoraConfig, inject_adapter_in_model
 
-    from clients.app import client_peft
+    from fedpeft.clients.app import client_peft
 
     # Prepare: ranks 1, 4 and 8; every client must apply alpha / sqrt(8)
     scenario = _scenario(

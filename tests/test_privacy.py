@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-import clients.app
+from fedpeft.clients.app import app as client_app
 from fedpeft.config import PrivacySection, ScenarioError, load_scenario
 from fedpeft.privacy import add_noise, clip_update, epsilon
-from server.inprocess import InProcessGrid
-from server.privacy import central_noise_std
-from server.run import run_federation
-from strategies import build_strategy
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.privacy import central_noise_std
+from fedpeft.server.run import run_federation
+from fedpeft.strategies import build_strategy
 
 
 def test_clipping_scales_the_change_not_the_tensor() -> None:
@@ -77,9 +77,9 @@ def test_a_private_round_moves_the_global_by_at_most_the_clipping_norm(
     ]
     scenario = load_scenario("smoke", sets)
     out = tmp_path / dp
-    summary = run_federation(InProcessGrid(clients.app.app, 2), scenario, out, "in-process")
+    summary = run_federation(InProcessGrid(client_app, 2), scenario, out, "in-process")
     plain = load_scenario("smoke", ["federation.rounds=1", "train.lr=0.05"])
-    run_federation(InProcessGrid(clients.app.app, 2), plain, tmp_path / "plain", "in-process")
+    run_federation(InProcessGrid(client_app, 2), plain, tmp_path / "plain", "in-process")
     assert moved_from_initial(plain, tmp_path / "plain") > 0.05
     assert moved_from_initial(scenario, out) <= 0.05 * (1 + 1e-4)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fedpeft.config import Scenario, ScenarioError, parse_override
-from server.reliability import check_update
+from fedpeft.server.reliability import check_update
 
 SECTIONS = {
     f.name: typing.get_type_hints(Scenario)[f.name]

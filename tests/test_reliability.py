@@ -13,18 +13,18 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from safetensors.torch import load_file
 
-import clients.app
 from fedpeft import records
+from fedpeft.clients.app import app as client_app
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.data import client_split, client_train_size
 from fedpeft.faults import fault_mod, faults_of, strikes
+from fedpeft.server.grid import CountingGrid
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.reliability import ExampleBound, ValidatingGrid, check_examples, check_update
+from fedpeft.server.run import example_bound, run_federation
+from fedpeft.strategies.testing import StaticGrid, ensure_task_identity
 from fedpeft.train import batches, examples_seen
-from server.grid import CountingGrid
-from server.inprocess import InProcessGrid
-from server.reliability import ExampleBound, ValidatingGrid, check_examples, check_update
-from server.run import example_bound, run_federation
-from strategies.testing import StaticGrid, ensure_task_identity
 
 A, B = "m.lora_A.default.weight", "m.lora_B.default.weight"
 REF = {A: torch.zeros(4, 6), B: torch.zeros(5, 4), "head.weight": torch.zeros(3, 5)}
@@ -115,7 +115,7 @@ def _run(tmp_path: Path, *sets: str) -> tuple[dict, list[dict]]:
         ["data.num_clients=5", "federation.clients_per_round=5", "federation.rounds=3", *sets],
     )
     out = tmp_path / "out"
-    summary = run_federation(InProcessGrid(clients.app.app, 5), scenario, out, "in-process")
+    summary = run_federation(InProcessGrid(client_app, 5), scenario, out, "in-process")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return summary, rows
 
@@ -211,7 +211,7 @@ def test_robust_rules_aggregate_adapters_and_ignore_one_poisoner(name, tmp_path)
     }.items():
         scenario = load_scenario("smoke", sets)
         out = tmp_path / label
-        run_federation(InProcessGrid(clients.app.app, 3), scenario, out, "in-process")
+        run_federation(InProcessGrid(client_app, 3), scenario, out, "in-process")
         moved[label] = load_file(out / "adapter" / "adapter_model.safetensors")
     distance = {
         k: math.sqrt(sum(float((moved[k][n] - moved["plain"][n]).square().sum()) for n in moved[k]))
@@ -231,7 +231,7 @@ def test_norm_clipping_bounds_each_update_before_any_strategy(tmp_path, moved_fr
 
 
 def test_a_reply_to_no_instruction_is_counted_rejected_and_left_out() -> None:
-    from strategies.testing import train_reply
+    from fedpeft.strategies.testing import train_reply
 
     good = {k: v.clone() for k, v in REF.items()}
 

@@ -9,14 +9,14 @@ import pytest
 import torch
 from procs import run_fedpeft, sigkill_fedpeft
 
-import clients.app
+from fedpeft.clients.app import app as client_app
 from fedpeft.config import ScenarioError, load_scenario
+from fedpeft.server.checkpoint import CHECKPOINT, checkpoint_dir, checkpointed, load_checkpoint
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.reliability import ServerCrash
+from fedpeft.server.run import run_federation
 from fedpeft.state import ClientStateStore
-from server.checkpoint import CHECKPOINT, checkpoint_dir, checkpointed, load_checkpoint
-from server.inprocess import InProcessGrid
-from server.reliability import ServerCrash
-from server.run import run_federation
-from strategies import STRATEGIES, build_strategy
+from fedpeft.strategies import STRATEGIES, build_strategy
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 SAME = (
@@ -43,13 +43,13 @@ def crash_and_resume(sets: list[str], tmp_path: Path) -> tuple[Path, Path]:
     plain = load_scenario("smoke-resume", [*sets, "faults.server_crash_round=0"])
     # folder names of equal length: the state folder's path travels in every message
     straight = tmp_path / "straight"
-    run_federation(InProcessGrid(clients.app.app, 4), plain, straight, "in-process")
+    run_federation(InProcessGrid(client_app, 4), plain, straight, "in-process")
     crashing = load_scenario("smoke-resume", sets)
     resumed = tmp_path / "restored"
     with pytest.raises(ServerCrash, match="--resume"):
-        run_federation(InProcessGrid(clients.app.app, 4), crashing, resumed, "in-process")
+        run_federation(InProcessGrid(client_app, 4), crashing, resumed, "in-process")
     assert checkpointed(resumed)[1] == 2  # round 3 crashed after its clients wrote state
-    grid = InProcessGrid(clients.app.app, 4, run_id=2, first_node_id=901)
+    grid = InProcessGrid(client_app, 4, run_id=2, first_node_id=901)
     summary = run_federation(grid, plain, resumed, "in-process", resume=True)
     assert summary["resumed_after_rounds"] == [2]
     assert summary["scenario"] == crashing.to_dict()  # the checkpoint's, not the one passed
@@ -82,7 +82,7 @@ def test_resume_restores_client_state_written_after_the_checkpoint(tmp_path: Pat
     crashing = load_scenario("smoke-resume")
     out = tmp_path / "run"
     with pytest.raises(ServerCrash):
-        run_federation(InProcessGrid(clients.app.app, 4), crashing, out, "in-process")
+        run_federation(InProcessGrid(client_app, 4), crashing, out, "in-process")
     # round 3's clients replaced their files after the checkpoint of round 2 was taken
     where = checkpoint_dir(out)
     assert where is not None
@@ -101,7 +101,10 @@ def test_a_checkpoint_half_swapped_is_still_found(tmp_path: Path) -> None:
     out = tmp_path / "run"
     with pytest.raises(ServerCrash):
         run_federation(
-            InProcessGrid(clients.app.app, 4), load_scenario("smoke-resume"), out, "in-process"
+            InProcessGrid(client_app, 4),
+            load_scenario("smoke-resume"),
+            out,
+            "in-process",
         )
     os.replace(out / CHECKPOINT, out / f"{CHECKPOINT}.old")  # killed between the two renames
     scenario, done = checkpointed(out)

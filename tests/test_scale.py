@@ -5,12 +5,12 @@ from collections.abc import Iterable
 import pytest
 from flwr.app import Message
 
-import clients.app
+from fedpeft.clients.app import app as client_app
 from fedpeft.config import ScenarioError, load_scenario
-from server.grid import CountingGrid, DelegatingGrid
-from server.inprocess import InProcessGrid
-from server.run import check_node_count, discover_nodes, simulated_partitions
-from strategies import build_strategy
+from fedpeft.server.grid import CountingGrid, DelegatingGrid
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.run import check_node_count, discover_nodes, simulated_partitions
+from fedpeft.strategies import build_strategy
 
 NODES = 40
 
@@ -33,7 +33,7 @@ def _discover(guess: dict[int, int] | None) -> tuple[dict[int, int], int, dict[i
         "smoke",
         [f"data.num_clients={NODES}", 'strategy.name="hetlora"', "peft.client_ranks=[2, 4]"],
     )
-    asked = Asked(InProcessGrid(clients.app.app, NODES))
+    asked = Asked(InProcessGrid(client_app, NODES))
     counting = CountingGrid(asked)
     strategy = build_strategy(scenario)
     discover_nodes(counting, scenario, strategy, guess)
@@ -58,7 +58,7 @@ def test_a_wrong_guess_falls_back_to_asking_every_node() -> None:
 
 
 def test_only_flowers_in_memory_grid_offers_a_guess() -> None:
-    assert simulated_partitions(InProcessGrid(clients.app.app, 3)) is None
+    assert simulated_partitions(InProcessGrid(client_app, 3)) is None
 
 
 class Growing(DelegatingGrid):

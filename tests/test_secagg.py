@@ -12,15 +12,15 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from procs import run_fedpeft
 from safetensors.torch import load_file
 
-import clients.app
-from clients.secagg import secagg_mod
 from fedpeft import records
+from fedpeft.clients.app import app as client_app
+from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, message_state, state_to_arrayrecord
 from fedpeft.config import ScenarioError, load_scenario
-from server.grid import CountingGrid, DelegatingGrid
-from server.inprocess import InProcessGrid
-from server.run import run_federation
-from server.secagg import QUANTIZATION_RANGE, SecAggGrid
+from fedpeft.server.grid import CountingGrid, DelegatingGrid
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.run import run_federation
+from fedpeft.server.secagg import QUANTIZATION_RANGE, SecAggGrid
 
 NODES = 5
 SHAPES = {"m.lora_A.weight": (4, 16), "m.lora_B.weight": (16, 4), "head.bias": (6,)}
@@ -157,7 +157,7 @@ def test_too_few_shares_fails_the_round_and_counts_every_client() -> None:
     ],
 )
 def test_combinations_that_cannot_work_are_refused_in_one_line(sets, message) -> None:
-    from strategies import build_strategy
+    from fedpeft.strategies import build_strategy
 
     with pytest.raises(ScenarioError, match="secure_aggregation") as err:
         build_strategy(load_scenario("smoke", ["privacy.secure_aggregation=true", *sets]))
@@ -170,7 +170,7 @@ def test_ffa_lora_federation_with_secagg_ends_where_plain_aggregation_does(tmp_p
     for name, extra in (("plain", []), ("secure", ["privacy.secure_aggregation=true"])):
         scenario = load_scenario("smoke", [*sets, *extra])
         summary = run_federation(
-            InProcessGrid(clients.app.app, 4), scenario, tmp_path / name, "in-process"
+            InProcessGrid(client_app, 4), scenario, tmp_path / name, "in-process"
         )
         runs[name] = (summary, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
     (plain, a), (secure, b) = runs["plain"], runs["secure"]

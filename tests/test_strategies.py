@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fedpeft.config import load_scenario
-from strategies import STRATEGIES, AggregationError, build_strategy, get_strategy
-from strategies.testing import aggregate_with
+from fedpeft.strategies import STRATEGIES, AggregationError, build_strategy, get_strategy
+from fedpeft.strategies.testing import aggregate_with
 
 # Two clients, values chosen so every weighted mean is exact in float32.
 A1 = {"lora_A": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "head": torch.tensor([0.5, -1.0])}

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from clients.app import app  # noqa: E402
+from fedpeft.clients.app import app  # noqa: E402
 from fedpeft.config import load_scenario  # noqa: E402
-from server.inprocess import InProcessGrid  # noqa: E402
-from server.run import run_federation  # noqa: E402
+from fedpeft.server.inprocess import InProcessGrid  # noqa: E402
+from fedpeft.server.run import run_federation  # noqa: E402
 
 TOPK = ['compression.uplink=["topk","int8"]', "compression.error_feedback=true"]
 WAYS = {
