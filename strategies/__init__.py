@@ -31,42 +31,59 @@ class AggregationError(ValueError):
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """A registered strategy: name, one-line description and builder."""
+    """A registered strategy: its name, one-line description, builder and capabilities.
+
+    The capabilities are stated here, once, by the module that registers the strategy;
+    :func:`check_compatible` reads them to refuse scenarios the rule cannot serve.
+    """
 
     name: str
     description: str
     build: Builder
     heterogeneous_ranks: bool = False  # accepts peft.client_ranks with different ranks
     lora_only: bool = False  # its rule needs LoRA factors (peft.method = "lora")
+    #: its rule is a weighted sum of what clients send, so DP noise in shares and secure
+    #: aggregation (the server sees only the sum) hold for it
+    weighted_sum: bool = False
+    #: why clients get new LoRA factors every round (error feedback cannot apply); "" if not
+    new_factors_each_round: str = ""
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
-#: strategies whose clients get new LoRA factors every round (error feedback cannot apply)
-NEW_FACTORS_EACH_ROUND = {
-    "flora": "restarts LoRA every round",
-    "flexlora": "hands out freshly SVD-decomposed factors (a new basis) every round",
-}
-HETERO_HINT = "flora, flexlora or hetlora"
-#: strategies whose rule is a weighted sum of what clients send: DP noise in shares, and
-#: secure aggregation, hold only for these
-WEIGHTED_SUM = ("fedavg", "fedit", "fedprox", "ffa_lora", "fedsa_lora", "rolora")
 
 
 def register_strategy(
     name: str,
     description: str,
     build: Builder,
+    *,
     heterogeneous_ranks: bool = False,
     lora_only: bool = False,
+    weighted_sum: bool = False,
+    new_factors_each_round: str = "",
 ) -> StrategySpec:
-    """Register a strategy builder; a duplicate or malformed name fails loudly."""
+    """Register a strategy builder and its capabilities; a duplicate or bad name fails."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
         raise ValueError(f"malformed strategy name {name!r}: use lower_snake_case")
     if name in STRATEGIES:
         raise ValueError(f"strategy {name!r} is registered twice")
-    spec = StrategySpec(name, description, build, heterogeneous_ranks, lora_only)
+    spec = StrategySpec(
+        name,
+        description,
+        build,
+        heterogeneous_ranks=heterogeneous_ranks,
+        lora_only=lora_only,
+        weighted_sum=weighted_sum,
+        new_factors_each_round=new_factors_each_round,
+    )
     STRATEGIES[name] = spec
     return spec
+
+
+def names_that(capability: str) -> str:
+    """The registered strategies with ``capability`` set, as "a, b or c" for error lines."""
+    names = sorted(n for n, spec in STRATEGIES.items() if getattr(spec, capability))
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else "".join(names)
 
 
 def get_strategy(name: str) -> StrategySpec:
@@ -110,7 +127,8 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
     if scenario.heterogeneous_ranks and not spec.heterogeneous_ranks:
         raise ScenarioError(
             f"strategy.name={spec.name!r} cannot aggregate heterogeneous ranks "
-            f"(peft.client_ranks={scenario.peft.client_ranks}); use {HETERO_HINT}, "
+            f"(peft.client_ranks={scenario.peft.client_ranks}); use "
+            f"{names_that('heterogeneous_ranks')}, "
             "or give every client the same rank"
         )
     if spec.lora_only and scenario.peft.methods != ["lora"]:
@@ -118,16 +136,16 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
             f"strategy.name={spec.name!r} aggregates LoRA factors and needs "
             f"peft.method='lora', not {scenario.peft.method!r}"
         )
-    if scenario.privacy.dp != "none" and spec.name not in WEIGHTED_SUM:
+    if scenario.privacy.dp != "none" and not spec.weighted_sum:
         raise ScenarioError(
             f"privacy.dp={scenario.privacy.dp!r} needs a strategy whose rule is a weighted sum "
-            f"of client updates ({', '.join(WEIGHTED_SUM)}), not strategy.name={spec.name!r}"
+            f"of client updates ({names_that('weighted_sum')}), not strategy.name={spec.name!r}"
         )
     if scenario.privacy.secure_aggregation:
         check_secure_aggregation(spec, scenario)
-    if spec.name in NEW_FACTORS_EACH_ROUND and scenario.compression.error_feedback:
+    if spec.new_factors_each_round and scenario.compression.error_feedback:
         raise ScenarioError(
-            f"strategy.name={spec.name!r} {NEW_FACTORS_EACH_ROUND[spec.name]}, so an "
+            f"strategy.name={spec.name!r} {spec.new_factors_each_round}, so an "
             "error-feedback residual of last round's factors means nothing in the next; set "
             "compression.error_feedback=false"
         )
@@ -135,10 +153,10 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
 
 def check_secure_aggregation(spec: StrategySpec, scenario: Scenario) -> None:
     """Refuse, in one line, what cannot go with SecAgg+: the server sees only the sum."""
-    if spec.name not in WEIGHTED_SUM:
+    if not spec.weighted_sum:
         raise ScenarioError(
             f"privacy.secure_aggregation needs a strategy whose rule is a weighted sum of "
-            f"client updates ({', '.join(WEIGHTED_SUM)}), not strategy.name={spec.name!r}"
+            f"client updates ({names_that('weighted_sum')}), not strategy.name={spec.name!r}"
         )
     refusals = {
         "privacy.dp='central'": (

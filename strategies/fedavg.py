@@ -56,8 +56,15 @@ def build_fedavgm(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
     )
 
 
-register_strategy("fedavg", "weighted average of adapter tensors (FedIT on LoRA)", build_fedavg)
-register_strategy("fedprox", "FedAvg + client-side proximal term (mu)", build_fedprox)
+register_strategy(
+    "fedavg",
+    "weighted average of adapter tensors (FedIT on LoRA)",
+    build_fedavg,
+    weighted_sum=True,
+)
+register_strategy(
+    "fedprox", "FedAvg + client-side proximal term (mu)", build_fedprox, weighted_sum=True
+)
 register_strategy("fedavgm", "FedAvg with server momentum", build_fedavgm)
 
 

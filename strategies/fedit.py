@@ -28,4 +28,9 @@ def build_fedit(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
     return FedIT(scenario, sampling)
 
 
-register_strategy("fedit", "FedAvg on the LoRA factors A and B (baseline, inexact)", build_fedit)
+register_strategy(
+    "fedit",
+    "FedAvg on the LoRA factors A and B (baseline, inexact)",
+    build_fedit,
+    weighted_sum=True,
+)

@@ -63,4 +63,5 @@ register_strategy(
     "average A, keep B on each client (personalised)",
     build_fedsa_lora,
     lora_only=True,
+    weighted_sum=True,
 )

@@ -41,4 +41,5 @@ register_strategy(
     "frozen shared A from the seed, average B only (exact)",
     build_ffa_lora,
     lora_only=True,
+    weighted_sum=True,
 )

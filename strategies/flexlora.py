@@ -83,4 +83,5 @@ register_strategy(
     build_flexlora,
     heterogeneous_ranks=True,
     lora_only=True,
+    new_factors_each_round="hands out freshly SVD-decomposed factors (a new basis) every round",
 )

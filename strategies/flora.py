@@ -95,4 +95,5 @@ register_strategy(
     build_flora,
     heterogeneous_ranks=True,
     lora_only=True,
+    new_factors_each_round="restarts LoRA every round",
 )

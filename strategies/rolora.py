@@ -39,4 +39,5 @@ register_strategy(
     "alternate rounds: average B with A frozen, then A with B frozen",
     build_rolora,
     lora_only=True,
+    weighted_sum=True,
 )
