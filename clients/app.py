@@ -29,11 +29,11 @@ from fedpeft.adapters import (
     factor_of,
     fold_base_delta,
     get_adapter_state,
-    lora_pairs,
     set_adapter_state,
     set_trainable,
 )
 from fedpeft.clients.compression import compression_mod, run_tag, state_dir
+from fedpeft.clients.instructions import Instructions
 from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import PeftSection, Scenario
@@ -47,13 +47,10 @@ from fedpeft.models import (
     resolve_device,
 )
 from fedpeft.privacy import local_dp_mod
-from fedpeft.state import ClientStateStore, scalar
-from fedpeft.strategies.lora_math import (
-    hetlora_prune_rank,
-    hetlora_self_pruning_penalty,
-    lora_alpha_for,
-    lora_scaling,
-)
+from fedpeft.state import ClientStateStore
+from fedpeft.strategies import get_strategy
+from fedpeft.strategies.client_hook import ClientHook
+from fedpeft.strategies.lora_math import lora_alpha_for, lora_scaling
 from fedpeft.train import evaluate, scenario_collate, train_steps
 
 # outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
@@ -61,25 +58,20 @@ from fedpeft.train import evaluate, scenario_collate, train_steps
 # asked), then the handler
 app = ClientApp(mods=[secagg_mod, compression_mod, local_dp_mod, fault_mod])
 
-RANK_KEY = "__rank__"  # a client's own (possibly self-pruned) rank, kept in its state store
-
 
 @dataclass
 class Job:
-    """Everything one message asks of this client."""
+    """Everything one message asks of this client, and what it works with."""
 
     scenario: Scenario
-    config: ConfigRecord
+    asked: Instructions
     partition_id: int
     rank: int  # the rank of this client's adapter tensors
     current_rank: int  # HetLoRA: the rank left after self-pruning (components past it are 0)
     model: torch.nn.Module
     device: torch.device
     store: ClientStateStore | None
-
-    def factors(self, key: str) -> set[str]:
-        """A comma-separated factor list from the instructions."""
-        return records.factor_set(self.config, key)
+    hook: ClientHook  # the strategy's client-side work
 
 
 def _partition_id(context: Context, scenario: Scenario) -> int:
@@ -145,15 +137,15 @@ def _prepare(msg: Message, context: Context) -> Job:
     if threads := os.environ.get("FEDPEFT_THREADS_PER_CLIENT"):
         torch.set_num_threads(int(threads))
     config = msg.content.config_records[records.CONFIG]
-    scenario = Scenario.from_json(str(config[records.SCENARIO]))
+    asked = Instructions.parse(config)
+    scenario = asked.scenario
     partition_id = _partition_id(context, scenario)
     folder = state_dir(context, config)
     store = ClientStateStore(folder, run_tag(context, config)) if folder else None
     personal = store.load(partition_id) if store else {}
-    shared_scaling = str(config.get(records.ALPHA_MODE, "per-rank")) == "shared-scaling"
     # a real node may state its own rank (flower-supernode --node-config "rank=4")
     rank = int(str(context.node_config.get(records.NODE_RANK, scenario.rank_of(partition_id))))
-    peft_cfg = client_peft(scenario, rank, shared_scaling)
+    peft_cfg = client_peft(scenario, rank, asked.shared_scaling)
     num_labels = load_task_data(scenario.data).num_labels
     # a real node may name its own device (flower-supernode --node-config 'device="cuda:0"')
     device = resolve_device(
@@ -161,8 +153,9 @@ def _prepare(msg: Message, context: Context) -> Job:
     )
     model = cached_peft_model(scenario.model, peft_cfg, num_labels, scenario.seed, device)
     model.to(device)
-    current = int(personal[RANK_KEY].item()) if RANK_KEY in personal else rank
-    job = Job(scenario, config, partition_id, rank, min(current, rank), model, device, store)
+    hook = get_strategy(scenario.strategy.name).client_hook
+    current = hook.current_rank(personal, rank)
+    job = Job(scenario, asked, partition_id, rank, current, model, device, store, hook)
 
     # frozen base: W0 plus whatever the strategy folded into it (FLoRA, FedEx-LoRA)
     content = msg.content.array_records
@@ -177,15 +170,12 @@ def _prepare(msg: Message, context: Context) -> Job:
     received = fit_rank(
         arrayrecord_to_state(msg.content.array_records[records.ARRAYS]),
         initial,
-        per_rank_scaling=not shared_scaling,
+        per_rank_scaling=not asked.shared_scaling,
         use_rslora=scenario.peft.use_rslora,
     )
-    keep = job.factors(records.PERSONAL_FACTORS)
+    keep = asked.personal_factors
     mine = {k: v for k, v in personal.items() if k in initial and factor_of(k) in keep}
-    state = {**initial, **received, **mine}
-    if RANK_KEY in personal:  # HetLoRA: components past the self-pruned rank stay zero
-        state = _zero_tail(state, int(personal[RANK_KEY].item()))
-    set_adapter_state(model, state)
+    set_adapter_state(model, hook.restore({**initial, **received, **mine}, personal))
     return job
 
 
@@ -205,43 +195,16 @@ def local_data(job: Job, context: Context) -> tuple[datasets.Dataset, datasets.D
     return client_split(data, job.scenario.seed, job.partition_id, cache_dir=cache)
 
 
-def _zero_tail(state: AdapterState, rank: int) -> AdapterState:
-    out = dict(state)
-    for a_key, b_key in lora_pairs(list(state)).values():
-        out[a_key] = state[a_key].clone()
-        out[a_key][rank:, :] = 0
-        out[b_key] = state[b_key].clone()
-        out[b_key][:, rank:] = 0
-    return out
-
-
-def _pruning_penalty(job: Job) -> Callable[[], torch.Tensor] | None:
-    """HetLoRA's rank self-pruning regulariser on this client's live factors, if asked."""
-    gamma = float(str(job.config.get(records.PRUNE_GAMMA, 0.0)))
-    if gamma <= 0:
-        return None
-    live = adapter_parameters(job.model)
-    pairs = [(live[a], live[b]) for a, b in lora_pairs(list(live)).values()]
-
-    def penalty() -> torch.Tensor:
-        return sum(
-            (hetlora_self_pruning_penalty(b, a, job.current_rank, gamma) for a, b in pairs),
-            torch.zeros((), device=job.device),
-        )
-
-    return penalty
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train as instructed on this client's partition; reply with the factors to send."""
     started = time.perf_counter()
     job = _prepare(msg, context)
-    scenario, config = job.scenario, job.config
-    server_round = int(str(config.get(records.SERVER_ROUND, 0)))
+    scenario, asked = job.scenario, job.asked
+    server_round = asked.server_round
     end_round: Callable[[], None] | None = None
     try:
-        set_trainable(job.model, job.factors(records.TRAIN_FACTORS) or None)
+        set_trainable(job.model, set(asked.train_factors) or None)
         end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
         train_part, _ = local_data(job, context)
         t = scenario.train
@@ -256,8 +219,10 @@ def train(msg: Message, context: Context) -> Message:
             seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + job.partition_id,
             weight_decay=t.weight_decay,
             max_grad_norm=t.max_grad_norm,
-            proximal_mu=float(str(config.get(records.PROXIMAL_MU, 0.0))),
-            regulariser=_pruning_penalty(job),
+            proximal_mu=asked.proximal_mu,
+            regulariser=job.hook.regulariser(
+                adapter_parameters(job.model), job.current_rank, asked.prune_gamma, job.device
+            ),
             device=job.device,
             precision=t.precision,
             track_gradient=scenario.compression.scores_by_gradient(scenario.privacy),
@@ -267,19 +232,17 @@ def train(msg: Message, context: Context) -> Message:
             end_round()
         set_trainable(job.model, None)
     state = get_adapter_state(job.model)
-    sent_rank = job.current_rank
-    threshold = float(str(config.get(records.PRUNE_THRESHOLD, 0.0)))
-    if float(str(config.get(records.PRUNE_GAMMA, 0.0))) > 0 and threshold > 0:
-        sent_rank = _self_prune(job, state, threshold)
-    send = job.factors(records.SEND_FACTORS)
+    sent_rank = job.hook.rank_to_send(
+        state, job.current_rank, asked.prune_gamma, asked.prune_threshold
+    )
+    send = asked.send_factors
     sent = {k: v for k, v in state.items() if factor_of(k) in send} if send else state
-    sent = _truncate(sent, sent_rank)
-    keep = job.factors(records.PERSONAL_FACTORS)
-    if job.store is not None and (keep or sent_rank != job.rank):
+    sent = job.hook.outgoing(sent, sent_rank)
+    keep = asked.personal_factors
+    extra = job.hook.kept(sent_rank, job.rank)
+    if job.store is not None and (keep or extra):
         own = {k: v for k, v in state.items() if factor_of(k) in keep}
-        if sent_rank != job.rank:
-            own[RANK_KEY] = scalar(sent_rank)
-        job.store.save(job.partition_id, own)
+        job.store.save(job.partition_id, {**own, **extra})
     metrics = MetricRecord(
         {
             records.TRAIN_LOSS: result.train_loss,
@@ -312,25 +275,8 @@ def train(msg: Message, context: Context) -> Message:
             for key in sent
             if (param := params.get(key)) is not None and param in result.mean_gradients
         }
-        content[records.GRADIENT] = state_to_arrayrecord(_truncate(gradient, sent_rank))
+        content[records.GRADIENT] = state_to_arrayrecord(job.hook.outgoing(gradient, sent_rank))
     return Message(content, reply_to=msg)
-
-
-def _self_prune(job: Job, state: AdapterState, threshold: float) -> int:
-    """HetLoRA's local rank self-pruning: the smallest rank any module still needs."""
-    ranks = []
-    for a_key, b_key in lora_pairs(list(state)).values():
-        ranks.append(
-            hetlora_prune_rank(state[b_key], state[a_key], job.current_rank, 0.5, threshold)
-        )
-    return max(1, min(job.current_rank, max(ranks) if ranks else job.current_rank))
-
-
-def _truncate(state: AdapterState, rank: int) -> AdapterState:
-    out = dict(state)
-    for a_key, b_key in lora_pairs(list(state)).values():
-        out[a_key], out[b_key] = state[a_key][:rank, :], state[b_key][:, :rank]
-    return out
 
 
 @app.query()

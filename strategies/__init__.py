@@ -17,6 +17,7 @@ from typing import Any
 from flwr.serverapp.strategy import Strategy
 
 from fedpeft.config import Scenario, ScenarioError
+from fedpeft.strategies.client_hook import ClientHook
 
 Builder = Callable[[Scenario, dict[str, Any]], Strategy]
 
@@ -47,6 +48,8 @@ class StrategySpec:
     weighted_sum: bool = False
     #: why clients get new LoRA factors every round (error feedback cannot apply); "" if not
     new_factors_each_round: str = ""
+    #: the rule's client-side work (HetLoRA's self-pruning); the default does nothing
+    client_hook: ClientHook = ClientHook()
 
 
 STRATEGIES: dict[str, StrategySpec] = {}
@@ -61,6 +64,7 @@ def register_strategy(
     lora_only: bool = False,
     weighted_sum: bool = False,
     new_factors_each_round: str = "",
+    client_hook: ClientHook | None = None,
 ) -> StrategySpec:
     """Register a strategy builder and its capabilities; a duplicate or bad name fails."""
     if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -75,6 +79,7 @@ def register_strategy(
         lora_only=lora_only,
         weighted_sum=weighted_sum,
         new_factors_each_round=new_factors_each_round,
+        client_hook=client_hook or ClientHook(),
     )
     STRATEGIES[name] = spec
     return spec

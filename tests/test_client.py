@@ -1,6 +1,7 @@
 """The ClientApp's train function, called directly with real Messages: what a client
 trains, sends and keeps follows the server's instructions, and personal state persists."""
 
+import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -8,6 +9,7 @@ from fedpeft import records
 from fedpeft.adapters import factor_of, get_adapter_state
 from fedpeft.clients.app import _prepare
 from fedpeft.clients.app import train as client_train
+from fedpeft.clients.instructions import Instructions
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import load_scenario
 from fedpeft.data import load_task_data
@@ -168,3 +170,91 @@ def test_a_node_trains_on_its_own_file_or_its_cached_partition(tmp_path):
         got = local_data(job, context)
         assert [p["text"] for p in got] == [p["text"] for p in expected]
     assert len(list((tmp_path / "node" / "cache").glob("partition-1-*"))) == 1
+
+
+HETLORA = load_scenario(
+    "smoke", ["train.local_steps=3", "train.lr=0.05", 'strategy.name="hetlora"']
+)
+PRUNE = {
+    records.TRAIN_FACTORS: "head,lora_A,lora_B",
+    records.SEND_FACTORS: "head,lora_A,lora_B",
+    records.ALPHA_MODE: "shared-scaling",
+    records.PRUNE_GAMMA: 0.01,
+    records.PRUNE_THRESHOLD: 0.1,
+}
+
+
+def _hetlora_message(global_state, state_dir):
+    message = _message(global_state, PRUNE, state_dir)
+    config = message.content.config_records[records.CONFIG]
+    config[records.SCENARIO] = HETLORA.to_json()
+    return message
+
+
+def test_a_hetlora_client_with_a_dead_tail_prunes_its_rank_and_keeps_it(tmp_path):
+    # Arrange: rank-4 factors whose components 2 and 3 are zero; B's head is non-zero
+    torch.manual_seed(0)
+    state = _initial()
+    for key, value in state.items():
+        if factor_of(key) == "lora_B":
+            state[key] = torch.randn_like(value)
+            state[key][:, 2:] = 0
+        elif factor_of(key) == "lora_A":
+            state[key] = value.clone()
+            state[key][2:, :] = 0
+    # Act: one round of training through the HetLoRA client hook, then the next message
+    reply = client_train(_hetlora_message(state, tmp_path), _context(0))
+    sent = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+    job = _prepare(_hetlora_message(_initial(), tmp_path), _context(0))
+    # Assert: a zero tail gets no gradient, so it stays negligible: the client sends rank 2
+    metrics = reply.content.metric_records[records.METRICS]
+    assert metrics[records.CLIENT_RANK] == 2
+    assert {v.shape[0] for k, v in sent.items() if factor_of(k) == "lora_A"} == {2}
+    assert {v.shape[1] for k, v in sent.items() if factor_of(k) == "lora_B"} == {2}
+    # and from then on trains at rank 2 from factors whose tail is zero
+    assert (job.rank, job.current_rank) == (4, 2)
+    live = get_adapter_state(job.model)
+    for key, value in live.items():
+        if factor_of(key) == "lora_A":
+            assert torch.count_nonzero(value[2:, :]) == 0
+        elif factor_of(key) == "lora_B":
+            assert torch.count_nonzero(value[:, 2:]) == 0
+
+
+def test_other_strategies_keep_their_rank_and_send_every_component(tmp_path):
+    reply = client_train(_message(_initial(), {}, tmp_path), _context(0))
+    sent = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+    assert reply.content.metric_records[records.METRICS][records.CLIENT_RANK] == 4
+    assert {v.shape[0] for k, v in sent.items() if factor_of(k) == "lora_A"} == {4}
+    assert ClientStateStore(tmp_path).load(0) == {}
+
+
+def test_instructions_parse_every_entry_once_with_defaults():
+    config = ConfigRecord(
+        {
+            records.SCENARIO: SCENARIO.to_json(),
+            records.SERVER_ROUND: 3,
+            records.TRAIN_FACTORS: "lora_A,lora_B",
+            records.PROXIMAL_MU: 0.5,
+        }
+    )
+    asked = Instructions.parse(config)
+    assert asked.server_round == 3 and asked.proximal_mu == 0.5
+    assert asked.train_factors == {"lora_A", "lora_B"} and asked.personal_factors == set()
+    assert not asked.shared_scaling and asked.prune_gamma == 0.0
+    assert asked.scenario == SCENARIO
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({records.ALPHA_MODE: "weird"}, "alpha-mode='weird' is not known"),
+        ({records.PRUNE_GAMMA: "lots"}, "prune-gamma='lots' is not a number"),
+    ],
+)
+def test_instructions_refuse_a_malformed_entry_in_one_line(entry, message):
+    config = ConfigRecord({records.SCENARIO: SCENARIO.to_json(), **entry})
+    with pytest.raises(ValueError, match=message):
+        Instructions.parse(config)
+    with pytest.raises(ValueError, match=f"hold no '{records.SCENARIO}'"):
+        Instructions.parse(ConfigRecord({records.SERVER_ROUND: 1}))
