@@ -39,6 +39,7 @@ from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import PeftSection, Scenario
 from fedpeft.data import client_split, load_task_data, node_split
 from fedpeft.faults import fault_mod
+from fedpeft.lora import lora_alpha_for, lora_scaling
 from fedpeft.methods import before_round
 from fedpeft.models import (
     cached_peft_model,
@@ -50,7 +51,6 @@ from fedpeft.privacy import local_dp_mod
 from fedpeft.state import ClientStateStore
 from fedpeft.strategies import get_strategy
 from fedpeft.strategies.client_hook import ClientHook
-from fedpeft.strategies.lora_math import lora_alpha_for, lora_scaling
 from fedpeft.train import evaluate, scenario_collate, train_steps
 
 # outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are

@@ -18,6 +18,8 @@ from peft import PeftModel, set_peft_model_state_dict
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 
+from fedpeft.lora import delta_weight
+
 AdapterState = dict[str, torch.Tensor]
 
 
@@ -136,8 +138,6 @@ def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
     fold replaces the previous one instead of adding to it; an empty ``delta`` restores
     ``W0`` everywhere it was changed. FLoRA merges and FedEx-LoRA residuals use this.
     """
-    from fedpeft.strategies.lora_math import delta_weight
-
     layers = {m: model.get_submodule(m) for m in delta}
     for name, layer in model.named_modules():
         if hasattr(layer, _PRISTINE) and name not in layers:

@@ -106,7 +106,7 @@ def save_final_adapter(
     A strategy that changed the base weights (FLoRA, FedEx-LoRA) exports an adapter that
     carries the change too; it is saved from a fresh copy of the untouched base model. The
     saved config keeps the scenario's ``use_rslora``: the export's ``lora_alpha`` is the one
-    that gives its tensors their scaling under it (``fedpeft.strategies.lora_math.lora_alpha_for``).
+    that gives its tensors their scaling under it (``fedpeft.lora.lora_alpha_for``).
     """
     if not isinstance(strategy, AdapterStrategy):
         save_adapter(model, where)

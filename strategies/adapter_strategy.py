@@ -28,8 +28,9 @@ from fedpeft import records
 from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
+from fedpeft.lora import lora_alpha_for, lora_scaling
 from fedpeft.strategies.guard import check_train_replies
-from fedpeft.strategies.lora_math import lora_alpha_for, lora_scaling, stack_factors
+from fedpeft.strategies.lora_math import stack_factors
 
 ALL_FACTORS = "lora_A,lora_B,head"
 

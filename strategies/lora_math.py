@@ -2,7 +2,7 @@
 
 Per adapted matrix ``W`` (d x k) a client holds LoRA factors ``B`` (d x r) and ``A`` (r x k);
 peft's update is ``s * B @ A`` with ``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA
-(:func:`lora_scaling`, the one place that scaling is computed). Client weights
+(:func:`fedpeft.lora.lora_scaling`, the one place that scaling is computed). Client weights
 ``p_i = n_i / sum n`` are built from raw example counts by :func:`normalise_weights`. The rules:
 
 - FedIT (Zhang et al., 2024): average ``B`` and ``A`` separately (:func:`weighted_mean`); the
@@ -31,33 +31,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fedpeft.lora import delta_weight
+
 #: how FlexLoRA splits ``U S V^T`` into LoRA factors (see :func:`truncate_to_rank`)
 SvdSplit = Literal["left", "sqrt"]
 #: how HetLoRA weights the padded clients (see :func:`hetlora_aggregate`)
 HetLoRAWeighting = Literal["norm", "examples_norm"]
-
-
-def lora_scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
-    """Peft's LoRA scaling at rank ``r``: ``alpha / sqrt(r)`` with rsLoRA, else ``alpha / r``.
-
-    As peft's ``LoraLayer.update_layer`` sets it; every rule that adds products of clients'
-    factors, folds them into a weight or exports them computes its scalings here.
-    """
-    if r < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {r}")
-    return alpha / math.sqrt(r) if use_rslora else alpha / r
-
-
-def lora_alpha_for(scaling: float, r: int, use_rslora: bool = False) -> float:
-    """The ``lora_alpha`` that gives peft's scaling ``scaling`` at rank ``r``.
-
-    The inverse of :func:`lora_scaling`: an exported adapter whose ``B @ A`` is the delta
-    itself takes ``lora_alpha_for(1.0, r, use_rslora)``; HetLoRA's rank-``r_i`` clients take
-    ``lora_alpha_for(lora_scaling(alpha, r_max, use_rslora), r_i, use_rslora)``.
-    """
-    if r < 1:
-        raise ValueError(f"LoRA rank must be >= 1, got {r}")
-    return scaling * (math.sqrt(r) if use_rslora else r)
 
 
 def normalise_weights(weights: Sequence[float]) -> list[float]:
@@ -337,15 +316,6 @@ def fedex_residual(
     r_b = torch.cat([*Bs, mean_b], dim=1)
     r_a = scaling * torch.cat([*(p_i * a for p_i, a in zip(p, As, strict=True)), -mean_a], dim=0)
     return r_b, r_a
-
-
-def delta_weight(B: Tensor, A: Tensor, scaling: float, fan_in_fan_out: bool = False) -> Tensor:
-    """LoRA delta ``scaling * B @ A`` as peft forms it, transposed when ``fan_in_fan_out``.
-
-    GPT-2's ``Conv1D`` stores its weight as (in, out), so its delta is ``(B @ A).T``.
-    """
-    delta = scaling * (B @ A)
-    return delta.mT if fan_in_fan_out else delta
 
 
 def fold_into_weight(

@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, inject_adapter_in_model
 from transformers.pytorch_utils import Conv1D
 
+from fedpeft.lora import delta_weight, lora_alpha_for, lora_scaling
 from fedpeft.strategies.lora_math import (
-    delta_weight,
     factored_svd,
     fedex_residual,
     fedit_cross_term,
@@ -18,8 +18,6 @@ from fedpeft.strategies.lora_math import (
     hetlora_prune_rank,
     hetlora_self_pruning_penalty,
     hetlora_truncate,
-    lora_alpha_for,
-    lora_scaling,
     normalise_weights,
     product_sum,
     stack_factors,
