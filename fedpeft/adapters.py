@@ -1,26 +1,27 @@
-"""The one place that extracts and loads adapter tensors, and saves and reloads adapters.
+"""The one place that extracts and loads adapter tensors.
 
 Everything that travels between server and clients is the model's *adapter state*:
 exactly the parameters that train, as :func:`fedpeft.methods.build_peft_model` recorded
 them (peft's adapter tensors, fedpeft's own BitFit biases, sparse values or bottleneck
 adapters, a task head trained from scratch, or every weight under full fine-tuning).
-Nothing else in fedpeft reaches into a raw ``state_dict()``.
+Nothing else in fedpeft reaches into a raw ``state_dict()``. Saving a trained adapter to
+a folder, and rebuilding the model from it, is :mod:`fedpeft.adapter_files`.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-from typing import Any
-
 import torch
-from peft import PeftModel, set_peft_model_state_dict
-from peft.utils import load_peft_weights
-from safetensors.torch import load_file, save_file
+from peft import PeftModel
 
-from fedpeft.lora import delta_weight
+from fedpeft.config import ScenarioError
+from fedpeft.lora import fold_into_weight
 
 AdapterState = dict[str, torch.Tensor]
+
+# attribute names fedpeft.methods.build_peft_model sets on a model it built, read here
+TRAVEL_ATTR = "_fedpeft_travel"  # parameter names that train and travel, in model order
+BASE_ATTR = "_fedpeft_base_params"  # ids of the base model's own parameters
+META_ATTR = "_fedpeft_meta"  # what a loader needs to rebuild the model (see adapter_files)
 
 
 class AdapterMismatchError(ValueError):
@@ -44,8 +45,6 @@ def adapter_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     peft's adapter tensors, fedpeft's own (BitFit biases, sparse values, bottleneck
     adapters), the task head, or every weight under full fine-tuning.
     """
-    from fedpeft.methods import TRAVEL_ATTR
-
     names = getattr(model, TRAVEL_ATTR, None)
     if names is None:  # a model fedpeft did not build: peft's adapter, if any
         if not isinstance(model, PeftModel):
@@ -146,8 +145,6 @@ def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
         for name, layer in layers.items():
             weight = layer.get_base_layer().weight  # type: ignore[operator]
             if not weight.is_floating_point():  # 8-bit codes would silently take the sum
-                from fedpeft.config import ScenarioError
-
                 raise ScenarioError(
                     f"this strategy changes the frozen base weights (FLoRA, FedEx-LoRA), which "
                     f"model.quantization made {weight.dtype} in {name}: set "
@@ -159,8 +156,8 @@ def fold_base_delta(model: torch.nn.Module, delta: BaseDelta) -> None:
             if name in delta:
                 p, q = delta[name]
                 fan_in_fan_out = bool(getattr(layer, "fan_in_fan_out", False))
-                d = delta_weight(p.to(weight.device), q.to(weight.device), 1.0, fan_in_fan_out)
-                weight.copy_((pristine.double() + d.double()).to(weight.dtype))
+                p, q = p.to(weight.device), q.to(weight.device)
+                weight.copy_(fold_into_weight(pristine, p, q, 1.0, fan_in_fan_out))
             else:
                 weight.copy_(pristine)
 
@@ -194,95 +191,8 @@ def count_trainable(model: torch.nn.Module) -> int:
 
 def base_model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The full model's own parameters, as full fine-tuning would send them (no adapter)."""
-    from fedpeft.methods import BASE_ATTR
-
     ids = getattr(model, BASE_ATTR, None)
     if ids is None:
         base = model.get_base_model() if isinstance(model, PeftModel) else model
         return dict(base.named_parameters())
     return {name: p for name, p in model.named_parameters() if id(p) in ids}
-
-
-# ------------------------------------------------------------------------ saving, loading
-
-META_FILE = "fedpeft_adapter.json"  # how fedpeft rebuilds the model (written for every method)
-STATE_FILE = "fedpeft_adapter.safetensors"  # the adapter tensors, for methods peft cannot save
-
-
-def save_adapter(model: torch.nn.Module, directory: Path) -> None:
-    """Write the trained adapter so it reloads without this run.
-
-    A single peft method is saved in Hugging Face peft format
-    (``PeftModel.from_pretrained(base, directory)`` reads it, with no fedpeft import);
-    full fine-tuning is saved as a plain transformers model (``from_pretrained``). Methods
-    peft lacks, and hybrids, are saved as ``fedpeft_adapter.safetensors``, which
-    :func:`load_adapter` reads. Every format also gets ``fedpeft_adapter.json``: the
-    model, task, method settings and seed that rebuild the same model.
-    """
-    from fedpeft.methods import META_ATTR, get_method
-
-    directory = Path(directory)
-    meta: dict[str, Any] = dict(getattr(model, META_ATTR, {}))
-    if not {"model", "num_labels", "peft"} <= set(meta):
-        raise ValueError(
-            "cannot save an adapter without knowing its base model: build the model with "
-            "fedpeft.models.cached_peft_model (or record model and num_labels in its meta)"
-        )
-    directory.mkdir(parents=True, exist_ok=True)
-    from fedpeft.config import PeftSection
-
-    methods = [get_method(m) for m in PeftSection(**meta["peft"]).methods]
-    if isinstance(model, PeftModel) and len(methods) <= 1:
-        model.save_pretrained(str(directory))
-        meta["format"] = "peft"
-    elif len(methods) == 1 and methods[0].kind == "full":
-        model.save_pretrained(str(directory))  # type: ignore[operator]
-        meta["format"] = "transformers"
-    else:
-        save_file(
-            {k: v.contiguous() for k, v in get_adapter_state(model).items()},
-            str(directory / STATE_FILE),
-        )
-        meta["format"] = "fedpeft"
-    (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-
-
-def load_adapter(directory: Path | str, base: torch.nn.Module | None = None) -> torch.nn.Module:
-    """Rebuild a model saved by :func:`save_adapter`: base model plus trained adapter.
-
-    ``base`` defaults to the base model named in ``fedpeft_adapter.json`` (it must load
-    from there: a bundled alias, a local folder or a reachable hub id).
-    """
-    from fedpeft.config import ModelConfig, PeftSection
-    from fedpeft.methods import build_peft_model, get_method
-    from fedpeft.models import load_base_model
-
-    directory = Path(directory)
-    meta = json.loads((directory / META_FILE).read_text())
-    peft_cfg = PeftSection(**meta["peft"])
-    model_cfg = ModelConfig(**meta["model"])
-    if meta["format"] == "transformers":
-        model_cfg = ModelConfig(**{**meta["model"], "name": str(directory)})
-        return load_base_model(model_cfg, meta["num_labels"])
-    if base is None:
-        base = load_base_model(model_cfg, meta["num_labels"])
-    if meta["format"] == "peft" and any(get_method(m).prompt for m in peft_cfg.methods):
-        # peft saves the prompts a prompt encoder made, not the encoder: peft reloads them
-        for name in peft_cfg.methods:
-            if (prepare := get_method(name).prepare) is not None:
-                prepare(base)
-        return PeftModel.from_pretrained(base, str(directory))
-    model = build_peft_model(base, peft_cfg, meta["task"], meta["seed"])
-    if meta["format"] == "peft":  # peft's own file, read by peft
-        weights = load_peft_weights(str(directory))
-        result = set_peft_model_state_dict(model, weights)
-        unexpected = list(getattr(result, "unexpected_keys", []))
-        if unexpected or len(weights) != len(adapter_spec(model)):  # none unknown, none left out
-            raise AdapterMismatchError(
-                f"{directory} holds {len(weights)} adapter tensors for a model that trains "
-                f"{len(adapter_spec(model))} (unexpected: {unexpected[:3]})"
-            )
-    else:
-        set_adapter_state(model, load_file(str(directory / STATE_FILE)))
-    model.eval()
-    return model

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 
@@ -42,3 +43,22 @@ def delta_weight(B: Tensor, A: Tensor, scaling: float, fan_in_fan_out: bool = Fa
     """
     delta = scaling * (B @ A)
     return delta.mT if fan_in_fan_out else delta
+
+
+def fold_into_weight(
+    weight: Tensor, B: Tensor, A: Tensor, scaling: float, fan_in_fan_out: bool = False
+) -> Tensor:
+    """``weight + delta_weight(B, A, scaling, fan_in_fan_out)`` in the weight's dtype.
+
+    Folds a FedEx-LoRA residual or a FLoRA merge into the frozen base weight
+    (:func:`fedpeft.adapters.fold_base_delta`); the sum is formed in float64 before casting
+    back to the weight's dtype.
+    """
+    delta = delta_weight(B, A, scaling, fan_in_fan_out)
+    if delta.shape != weight.shape:
+        raise ValueError(
+            f"delta {tuple(delta.shape)} does not match weight {tuple(weight.shape)}"
+            + ("" if fan_in_fan_out else "; a Conv1D weight needs fan_in_fan_out=True")
+        )
+    out = weight.double() + delta.to(device=weight.device, dtype=torch.float64)
+    return out.to(weight.dtype)

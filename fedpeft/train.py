@@ -18,7 +18,8 @@ import torch
 
 from fedpeft.adapters import trainable_parameters
 from fedpeft.config import Scenario, ScenarioError
-from fedpeft.tasks import Collate, get_task
+from fedpeft.models import native_bf16
+from fedpeft.tasks import Collate, get_task, load_processor
 
 
 @dataclass
@@ -66,8 +67,6 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     ``auto`` is bf16 only on CUDA devices that compute it natively; on mps and the CPU it
     stays fp32. fp16 needs CUDA (where a gradient scaler guards against underflow).
     """
-    from fedpeft.models import native_bf16
-
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and native_bf16() else None
     if precision == "fp32":
@@ -117,8 +116,6 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def scenario_collate(scenario: Scenario, processor: Any | None = None) -> Collate:
     """The collate function of the scenario's task (processor loaded once per process)."""
-    from fedpeft.models import load_processor
-
     task = get_task(scenario.model.task)
     processor = processor if processor is not None else load_processor(scenario.model)
     return task.make_collate(processor, scenario.data.max_length)
@@ -172,37 +169,10 @@ def train_steps(
     for _ in range(steps):
         rows = next(stream)
         batch = {k: v.to(device) for k, v in collate(rows).items()}
-        autocast = (
-            torch.autocast(device.type, dtype=dtype)
-            if dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = model(**batch).loss
+        loss = _forward_loss(model, batch, device, dtype)
         total_loss += loss.item()
-        if anchors:
-            prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
-            loss = loss + 0.5 * proximal_mu * prox
-        if regulariser is not None:
-            loss = loss + regulariser()
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if max_grad_norm > 0 or grad_sums:
-                scaler.unscale_(optimizer)  # clip (and track) the true gradients
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if grad_sums:
-                _add_gradients(grad_sums, params)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            if grad_sums:
-                _add_gradients(grad_sums, params)
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss = _penalised(loss, params, anchors, proximal_mu, regulariser)
+        _backward_and_step(loss, optimizer, scaler, params, max_grad_norm, grad_sums)
         seen += len(next(iter(rows.values())))
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the last step's kernels count in its time
@@ -218,6 +188,63 @@ def train_steps(
         if track_gradient
         else {},
     )
+
+
+def _forward_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
+    """The model's loss on ``batch``, its forward pass under autocast to ``dtype`` (if any)."""
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    )
+    with autocast:
+        return model(**batch).loss
+
+
+def _penalised(
+    loss: torch.Tensor,
+    params: list[torch.nn.Parameter],
+    anchors: list[torch.Tensor],
+    proximal_mu: float,
+    regulariser: Callable[[], torch.Tensor] | None,
+) -> torch.Tensor:
+    """``loss`` plus the FedProx term (when anchored) and the strategy's regulariser."""
+    if anchors:
+        prox = sum(((p - a) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+        loss = loss + 0.5 * proximal_mu * prox
+    if regulariser is not None:
+        loss = loss + regulariser()
+    return loss
+
+
+def _backward_and_step(
+    loss: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+    grad_sums: list[torch.Tensor],
+) -> None:
+    """Backward pass, clipping, gradient tracking and one optimizer step (fp16: scaled)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if max_grad_norm > 0 or grad_sums:
+            scaler.unscale_(optimizer)  # clip (and track) the true gradients
+    else:
+        loss.backward()
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if grad_sums:
+        _add_gradients(grad_sums, params)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _add_gradients(sums: list[torch.Tensor], params: list[torch.nn.Parameter]) -> None:
@@ -240,8 +267,6 @@ def evaluate(
 
     Batch size, token budget and (causal-lm) generation settings come from the scenario.
     """
-    from fedpeft.models import load_processor
-
     task = get_task(scenario.model.task)
     task.check_data(data, scenario.data)
     return task.evaluate(

@@ -15,7 +15,7 @@ from fedpeft.codecs import (
     state_to_arrayrecord,
     tensors_nbytes,
 )
-from fedpeft.config import ModelConfig, PeftSection, ScenarioError
+from fedpeft.config import ModelSection, PeftSection, ScenarioError
 from fedpeft.methods import build_peft_model
 from fedpeft.models import load_base_model
 
@@ -28,7 +28,7 @@ TEST_CASES = [
 
 
 def _model(alias, peft, seed=0):
-    base = load_base_model(ModelConfig(name=alias), num_labels=5)
+    base = load_base_model(ModelSection(name=alias), num_labels=5)
     return build_peft_model(base, peft, "seq-cls", seed)
 
 
@@ -83,13 +83,13 @@ def test_target_modules_that_do_not_exist_are_a_scenario_error():
 
 def test_unreachable_hub_model_is_a_scenario_error():
     with pytest.raises(ScenarioError, match="cannot load model.name='nobody/no-such-model'"):
-        load_base_model(ModelConfig(name="nobody/no-such-model"), 2)
+        load_base_model(ModelSection(name="nobody/no-such-model"), 2)
 
 
 def test_tiny_random_models_are_identical_in_every_process():
-    a = load_base_model(ModelConfig(name="tiny-bert"), 5)
+    a = load_base_model(ModelSection(name="tiny-bert"), 5)
     torch.manual_seed(999)
-    b = load_base_model(ModelConfig(name="tiny-bert"), 5)
+    b = load_base_model(ModelSection(name="tiny-bert"), 5)
     for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert na == nb and torch.equal(pa, pb)
 

@@ -9,7 +9,7 @@ from fedpeft.adapters import (
     base_delta_to_state,
     fold_base_delta,
 )
-from fedpeft.config import ModelConfig, PeftSection
+from fedpeft.config import ModelSection, PeftSection
 from fedpeft.methods import build_peft_model
 from fedpeft.models import load_base_model
 
@@ -17,7 +17,7 @@ CASES = [("tiny-bert", ["query", "value"]), ("tiny-gpt2", ["c_attn"])]
 
 
 def _model(alias, targets):
-    base = load_base_model(ModelConfig(name=alias), num_labels=3)
+    base = load_base_model(ModelSection(name=alias), num_labels=3)
     return build_peft_model(base, PeftSection(r=2, target_modules=targets), "seq-cls", 0)
 
 

@@ -2,7 +2,7 @@ from collections import Counter
 
 import pytest
 
-from fedpeft.config import DataConfig, ScenarioError
+from fedpeft.config import DataSection, ScenarioError
 from fedpeft.data import client_partition, load_task_data, partition_summary, wordnet
 
 
@@ -10,7 +10,7 @@ def test_wordnet_supersense_is_built_from_the_real_files():
     texts, labels = wordnet.read_noun_glosses()
     assert len(texts) == 82115
     assert set(labels) == set(range(26))
-    data = load_task_data(DataConfig())
+    data = load_task_data(DataSection())
     assert data.num_labels == 26 and data.label_names[2] == "noun.animal"
     assert len(data.train) + len(data.test) == 82115
     # The "animal" gloss of "dog" is in there with its supersense.
@@ -24,11 +24,11 @@ def test_missing_wordnet_is_one_line_with_install_hint(tmp_path):
 
 
 def test_held_out_split_is_fixed():
-    a = load_task_data(DataConfig()).test
+    a = load_task_data(DataSection()).test
     from fedpeft import data as data_module
 
     data_module._CACHE.clear()
-    b = load_task_data(DataConfig()).test
+    b = load_task_data(DataSection()).test
     assert a["text"] == b["text"] and a["label"] == b["label"]
 
 
@@ -36,7 +36,7 @@ def test_held_out_split_is_fixed():
 def test_partitions_are_a_pure_function_of_the_seed(partitioner):
     from fedpeft import data as data_module
 
-    cfg = DataConfig(partitioner=partitioner, num_clients=5, classes_per_client=3)
+    cfg = DataSection(partitioner=partitioner, num_clients=5, classes_per_client=3)
     first = [client_partition(cfg, 7, i)["text"] for i in range(5)]
     data_module._CACHE.clear()
     again = [client_partition(cfg, 7, i)["text"] for i in range(5)]
@@ -49,37 +49,37 @@ def test_partitions_are_a_pure_function_of_the_seed(partitioner):
 
 
 def test_iid_covers_the_train_split_and_pathological_limits_classes():
-    iid = DataConfig(partitioner="iid", num_clients=4)
+    iid = DataSection(partitioner="iid", num_clients=4)
     sizes = [row["size"] for row in partition_summary(iid, 0)]
     assert sum(sizes) == len(load_task_data(iid).train)
     assert max(sizes) - min(sizes) <= 1
-    patho = DataConfig(partitioner="pathological", num_clients=6, classes_per_client=2)
+    patho = DataSection(partitioner="pathological", num_clients=6, classes_per_client=2)
     for pid in range(6):
         assert len(Counter(client_partition(patho, 0, pid)["label"])) <= 2
 
 
 def test_unreachable_hub_data_set_is_a_scenario_error():
     with pytest.raises(ScenarioError, match="cannot load data.name='nobody/no-such-set'"):
-        load_task_data(DataConfig(name="nobody/no-such-set"))
+        load_task_data(DataSection(name="nobody/no-such-set"))
 
 
 def test_local_csv_file(tmp_path):
     path = tmp_path / "reviews.csv"
     rows = ["body,stars"] + [f"review number {i},{'good' if i % 2 else 'bad'}" for i in range(50)]
     path.write_text("\n".join(rows) + "\n")
-    cfg = DataConfig(name=str(path), text_column="body", label_column="stars", num_clients=2)
+    cfg = DataSection(name=str(path), text_column="body", label_column="stars", num_clients=2)
     data = load_task_data(cfg)
     assert data.label_names == ["bad", "good"]
     assert len(data.train) + len(data.test) == 50
     assert set(data.train.column_names) == {"text", "label"}
     with pytest.raises(ScenarioError, match="data.text_column='review'"):
-        load_task_data(DataConfig(name=str(path), text_column="review", label_column="stars"))
+        load_task_data(DataSection(name=str(path), text_column="review", label_column="stars"))
 
 
 def test_a_node_reads_its_cached_split_back_without_partitioning_again(tmp_path, monkeypatch):
     import fedpeft.data as data
 
-    cfg = DataConfig(num_clients=3, partitioner="dirichlet", alpha=0.5)
+    cfg = DataSection(num_clients=3, partitioner="dirichlet", alpha=0.5)
     train, holdout = data.client_split(cfg, 7, 1)
     first = data.client_split(cfg, 7, 1, cache_dir=tmp_path)
     assert [p["text"] for p in first] == [train["text"], holdout["text"]]
@@ -100,11 +100,11 @@ def test_a_node_reads_its_cached_split_back_without_partitioning_again(tmp_path,
 def test_a_nodes_own_file_is_read_in_the_federations_label_space(tmp_path):
     from fedpeft.data import node_split
 
-    names = load_task_data(DataConfig()).label_names
+    names = load_task_data(DataSection()).label_names
     file = tmp_path / "mine.csv"
     rows = [("a cut", names[3]), ("a walk", names[0]), ("an idea", names[3])] * 4
     file.write_text("gloss,sense\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
-    cfg = DataConfig(text_column="gloss", label_column="sense", client_holdout=0.25)
+    cfg = DataSection(text_column="gloss", label_column="sense", client_holdout=0.25)
     train, holdout = node_split(cfg, str(file), names)
     assert (len(train), len(holdout)) == (9, 3)
     assert train.features["label"].names == names  # the head's classes, not the file's two
@@ -112,7 +112,7 @@ def test_a_nodes_own_file_is_read_in_the_federations_label_space(tmp_path):
     assert both == sorted([3, 0, 3] * 4) and set(train.column_names) == {"text", "label"}
     ids = tmp_path / "ids.jsonl"
     ids.write_text('{"text": "x", "label": 5}\n{"text": "y", "label": 1}\n')
-    mine, none = node_split(DataConfig(client_holdout=0.0), str(ids), names)
+    mine, none = node_split(DataSection(client_holdout=0.0), str(ids), names)
     assert sorted(mine["label"]) == [1, 5] and len(none) == 0
     file.write_text("gloss,sense\nz,not.a.sense\n")
     with pytest.raises(ScenarioError, match="not among the federation's 26 classes"):
@@ -159,7 +159,7 @@ def test_a_bad_data_file_is_one_error_naming_the_file_and_line(name, content, me
     path = tmp_path / name
     path.write_bytes(content)
     with pytest.raises(ScenarioError) as err:
-        load_task_data(DataConfig(name=str(path)))
+        load_task_data(DataSection(name=str(path)))
     assert str(path) in str(err.value) and message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -168,7 +168,7 @@ def test_a_quoted_line_break_drops_the_line_number_not_the_row(tmp_path):
     path = tmp_path / "multi.csv"
     path.write_text('text,label\n"two\nlines",a\nb,\n')
     with pytest.raises(ScenarioError, match=r"row 2 has an empty label"):
-        load_task_data(DataConfig(name=str(path)))
+        load_task_data(DataSection(name=str(path)))
 
 
 def test_fewer_examples_than_clients_or_an_impossible_split_is_refused(tmp_path):
@@ -176,11 +176,11 @@ def test_fewer_examples_than_clients_or_an_impossible_split_is_refused(tmp_path)
 
     path = tmp_path / "small.csv"
     path.write_text("text,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(10)))
-    check_partitions(DataConfig(name=str(path), partitioner="iid", num_clients=9), 0)
+    check_partitions(DataSection(name=str(path), partitioner="iid", num_clients=9), 0)
     with pytest.raises(ScenarioError, match=r"has 9 training examples .* data.num_clients=10"):
-        check_partitions(DataConfig(name=str(path), partitioner="iid", num_clients=10), 0)
+        check_partitions(DataSection(name=str(path), partitioner="iid", num_clients=10), 0)
     with pytest.raises(ScenarioError, match="data.partitioner='dirichlet' cannot divide the 9"):
-        check_partitions(DataConfig(name=str(path), partitioner="dirichlet", num_clients=2), 0)
+        check_partitions(DataSection(name=str(path), partitioner="dirichlet", num_clients=2), 0)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,7 @@ def test_fewer_examples_than_clients_or_an_impossible_split_is_refused(tmp_path)
 def test_fedpeft_run_refuses_a_bad_data_file_before_any_round(
     name, content, message, tmp_path, capsys
 ):
-    from fedpeft.cli import main
+    from fedpeft.tools.cli import main
 
     path = tmp_path / name
     path.write_bytes(content)
@@ -230,9 +230,9 @@ def test_quiet_libraries_silences_what_was_imported_before(tmp_path, capfd, monk
     import datasets
     import transformers
 
-    from fedpeft.config import ModelConfig
+    from fedpeft.config import ModelSection
     from fedpeft.models import load_base_model
-    from fedpeft.server.simulation import quiet_libraries
+    from fedpeft.tools.simulation import quiet_libraries
 
     path = tmp_path / "rows.csv"
     path.write_text("text,label\n" + GOOD_ROWS)
@@ -243,8 +243,8 @@ def test_quiet_libraries_silences_what_was_imported_before(tmp_path, capfd, monk
     transformers.logging.set_verbosity_warning()
     try:
         quiet_libraries()
-        load_task_data(DataConfig(name=str(path)))
-        load_base_model(ModelConfig(name="minilm"), 2)  # a fresh head: a LOAD REPORT
+        load_task_data(DataSection(name=str(path)))
+        load_base_model(ModelSection(name="minilm"), 2)  # a fresh head: a LOAD REPORT
     finally:
         datasets.disable_progress_bars()
         transformers.logging.set_verbosity_error()

@@ -18,7 +18,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from fedpeft import models, records
 from fedpeft.adapters import fold_base_delta, get_adapter_state
 from fedpeft.clients.app import app as client_app
-from fedpeft.config import ModelConfig, PeftSection, Scenario, ScenarioError, load_scenario
+from fedpeft.config import ModelSection, PeftSection, Scenario, ScenarioError, load_scenario
 from fedpeft.methods import build_peft_model
 from fedpeft.models import check_quantization, load_base_model, load_tokenizer
 from fedpeft.server.grid import CountingGrid
@@ -43,7 +43,7 @@ def _data(n: int = 32) -> datasets.Dataset:
 
 
 def _model(**model_keys) -> torch.nn.Module:
-    base = load_base_model(ModelConfig(name="tiny-bert", **model_keys), num_labels=2)
+    base = load_base_model(ModelSection(name="tiny-bert", **model_keys), num_labels=2)
     peft = PeftSection(r=4, dropout=0.0, target_modules=["query", "value"])
     return build_peft_model(base, peft, "seq-cls", 0)
 
@@ -109,7 +109,7 @@ def _one_line(err: pytest.ExceptionInfo[ScenarioError]) -> str:
 @pytest.mark.parametrize("device", ["cpu", "mps", "cuda"])
 def test_quantization_off_cuda_is_refused_in_one_line(device: str, monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "cuda": named, not there
-    cfg = ModelConfig(name="minilm", quantization="4bit", device=device)
+    cfg = ModelSection(name="minilm", quantization="4bit", device=device)
     with pytest.raises(ScenarioError) as err:
         load_base_model(cfg, 2)  # the device comes from model.device
     text = _one_line(err)
@@ -121,18 +121,18 @@ def test_quantization_without_bitsandbytes_is_refused_in_one_line(monkeypatch) -
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ScenarioError) as err:
-        check_quantization(ModelConfig(name="minilm", quantization="8bit"), torch.device("cuda:0"))
+        check_quantization(ModelSection(name="minilm", quantization="8bit"), torch.device("cuda:0"))
     text = _one_line(err)
     assert "pip install bitsandbytes" in text and "model.quantization='none'" in text
 
 
 def test_quantizing_a_random_test_model_is_refused() -> None:
     with pytest.raises(ScenarioError, match="random test model"):
-        load_base_model(ModelConfig(name="tiny-bert", quantization="4bit"), 2)
+        load_base_model(ModelSection(name="tiny-bert", quantization="4bit"), 2)
 
 
 def test_no_quantization_needs_neither_cuda_nor_bitsandbytes() -> None:
-    check_quantization(ModelConfig(name="minilm"), CPU)  # nothing raised
+    check_quantization(ModelSection(name="minilm"), CPU)  # nothing raised
 
 
 def test_a_quantized_load_asks_for_qlora_weights_on_the_node_device(monkeypatch) -> None:
@@ -141,7 +141,7 @@ def test_a_quantized_load_asks_for_qlora_weights_on_the_node_device(monkeypatch)
 
     def from_pretrained(self, source: str, num_labels: int, **kwargs: object):
         seen.update(kwargs)
-        return self.model_from_config(models._tiny_bert(), num_labels)
+        return self.model_from_config(models.ALIASES["tiny-bert"][0](), num_labels)
 
     def prepare(model, use_gradient_checkpointing=True, **kwargs):
         seen["prepared"] = use_gradient_checkpointing
@@ -152,7 +152,7 @@ def test_a_quantized_load_asks_for_qlora_weights_on_the_node_device(monkeypatch)
     monkeypatch.setattr(type(SEQ_CLS), "model_from_pretrained", from_pretrained)
     monkeypatch.setattr("peft.prepare_model_for_kbit_training", prepare)
     base = load_base_model(
-        ModelConfig(name="minilm", quantization="4bit"), 2, torch.device("cuda:1")
+        ModelSection(name="minilm", quantization="4bit"), 2, torch.device("cuda:1")
     )
     config = seen["quantization_config"]
     assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4"

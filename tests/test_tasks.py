@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeft.config import DataConfig, ModelConfig, PeftSection, ScenarioError
+from fedpeft.config import DataSection, ModelSection, PeftSection, ScenarioError
 from fedpeft.data import load_task_data
 from fedpeft.methods import build_peft_model
 from fedpeft.models import load_base_model, load_processor, load_tokenizer
@@ -70,23 +70,23 @@ def test_every_task_is_registered_and_an_unknown_one_is_one_line():
     ],
 )
 def test_head_modules_are_found_on_the_loaded_model(model, task, heads):
-    base = load_base_model(ModelConfig(name=model, task=task), num_labels=3)
+    base = load_base_model(ModelSection(name=model, task=task), num_labels=3)
     assert get_task(task).head_module_names(base) == heads
     assert not any(p.requires_grad for p in base.parameters())
 
 
 def test_tiny_llama_is_a_causal_lm_with_attention_biases():
-    base = load_base_model(ModelConfig(name="tiny-llama", task="causal-lm"), num_labels=26)
+    base = load_base_model(ModelSection(name="tiny-llama", task="causal-lm"), num_labels=26)
     assert type(base).__name__ == "LlamaForCausalLM"
     assert base.model.layers[0].self_attn.q_proj.bias is not None
-    again = load_base_model(ModelConfig(name="tiny-llama", task="causal-lm"), num_labels=26)
+    again = load_base_model(ModelSection(name="tiny-llama", task="causal-lm"), num_labels=26)
     assert all(
         torch.equal(a, b) for a, b in zip(base.parameters(), again.parameters(), strict=True)
     )
 
 
 def test_a_task_reading_a_missing_column_is_refused_in_one_line():
-    cfg = DataConfig(name="wordnet-supersense")
+    cfg = DataSection(name="wordnet-supersense")
     with pytest.raises(ScenarioError, match="data.response_column='response'") as err:
         get_task("causal-lm").check_data(load_task_data(cfg).train, cfg)
     assert "\n" not in str(err.value)
@@ -167,7 +167,7 @@ def test_exact_match_compares_normalised_text_up_to_the_stop_token(tokenizer):
 
 def test_causal_lm_evaluation_is_the_models_own_response_loss(tokenizer):
     task = get_task("causal-lm")
-    base = load_base_model(ModelConfig(name="tiny-llama", task="causal-lm"), num_labels=0)
+    base = load_base_model(ModelSection(name="tiny-llama", task="causal-lm"), num_labels=0)
     data = _instructions(6)
     got = task.evaluate(base, tokenizer, data, batch_size=4, max_length=32, device=CPU)
     with torch.no_grad():
@@ -181,9 +181,9 @@ def test_causal_lm_evaluation_is_the_models_own_response_loss(tokenizer):
 
 
 def test_digits_are_upscaled_to_the_models_image_size():
-    prep = load_processor(ModelConfig(name="tiny-vit", task="image-cls"))
+    prep = load_processor(ModelSection(name="tiny-vit", task="image-cls"))
     assert prep == ImagePrep(32, 32, 3, (0.5,) * 3, (0.5,) * 3)
-    rows = load_task_data(DataConfig(name="digits")).train[:5]
+    rows = load_task_data(DataSection(name="digits")).train[:5]
     batch = get_task("image-cls").make_collate(prep, max_length=64)(rows)
     assert batch["pixel_values"].shape == (5, 3, 32, 32)
     assert batch["labels"].tolist() == rows["label"]
@@ -204,21 +204,21 @@ def test_images_of_any_layout_become_normalised_pixel_values():
 
 
 def test_wordnet_definitions_columns_and_fixed_split():
-    data = load_task_data(DataConfig(name="wordnet-definitions"))
+    data = load_task_data(DataSection(name="wordnet-definitions"))
     assert data.train.column_names == ["text", "response", "label"]
     assert (len(data.train), len(data.test)) == (80115, 2000)
     assert data.num_labels == 26
     rows = data.train.filter(lambda r: r["text"] == "Define the word dog.")
     dog = [r for r in rows["response"] if r.startswith("a member of the genus Canis")]
     assert dog and '"' not in dog[0]  # the example sentence after the definition is dropped
-    again = load_task_data(DataConfig(name="wordnet-definitions", text_column="text"))
+    again = load_task_data(DataSection(name="wordnet-definitions", text_column="text"))
     assert again.test["text"][:50] == data.test["text"][:50]
-    supersense = load_task_data(DataConfig(name="wordnet-supersense"))
+    supersense = load_task_data(DataSection(name="wordnet-supersense"))
     assert data.test["label"] == supersense.test["label"]  # same stratified split scheme
 
 
 def test_digits_columns_and_fixed_stratified_split():
-    data = load_task_data(DataConfig(name="digits"))
+    data = load_task_data(DataSection(name="digits"))
     assert data.train.column_names == ["image", "label"]
     assert (len(data.train), len(data.test)) == (1437, 360)
     assert data.label_names == [str(d) for d in range(10)]
@@ -240,8 +240,8 @@ def test_digits_columns_and_fixed_stratified_split():
     ],
 )
 def test_local_training_lowers_the_held_in_loss(model, task, targets, data_name, steps):
-    model_cfg = ModelConfig(name=model, task=task)
-    data = load_task_data(DataConfig(name=data_name))
+    model_cfg = ModelSection(name=model, task=task)
+    data = load_task_data(DataSection(name=data_name))
     rows = data.train.select(range(64))
     base = load_base_model(model_cfg, data.num_labels)
     adapted = build_peft_model(base, PeftSection(r=4, alpha=8, target_modules=targets), task, 0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from fedpeft.adapters import get_adapter_state
-from fedpeft.config import ModelConfig, PeftSection
+from fedpeft.config import ModelSection, PeftSection
 from fedpeft.methods import build_peft_model
 from fedpeft.models import load_base_model, load_tokenizer
 from fedpeft.tasks import get_task
@@ -24,7 +24,7 @@ def _toy_data(n=64):
 
 
 def _model():
-    base = load_base_model(ModelConfig(name="tiny-bert"), num_labels=2)
+    base = load_base_model(ModelSection(name="tiny-bert"), num_labels=2)
     return build_peft_model(base, PeftSection(r=4, target_modules=["query", "value"]), "seq-cls", 0)
 
 

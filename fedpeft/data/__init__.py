@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 import datasets
 
-from fedpeft.config import DataConfig, ScenarioError
+from fedpeft.config import DataSection, ScenarioError
 from fedpeft.data import digits, wordnet
 from fedpeft.data.files import LOCAL_SUFFIXES, read_local_file, row_name
 
@@ -43,7 +43,7 @@ BUNDLED = {
     "digits": "scikit-learn's 8x8 handwritten digits, 10 classes (1.8k images, offline)",
 }
 
-# canonical column -> the DataConfig key that names it in a local or hub data set
+# canonical column -> the DataSection key that names it in a local or hub data set
 COLUMN_KEYS = {
     "text": "text_column",
     "response": "response_column",
@@ -144,7 +144,7 @@ def _load_bundled(name: str) -> datasets.DatasetDict:
 
 
 def _normalise(
-    dd: datasets.DatasetDict, cfg: DataConfig, label_names: list[str] | None = None
+    dd: datasets.DatasetDict, cfg: DataSection, label_names: list[str] | None = None
 ) -> datasets.DatasetDict:
     """Keep the configured columns under their canonical names, encode labels, split.
 
@@ -251,7 +251,7 @@ def _encode_as(dd: datasets.DatasetDict, names: list[str], source: str) -> datas
 
 
 def node_split(
-    cfg: DataConfig, path: str, label_names: list[str] | None
+    cfg: DataSection, path: str, label_names: list[str] | None
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """A deployed node's own data file (``--data PATH``): its (train, local held-out) parts.
 
@@ -264,7 +264,7 @@ def node_split(
     return _holdout(part, cfg, SPLIT_SEED)
 
 
-def _load_uncached(cfg: DataConfig) -> datasets.DatasetDict:
+def _load_uncached(cfg: DataSection) -> datasets.DatasetDict:
     if cfg.name in BUNDLED:
         return _load_bundled(cfg.name)
     path = Path(cfg.name)
@@ -284,7 +284,7 @@ def _load_uncached(cfg: DataConfig) -> datasets.DatasetDict:
 _CACHE: dict[tuple[Any, ...], Any] = {}
 
 
-def load_task_data(cfg: DataConfig) -> TaskData:
+def load_task_data(cfg: DataSection) -> TaskData:
     """Load (once per process) the train and held-out splits of ``cfg.name``."""
     columns = tuple(getattr(cfg, key) for key in COLUMN_KEYS.values())
     key = ("data", cfg.name, *columns, cfg.test_fraction)
@@ -297,7 +297,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
     return data
 
 
-def eval_split(cfg: DataConfig) -> datasets.Dataset:
+def eval_split(cfg: DataSection) -> datasets.Dataset:
     """The held-out split evaluated centrally: all of it, or its first ``eval_examples``."""
     test = load_task_data(cfg).test
     if cfg.eval_examples and cfg.eval_examples < len(test):
@@ -305,7 +305,7 @@ def eval_split(cfg: DataConfig) -> datasets.Dataset:
     return test
 
 
-def build_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
+def build_partitioner(cfg: DataSection, seed: int) -> Partitioner:
     """Divide the training split among ``cfg.num_clients`` clients, deterministically."""
     # imported here: flwr-datasets pulls in its plotting helpers, ~0.7 s a fresh process
     # (a deployed ClientApp) saves when it reads its partition from the disk cache
@@ -352,7 +352,7 @@ def build_partitioner(cfg: DataConfig, seed: int) -> Partitioner:
     return partitioner
 
 
-def check_partitions(cfg: DataConfig, seed: int) -> None:
+def check_partitions(cfg: DataSection, seed: int) -> None:
     """Refuse, in one line and before any round, a training split the clients cannot share.
 
     Every client needs an example; a label-skewed partitioner may also fail to reach its
@@ -382,7 +382,7 @@ def check_partitions(cfg: DataConfig, seed: int) -> None:
         ) from None
 
 
-def client_partition(cfg: DataConfig, seed: int, partition_id: int) -> datasets.Dataset:
+def client_partition(cfg: DataSection, seed: int, partition_id: int) -> datasets.Dataset:
     """The training examples of client ``partition_id``."""
     if not 0 <= partition_id < cfg.num_clients:
         raise ValueError(f"partition id {partition_id} outside [0, {cfg.num_clients})")
@@ -390,7 +390,7 @@ def client_partition(cfg: DataConfig, seed: int, partition_id: int) -> datasets.
 
 
 def client_split(
-    cfg: DataConfig, seed: int, partition_id: int, cache_dir: Path | None = None
+    cfg: DataSection, seed: int, partition_id: int, cache_dir: Path | None = None
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Client ``partition_id``'s (train, local held-out) parts.
 
@@ -424,13 +424,13 @@ def client_split(
 
 
 def _client_split(
-    cfg: DataConfig, seed: int, partition_id: int
+    cfg: DataSection, seed: int, partition_id: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     return _holdout(client_partition(cfg, seed, partition_id), cfg, SPLIT_SEED + partition_id)
 
 
 def _holdout(
-    part: datasets.Dataset, cfg: DataConfig, seed: int
+    part: datasets.Dataset, cfg: DataSection, seed: int
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
     """``part`` less its ``data.client_holdout`` share, and that share."""
     n_holdout = _holdout_size(len(part), cfg)
@@ -440,19 +440,19 @@ def _holdout(
     return split["train"], split["test"]
 
 
-def _holdout_size(size: int, cfg: DataConfig) -> int:
+def _holdout_size(size: int, cfg: DataSection) -> int:
     """Examples of a ``size``-example partition held out (none if nothing would be left)."""
     n_holdout = int(round(size * cfg.client_holdout))
     return n_holdout if size - n_holdout >= 1 else 0
 
 
-def client_train_size(cfg: DataConfig, seed: int, partition_id: int) -> int:
+def client_train_size(cfg: DataSection, seed: int, partition_id: int) -> int:
     """How many examples client ``partition_id`` trains on: its partition less the holdout."""
     size = len(client_partition(cfg, seed, partition_id))
     return size - _holdout_size(size, cfg)
 
 
-def partition_summary(cfg: DataConfig, seed: int) -> list[dict[str, Any]]:
+def partition_summary(cfg: DataSection, seed: int) -> list[dict[str, Any]]:
     """Size and label counts of every client's partition (recorded in summary.json)."""
     names = load_task_data(cfg).label_names
     rows = []

@@ -1,7 +1,9 @@
-"""Registry of PEFT methods, and the one function that puts them on a model.
+"""PEFT methods by name, and the one function that puts them on a model.
 
-A method module registers itself with one call to :func:`register_method`; everything else
-builds adapted models by name through :func:`build_peft_model`, never by ``if/elif``.
+A method module registers itself with one call to
+:func:`~fedpeft.methods.registry.register_method` (the registry sits below the method
+modules, which this package imports); everything else builds adapted models by name
+through :func:`build_peft_model`, never by ``if/elif``.
 
 Methods come in three kinds:
 
@@ -21,122 +23,60 @@ trains and travels; that set is recorded on the model (see :mod:`fedpeft.adapter
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from peft import PeftConfig, PeftModel, get_peft_model, inject_adapter_in_model
+from peft import PeftModel, get_peft_model, inject_adapter_in_model
 
+from fedpeft.adapters import BASE_ATTR, META_ATTR, TRAVEL_ATTR
 from fedpeft.config import PeftSection, ScenarioError
 
-Kind = Literal["peft", "fedpeft", "full"]
-TASKS = frozenset({"seq-cls", "causal-lm", "image-cls"})
-FAMILIES = ("reparameterised", "additive", "selective", "hybrid", "full")
+# each method module registers itself on import
+from fedpeft.methods import (  # noqa: F401  (imported to register)
+    adalora,
+    bitfit,
+    bottleneck,
+    full,
+    lora,
+    lowrank,
+    prompts,
+    sparse,
+)
+from fedpeft.methods.registry import (
+    FAMILIES,
+    METHODS,
+    TASKS,
+    Apply,
+    Kind,
+    MethodContext,
+    MethodSpec,
+    PeftConfigFactory,
+    RoundHook,
+    get_method,
+    register_method,
+)
+from fedpeft.tasks import get_task
 
-# attribute names fedpeft sets on a built model (read by fedpeft.adapters)
-TRAVEL_ATTR = "_fedpeft_travel"  # parameter names that train and travel, in model order
-BASE_ATTR = "_fedpeft_base_params"  # ids of the base model's own parameters
-META_ATTR = "_fedpeft_meta"  # what a loader needs to rebuild the model (see save_adapter)
-
-
-@dataclass(frozen=True)
-class MethodContext:
-    """What a method needs to know about the model it adapts."""
-
-    task: str  # seq-cls | causal-lm | image-cls
-    peft_task_type: str | None  # peft's TaskType for the task (None for image-cls)
-    head_modules: tuple[str, ...]  # freshly initialised task head(s), trained from scratch
-    model_type: str  # transformers' config.model_type (bert, llama, vit, gpt2, ...)
-    seed: int
-    hybrid: bool  # one of several methods on this model
-
-
-PeftConfigFactory = Callable[[PeftSection, MethodContext], PeftConfig]
-Apply = Callable[[torch.nn.Module, PeftSection, MethodContext], None]
-RoundHook = Callable[[torch.nn.Module, PeftSection, int, int], Callable[[], None] | None]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A registered PEFT method.
-
-    Exactly one of ``peft_config`` (peft builds it) and ``apply`` (fedpeft changes the
-    model in place, setting ``requires_grad`` on what it trains) is given, except for
-    ``full``. ``prompt`` marks peft's prompt-learning methods (one per model at most).
-    ``before_round(model, cfg, server_round, rounds)`` lets a method act at the start of a
-    client's round (AdaLoRA's rank budget); it returns a function that undoes it, or None.
-    """
-
-    name: str
-    family: str
-    description: str
-    kind: Kind
-    tasks: frozenset[str]
-    peft_config: PeftConfigFactory | None = None
-    apply: Apply | None = None
-    prompt: bool = False
-    before_round: RoundHook | None = None
-    not_for: str = ""  # why the method cannot apply to the tasks it lacks (one phrase)
-    prepare: Callable[[torch.nn.Module], None] | None = None  # on the base, before peft
-    no_hybrid: str = ""  # why the method cannot share a model with others (one phrase)
-
-
-METHODS: dict[str, MethodSpec] = {}
-
-
-def register_method(
-    name: str,
-    family: str,
-    description: str,
-    *,
-    kind: Kind,
-    tasks: frozenset[str] = TASKS,
-    peft_config: PeftConfigFactory | None = None,
-    apply: Apply | None = None,
-    prompt: bool = False,
-    before_round: RoundHook | None = None,
-    not_for: str = "",
-    prepare: Callable[[torch.nn.Module], None] | None = None,
-    no_hybrid: str = "",
-) -> MethodSpec:
-    """Register a PEFT method; a duplicate or malformed registration fails loudly."""
-    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
-        raise ValueError(f"malformed PEFT method name {name!r}: use lower_snake_case")
-    if name in METHODS:
-        raise ValueError(f"PEFT method {name!r} is registered twice")
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r} for {name!r}; accepted: {FAMILIES}")
-    if not tasks <= TASKS:
-        raise ValueError(f"{name!r} names unknown tasks {sorted(tasks - TASKS)}")
-    if kind == "peft" and (peft_config is None or apply is not None):
-        raise ValueError(f"peft method {name!r} needs a peft_config factory and no apply")
-    if kind == "fedpeft" and (apply is None or peft_config is not None):
-        raise ValueError(f"fedpeft method {name!r} needs an apply function and no peft_config")
-    spec = MethodSpec(
-        name,
-        family,
-        description,
-        kind,
-        tasks,
-        peft_config,
-        apply,
-        prompt,
-        before_round,
-        not_for,
-        prepare,
-        no_hybrid,
-    )
-    METHODS[name] = spec
-    return spec
-
-
-def get_method(name: str) -> MethodSpec:
-    """Look a method up by name; an unknown name raises a one-line ScenarioError."""
-    if name not in METHODS:
-        raise ScenarioError(f"unknown peft.method {name!r}; accepted: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+__all__ = [
+    "BASE_ATTR",
+    "FAMILIES",
+    "META_ATTR",
+    "METHODS",
+    "TASKS",
+    "TRAVEL_ATTR",
+    "Apply",
+    "Kind",
+    "MethodContext",
+    "MethodSpec",
+    "PeftConfigFactory",
+    "RoundHook",
+    "before_round",
+    "build_peft_model",
+    "check_methods",
+    "get_method",
+    "register_method",
+]
 
 
 def check_methods(cfg: PeftSection, task: str) -> list[MethodSpec]:
@@ -180,8 +120,6 @@ def _stage(spec: MethodSpec) -> int:
 
 
 def _task_context(model: torch.nn.Module, task: str, seed: int, hybrid: bool) -> MethodContext:
-    from fedpeft.tasks import get_task
-
     info = get_task(task)
     return MethodContext(
         task=task,
@@ -292,16 +230,3 @@ def before_round(model: torch.nn.Module, server_round: int, rounds: int) -> Call
             fn()
 
     return undo_all
-
-
-# Method modules register themselves on import.
-from fedpeft.methods import (  # noqa: E402,F401
-    adalora,
-    bitfit,
-    bottleneck,
-    full,
-    lora,
-    lowrank,
-    prompts,
-    sparse,
-)

@@ -24,8 +24,8 @@ import torch
 from peft import AdaLoraConfig
 
 from fedpeft.config import PeftSection
-from fedpeft.methods import MethodContext, register_method
 from fedpeft.methods.lowrank import targets
+from fedpeft.methods.registry import MethodContext, register_method
 
 
 def adalora_config(cfg: PeftSection, ctx: MethodContext) -> AdaLoraConfig:

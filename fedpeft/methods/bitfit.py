@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from fedpeft.config import PeftSection, ScenarioError
-from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.registry import MethodContext, register_method
 
 
 def base_biases(model: torch.nn.Module, ctx: MethodContext) -> dict[str, torch.nn.Parameter]:

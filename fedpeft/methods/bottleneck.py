@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fedpeft.config import PeftSection, ScenarioError
-from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.registry import MethodContext, register_method
 
 # model_type -> name suffixes of the attention and feed-forward output projections
 DEFAULT_MODULES: dict[str, list[str]] = {

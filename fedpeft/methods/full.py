@@ -6,7 +6,7 @@ there is nothing to apply, since the registry itself makes every parameter train
 
 from __future__ import annotations
 
-from fedpeft.methods import register_method
+from fedpeft.methods.registry import register_method
 
 register_method(
     "full",

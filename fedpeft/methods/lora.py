@@ -11,8 +11,8 @@ from typing import Any
 from peft import LoraConfig
 
 from fedpeft.config import PeftSection
-from fedpeft.methods import MethodContext, register_method
 from fedpeft.methods.lowrank import targets
+from fedpeft.methods.registry import MethodContext, register_method
 
 # peft's init_lora_weights values for the scenario's peft.init
 INITS: dict[str, Any] = {"default": True, "gaussian": "gaussian", "orthogonal": "orthogonal"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from peft import LoHaConfig, LoKrConfig, VeraConfig
 
 from fedpeft.config import PeftSection
-from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.registry import MethodContext, register_method
 
 
 def targets(cfg: PeftSection) -> list[str] | None:

@@ -14,8 +14,8 @@ import torch
 from peft import IA3Config, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
 from fedpeft.config import PeftSection, ScenarioError
-from fedpeft.methods import MethodContext, register_method
 from fedpeft.methods.lowrank import targets
+from fedpeft.methods.registry import MethodContext, register_method
 
 TEXT = frozenset({"seq-cls", "causal-lm"})
 NO_EMBEDDINGS = "it prepends virtual tokens and an image model has no token embeddings"

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 
 from fedpeft.config import PeftSection, ScenarioError
-from fedpeft.methods import MethodContext, register_method
+from fedpeft.methods.registry import MethodContext, register_method
 
 MATRICES = (nn.Linear, Conv1D)
 

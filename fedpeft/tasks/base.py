@@ -1,0 +1,131 @@
+"""What every task shares: the :class:`Task` interface, batch types and scoring helpers."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedpeft.config import DataSection, ScenarioError
+from fedpeft.data import COLUMN_KEYS
+from fedpeft.model_sources import load_tokenizer
+
+Rows = dict[str, list[Any]]  # a slice of a datasets.Dataset: column -> values
+Batch = dict[str, torch.Tensor]
+Collate = Callable[[Rows], Batch]
+IGNORE_INDEX = -100  # label of a token the loss skips (prompt and padding), as in transformers
+
+
+class Task(abc.ABC):
+    """One task: model class, head modules, batches and evaluation."""
+
+    name: str
+    description: str
+    peft_task_type: str | None  # peft's TaskType name; None where peft has none (images)
+    head_modules: tuple[str, ...]  # freshly initialised heads (last module-name component)
+    has_token_embeddings: bool  # prompt-learning methods need them
+    auto_model: Any  # the transformers Auto class that loads the base model
+    columns: tuple[str, ...]  # canonical data columns the task reads (see fedpeft.data)
+
+    def head_module_names(self, model: torch.nn.Module) -> list[str]:
+        """The task's head modules that ``model`` has (BERT: ``classifier``; Llama: ``score``)."""
+        present = {name.split(".")[-1] for name, _ in model.named_modules()}
+        return [name for name in self.head_modules if name in present]
+
+    def model_from_config(self, config: PretrainedConfig, num_labels: int) -> PreTrainedModel:
+        """A randomly initialised model of ``config`` (seed the RNG first)."""
+        config.num_labels = num_labels
+        return self.auto_model.from_config(config)
+
+    def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
+        """Pretrained weights from a hub id or local folder, with a fresh head if any.
+
+        ``kwargs`` go to ``from_pretrained`` (a quantized load's config and device map).
+        """
+        return self.auto_model.from_pretrained(source, num_labels=num_labels, **kwargs)
+
+    def check_data(self, data: datasets.Dataset, cfg: DataSection) -> None:
+        """Refuse, in one line, a data set that lacks a column this task reads."""
+        for column in self.columns:
+            if column not in data.column_names:
+                key = COLUMN_KEYS[column]
+                raise ScenarioError(
+                    f"model.task={self.name!r} reads data.{key}={getattr(cfg, key)!r}, which "
+                    f"is not a column of data set {cfg.name!r}; set data.{key}"
+                )
+
+    @abc.abstractmethod
+    def load_processor(self, name: str) -> Any:
+        """The input processor for model ``name`` (alias, hub id or path)."""
+
+    @abc.abstractmethod
+    def make_collate(self, processor: Any, max_length: int) -> Collate:
+        """A function from rows to a CPU batch the model takes, ``labels`` included."""
+
+    @abc.abstractmethod
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        data: datasets.Dataset,
+        *,
+        batch_size: int,
+        max_length: int,
+        device: torch.device,
+        generate: int = 0,
+        max_new_tokens: int = 32,
+    ) -> dict[str, float]:
+        """Score ``model`` on ``data``: ``eval_loss``, ``eval_accuracy`` and task extras.
+
+        ``generate`` and ``max_new_tokens`` only matter to generative tasks.
+        """
+
+
+class TextTask(Task):
+    """A task on text: its processor is the model's tokenizer."""
+
+    def load_processor(self, name: str) -> PreTrainedTokenizerBase:
+        """The model's tokenizer (an alias's is bundled)."""
+        return load_tokenizer(name)
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch's tensors on ``device``."""
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def chunks(order: Sequence[int], size: int) -> Iterator[list[int]]:
+    """``order`` in consecutive lists of at most ``size`` indices."""
+    for start in range(0, len(order), size):
+        yield list(order[start : start + size])
+
+
+def last_positions(logits: torch.Tensor, length: int) -> torch.Tensor:
+    """Logits of the real tokens: prompt-tuning methods prepend virtual positions."""
+    return logits[:, -length:] if logits.shape[1] > length else logits
+
+
+@torch.no_grad()
+def classify(
+    model: torch.nn.Module,
+    data: datasets.Dataset,
+    order: Sequence[int],
+    collate: Collate,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of a classifier over ``data`` in ``order``."""
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    for idx in chunks(order, batch_size):
+        batch = to_device(collate(data[idx]), device)
+        logits = model(**batch).logits.float()
+        loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        correct += int((logits.argmax(-1) == batch["labels"]).sum().item())
+    n = max(len(data), 1)
+    return {"eval_loss": loss_sum / n, "eval_accuracy": correct / n}

@@ -1,0 +1,282 @@
+"""``causal-lm``: instruction tuning of a decoder; the loss falls on the response only."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedpeft.tasks.base import (
+    IGNORE_INDEX,
+    Batch,
+    Collate,
+    Rows,
+    TextTask,
+    chunks,
+    last_positions,
+    to_device,
+)
+
+PLAIN_PROMPT = "Instruction: {instruction}\nResponse: "  # without a chat template
+
+
+def _stop_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token that ends a response: EOS, else SEP (BERT-style tokenizers have no EOS)."""
+    for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
+        if isinstance(token_id, int):
+            return token_id
+    return None
+
+
+def _chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str | None:
+    """The chat template's text up to the assistant's turn; None without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = [{"role": "user", "content": instruction}]
+    return str(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
+    """Token ids of the prompt: what generation starts from, and what the loss skips."""
+    chat = _chat_prompt(tokenizer, instruction)
+    if chat is not None:  # the template writes any BOS itself
+        return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
+    bos = [tokenizer.bos_token_id] if isinstance(tokenizer.bos_token_id, int) else []
+    text = PLAIN_PROMPT.format(instruction=instruction)
+    return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_and_completion(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, response: str
+) -> tuple[list[int], list[int]]:
+    """Token ids of the prompt (no loss) and of the completion (the loss's targets).
+
+    With a chat template, the instruction is the user turn and the response the assistant
+    turn (the template's own end-of-turn marker ends the completion); without one, the
+    plain ``Instruction: ... Response: ...`` format is used, the tokenizer's BOS (if any)
+    first and its EOS (else SEP) last. Prompt and completion are tokenized separately:
+    the prompt is then exactly what generation starts from.
+    """
+    chat = _chat_prompt(tokenizer, instruction)
+    if chat is not None:
+        turns = [
+            {"role": "user", "content": instruction},
+            {"role": "assistant", "content": response},
+        ]
+        full = str(tokenizer.apply_chat_template(turns, tokenize=False))
+        completion = full[len(chat) :] if full.startswith(chat) else response
+        ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+    else:
+        stop = _stop_id(tokenizer)
+        ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+        ids += [stop] if stop is not None else []
+    return prompt_ids(tokenizer, instruction), ids
+
+
+def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
+    """Cut to ``max_length`` tokens, keeping at least one completion token.
+
+    A prompt too long keeps its end (the part just before the response); the completion
+    is cut at its end.
+    """
+    prompt = prompt[-(max_length - 1) :] if len(prompt) >= max_length else prompt
+    return prompt, completion[: max_length - len(prompt)]
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, response: str, max_length: int
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of one example; prompt positions are labelled -100."""
+    prompt, completion = _fit(
+        *prompt_and_completion(tokenizer, instruction, response), max_length=max_length
+    )
+    return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
+
+
+def _pad(
+    sequences: list[list[int]], value: int, left: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad to the longest sequence; return (tensor, attention mask)."""
+    width = max((len(s) for s in sequences), default=0)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        if not seq:
+            continue
+        span = slice(width - len(seq), width) if left else slice(0, len(seq))
+        out[i, span] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, span] = 1
+    return out, mask
+
+
+def normalise_text(text: str) -> str:
+    """Stripped text with every run of whitespace as one space (exact-match compares these)."""
+    return " ".join(text.split())
+
+
+class CausalLanguageModeling(TextTask):
+    """Instruction tuning: the loss falls on the response tokens only.
+
+    Scored by held-out response-token loss, perplexity (its exponential), teacher-forced
+    next-token accuracy on response tokens (``eval_accuracy``) and exact match of a greedy
+    generation on the first ``generate`` examples (``eval_exact_match``).
+    """
+
+    name = "causal-lm"
+    description = "instruction tuning of a decoder (AutoModelForCausalLM)"
+    peft_task_type = "CAUSAL_LM"
+    head_modules = ()  # the LM head is pretrained: nothing starts from scratch
+    has_token_embeddings = True
+    auto_model = AutoModelForCausalLM
+    columns = ("text", "response")
+
+    def model_from_config(self, config: PretrainedConfig, num_labels: int) -> PreTrainedModel:
+        """A random decoder; ``num_labels`` does not apply (the vocabulary is the output)."""
+        return AutoModelForCausalLM.from_config(config)
+
+    def model_from_pretrained(self, source: str, num_labels: int, **kwargs: Any) -> PreTrainedModel:
+        """A pretrained decoder from a hub id or local folder."""
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+    def make_collate(self, processor: Any, max_length: int) -> Collate:
+        """Prompt + response tokens, right-padded; labels are -100 outside the response."""
+        tokenizer: PreTrainedTokenizerBase = processor
+        pad = int(tokenizer.pad_token_id or 0)
+
+        def collate(rows: Rows) -> Batch:
+            pairs = [
+                encode_example(tokenizer, instruction, response, max_length)
+                for instruction, response in zip(rows["text"], rows["response"], strict=True)
+            ]
+            input_ids, mask = _pad([ids for ids, _ in pairs], pad)
+            labels, _ = _pad([lab for _, lab in pairs], IGNORE_INDEX)
+            return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+        return collate
+
+    @torch.no_grad()
+    def evaluate(
+        self,
+        model: torch.nn.Module,
+        processor: Any,
+        data: datasets.Dataset,
+        *,
+        batch_size: int,
+        max_length: int,
+        device: torch.device,
+        generate: int = 0,
+        max_new_tokens: int = 32,
+    ) -> dict[str, float]:
+        """Response-token loss, perplexity, next-token accuracy and generation exact match.
+
+        Loss and accuracy are means over all response tokens of the split (batched in
+        order of length, which changes no number).
+        """
+        model.eval()
+        collate = self.make_collate(processor, max_length)
+        lengths = [len(t) + len(r) for t, r in zip(data["text"], data["response"], strict=True)]
+        order = sorted(range(len(data)), key=lengths.__getitem__)
+        loss_sum, correct, tokens = 0.0, 0, 0
+        for idx in chunks(order, batch_size):
+            batch = to_device(collate(data[idx]), device)
+            labels = batch.pop("labels")
+            logits = last_positions(model(**batch).logits, labels.shape[1])
+            logits, targets = logits[:, :-1].float(), labels[:, 1:]
+            scored = targets != IGNORE_INDEX
+            picked, wanted = logits[scored], targets[scored]
+            loss_sum += F.cross_entropy(picked, wanted, reduction="sum").item()
+            correct += int((picked.argmax(-1) == wanted).sum().item())
+            tokens += int(scored.sum().item())
+        loss = loss_sum / max(tokens, 1)
+        metrics = {
+            "eval_loss": loss,
+            "eval_accuracy": correct / max(tokens, 1),
+            "eval_perplexity": math.exp(min(loss, 700.0)),  # exp overflows past ~709
+        }
+        if generate > 0:
+            sample = data.select(range(min(generate, len(data))))
+            metrics["eval_exact_match"] = exact_match(
+                model, processor, sample, batch_size, max_length, max_new_tokens, device
+            )
+        return metrics
+
+
+def generate_responses(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    instructions: Sequence[str],
+    *,
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> list[list[int]]:
+    """Greedy completions (token ids, up to the stop token) of each instruction's prompt.
+
+    Prompts are left-padded, so every sequence in a batch continues from its last token.
+    """
+    pad = int(tokenizer.pad_token_id or 0)
+    stops = {s for s in [_stop_id(tokenizer)] if s is not None}
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    stops |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    prompts = [_fit(prompt_ids(tokenizer, text), [], max_length)[0] for text in instructions]
+    out: list[list[int]] = []
+    for idx in chunks(range(len(prompts)), batch_size):
+        input_ids, mask = _pad([prompts[i] for i in idx], pad, left=True)
+        generated = model.generate(  # type: ignore[operator]
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=sorted(stops) or None,
+        )
+        for row in generated[:, input_ids.shape[1] :].tolist():
+            cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:cut])
+    return out
+
+
+def exact_match(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    data: datasets.Dataset,
+    batch_size: int,
+    max_length: int,
+    max_new_tokens: int,
+    device: torch.device,
+) -> float:
+    """Share of examples whose greedy generation equals the reference response.
+
+    Both sides are compared as whitespace-normalised text. The reference is first passed
+    through the tokenizer (an uncased tokenizer cannot produce capitals) and cut to
+    ``max_new_tokens`` tokens (a generation cannot be longer).
+    """
+    if len(data) == 0:
+        return 0.0
+    generated = generate_responses(
+        model,
+        tokenizer,
+        data["text"],
+        batch_size=batch_size,
+        max_length=max_length,
+        max_new_tokens=max_new_tokens,
+        device=device,
+    )
+    hits = 0
+    for ids, response in zip(generated, data["response"], strict=True):
+        reference = tokenizer(response, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        want = normalise_text(str(tokenizer.decode(reference, skip_special_tokens=True)))
+        got = normalise_text(str(tokenizer.decode(ids, skip_special_tokens=True)))
+        hits += got == want
+    return hits / len(data)
