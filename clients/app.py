@@ -18,7 +18,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import models, records
@@ -33,12 +33,13 @@ from fedpeft.adapters import (
     set_trainable,
 )
 from fedpeft.clients.compression import compression_mod, run_tag, state_dir
+from fedpeft.clients.faults import fault_mod
 from fedpeft.clients.instructions import Instructions
+from fedpeft.clients.privacy import local_dp_mod
 from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import PeftSection, Scenario
 from fedpeft.data import client_split, load_task_data, node_split
-from fedpeft.faults import fault_mod
 from fedpeft.lora import lora_alpha_for, lora_scaling
 from fedpeft.methods import before_round
 from fedpeft.models import (
@@ -47,11 +48,10 @@ from fedpeft.models import (
     initial_adapter_state,
     resolve_device,
 )
-from fedpeft.privacy import local_dp_mod
 from fedpeft.state import ClientStateStore
 from fedpeft.strategies import get_strategy
 from fedpeft.strategies.client_hook import ClientHook
-from fedpeft.train import evaluate, scenario_collate, train_steps
+from fedpeft.train import TrainResult, evaluate, scenario_collate, train_steps
 
 # outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
 # decoded (and the reply coded last), local DP noises the reply, faults are injected (if
@@ -200,6 +200,22 @@ def train(msg: Message, context: Context) -> Message:
     """Train as instructed on this client's partition; reply with the factors to send."""
     started = time.perf_counter()
     job = _prepare(msg, context)
+    result = _train_locally(job, context)
+    sent, sent_rank = _send_and_keep(job, get_adapter_state(job.model))
+    content = RecordDict(
+        {
+            records.ARRAYS: state_to_arrayrecord(sent),
+            records.METRICS: _train_metrics(job, result, sent_rank, started),
+            records.NODE_INFO: _node_info(job.device),
+        }
+    )
+    if result.mean_gradients:  # for top-k's ranking; the compression mod takes it out
+        content[records.GRADIENT] = _gradient_record(job, result, sent, sent_rank)
+    return Message(content, reply_to=msg)
+
+
+def _train_locally(job: Job, context: Context) -> TrainResult:
+    """Run the local steps on the factors the server asked to train, then unfreeze all."""
     scenario, asked = job.scenario, job.asked
     server_round = asked.server_round
     end_round: Callable[[], None] | None = None
@@ -208,7 +224,7 @@ def train(msg: Message, context: Context) -> Message:
         end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
         train_part, _ = local_data(job, context)
         t = scenario.train
-        result = train_steps(
+        return train_steps(
             job.model,
             scenario_collate(scenario),
             train_part,
@@ -231,7 +247,11 @@ def train(msg: Message, context: Context) -> Message:
         if end_round is not None:
             end_round()
         set_trainable(job.model, None)
-    state = get_adapter_state(job.model)
+
+
+def _send_and_keep(job: Job, state: AdapterState) -> tuple[AdapterState, int]:
+    """The factors to send and the rank they have; what this client keeps goes to its store."""
+    asked = job.asked
     sent_rank = job.hook.rank_to_send(
         state, job.current_rank, asked.prune_gamma, asked.prune_threshold
     )
@@ -243,7 +263,12 @@ def train(msg: Message, context: Context) -> Message:
     if job.store is not None and (keep or extra):
         own = {k: v for k, v in state.items() if factor_of(k) in keep}
         job.store.save(job.partition_id, {**own, **extra})
-    metrics = MetricRecord(
+    return sent, sent_rank
+
+
+def _train_metrics(job: Job, result: TrainResult, sent_rank: int, started: float) -> MetricRecord:
+    """The reply's training metrics (``started``: when the handler began, for its wall time)."""
+    return MetricRecord(
         {
             records.TRAIN_LOSS: result.train_loss,
             records.NUM_EXAMPLES: result.num_examples,
@@ -255,28 +280,30 @@ def train(msg: Message, context: Context) -> Message:
             records.PEAK_MEMORY_MB: result.peak_memory_mb,
         }
     )
+
+
+def _node_info(device: torch.device) -> ConfigRecord:
+    """Where this client ran: its device, host and (in simulation) Ray node."""
     node_info = ConfigRecord(
-        {records.INFO_DEVICE: device_label(job.device), records.INFO_HOST: socket.gethostname()}
+        {records.INFO_DEVICE: device_label(device), records.INFO_HOST: socket.gethostname()}
     )
     ray = sys.modules.get("ray")  # in simulation: which Ray node ran this client
     if ray is not None and ray.is_initialized():
         node_info[records.INFO_RAY_NODE] = str(ray.get_runtime_context().get_node_id())
-    content = RecordDict(
-        {
-            records.ARRAYS: state_to_arrayrecord(sent),
-            records.METRICS: metrics,
-            records.NODE_INFO: node_info,
-        }
-    )
-    if result.mean_gradients:  # for top-k's ranking; the compression mod takes it out
-        params = adapter_parameters(job.model)
-        gradient = {
-            key: result.mean_gradients[param]
-            for key in sent
-            if (param := params.get(key)) is not None and param in result.mean_gradients
-        }
-        content[records.GRADIENT] = state_to_arrayrecord(job.hook.outgoing(gradient, sent_rank))
-    return Message(content, reply_to=msg)
+    return node_info
+
+
+def _gradient_record(
+    job: Job, result: TrainResult, sent: AdapterState, sent_rank: int
+) -> ArrayRecord:
+    """The mean gradient of each sent tensor, shaped as sent (top-k ranks entries by it)."""
+    params = adapter_parameters(job.model)
+    gradient = {
+        key: result.mean_gradients[param]
+        for key in sent
+        if (param := params.get(key)) is not None and param in result.mean_gradients
+    }
+    return state_to_arrayrecord(job.hook.outgoing(gradient, sent_rank))
 
 
 @app.query()

@@ -5,7 +5,8 @@ factors it sends: FFA-LoRA's B, FedSA-LoRA's A). Its L2 norm over all those tens
 clipped to ``privacy.clipping_norm`` C.
 
 - ``dp = "local"``: each client adds N(0, (sigma C)^2) to its clipped update before it
-  leaves (:func:`local_dp_mod`); each of its participations is one Gaussian mechanism.
+  leaves (:func:`fedpeft.clients.privacy.local_dp_mod`); each of its participations is
+  one Gaussian mechanism.
 - ``dp = "central"``: the server clips each reply and adds noise so that the weighted
   average the strategy computes carries exactly N(0, (sigma C max_i p_i)^2) per coordinate,
   p_i being the clients' aggregation weights (sigma C / m for m equal weights, as in
@@ -23,13 +24,9 @@ import math
 import os
 
 import torch
-from flwr.app import Context, Message, MessageType
-from flwr.clientapp.typing import ClientAppCallable
 
-from fedpeft import records
 from fedpeft.adapters import AdapterState
-from fedpeft.codecs import message_state, state_to_arrayrecord
-from fedpeft.config import PrivacySection, Scenario
+from fedpeft.config import PrivacySection
 
 
 def update_changes(update: AdapterState, sent: AdapterState) -> AdapterState:
@@ -104,21 +101,3 @@ def epsilon(privacy: PrivacySection, releases: int, population: int) -> float:
     )
     accountant.compose(GaussianPrivacyEvent(privacy.noise_multiplier, 1, population), releases)
     return float(accountant.get_epsilon(privacy.delta))
-
-
-def local_dp_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """``dp = "local"``: clip this client's update and add its Gaussian noise before sending."""
-    reply = call_next(msg, context)
-    if msg.metadata.message_type != MessageType.TRAIN or reply.has_error():
-        return reply
-    config = msg.content.config_records.get(records.CONFIG)
-    if config is None or records.SCENARIO not in config:
-        return reply
-    scenario = Scenario.from_json(str(config[records.SCENARIO]))
-    privacy = scenario.privacy
-    if privacy.dp != "local" or records.ARRAYS not in reply.content.array_records:
-        return reply
-    clipped, _ = clip_update(message_state(reply), message_state(msg), privacy.clipping_norm)
-    noisy = add_noise(clipped, privacy.noise_multiplier * privacy.clipping_norm, noise_generator())
-    reply.content[records.ARRAYS] = state_to_arrayrecord(noisy)
-    return reply

@@ -40,7 +40,7 @@ from fedpeft.codecs.compression import (
     seeded_generator,
     state_digest,
 )
-from fedpeft.config import CompressionConfig
+from fedpeft.config import CompressionSection
 from fedpeft.server.grid import CountingGrid, DelegatingGrid, round_of
 from fedpeft.state import ClientStateStore
 
@@ -51,7 +51,7 @@ class CodecGrid(DelegatingGrid):
     """Codes adapter payloads on top of a :class:`CountingGrid` (see the module docstring)."""
 
     def __init__(
-        self, grid: CountingGrid, compression: CompressionConfig, state_dir: Path, seed: int
+        self, grid: CountingGrid, compression: CompressionSection, state_dir: Path, seed: int
     ) -> None:
         super().__init__(grid)
         self._grid: CountingGrid = grid

@@ -6,7 +6,8 @@ peft's update is ``s * B @ A`` with ``s = alpha / r``, or ``alpha / sqrt(r)`` wi
 ``p_i = n_i / sum n`` are built from raw example counts by :func:`normalise_weights`. The rules:
 
 - FedIT (Zhang et al., 2024): average ``B`` and ``A`` separately (:func:`weighted_mean`); the
-  product of the means misses :func:`fedit_cross_term`.
+  product of the means misses the cross term ``sum p_i (B_i - B̄)(A_i - Ā)`` (the tests
+  compute it, in tests/lora_helpers.py).
 - FFA-LoRA (Sun et al., 2024): ``A`` frozen and shared, only ``B`` averaged, so the mean of
   products is the product of means and the cross term vanishes.
 - FLoRA (Wang et al., 2024): stack the factors (:func:`stack_factors`) so that the product
@@ -17,7 +18,8 @@ peft's update is ``s * B @ A`` with ``s = alpha / r``, or ``alpha / sqrt(r)`` wi
 - HetLoRA (Cho et al., 2024): zero-pad to ``r_max``, norm-weighted average, truncate, and a
   rank self-pruning regulariser (:func:`hetlora_aggregate` and friends).
 - FedEx-LoRA (Singhal et al., 2025): FedIT plus the exact residual, kept in factored form
-  (:func:`fedex_residual`) and folded into the frozen weight (:func:`fold_into_weight`).
+  (:func:`fedex_residual`) and folded into the frozen weight
+  (:func:`fedpeft.lora.fold_into_weight`).
 
 Nothing here imports Flower or touches model objects; float64 inputs give float64 results.
 """
@@ -30,8 +32,6 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-
-from fedpeft.lora import delta_weight
 
 #: how FlexLoRA splits ``U S V^T`` into LoRA factors (see :func:`truncate_to_rank`)
 SvdSplit = Literal["left", "sqrt"]
@@ -86,37 +86,6 @@ def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float]) -> Tensor
         if t.shape != tensors[0].shape:
             raise ValueError(f"shapes differ: {tuple(t.shape)} vs {tuple(tensors[0].shape)}")
         out = out + p_i * t
-    return out
-
-
-def fedit_cross_term(
-    Bs: Sequence[Tensor], As: Sequence[Tensor], weights: Sequence[float]
-) -> Tensor:
-    """FedIT's error ``sum p_i B_i A_i - (sum p_i B_i)(sum p_i A_i)``.
-
-    It equals ``sum p_i (B_i - B̄)(A_i - Ā)``: zero when all ``B_i`` or all ``A_i`` agree
-    (FFA-LoRA's frozen shared ``A``), nonzero in general. Needs equal ranks.
-    """
-    _check_pairs(Bs, As, weights)
-    return product_sum(Bs, As, weights) - weighted_mean(Bs, weights) @ weighted_mean(As, weights)
-
-
-def product_sum(
-    Bs: Sequence[Tensor],
-    As: Sequence[Tensor],
-    weights: Sequence[float],
-    scalings: Sequence[float] | None = None,
-) -> Tensor:
-    """Dense ``sum p_i s_i B_i A_i`` (d x k); a reference for small matrices only.
-
-    ``scalings`` defaults to 1 for every client. Ranks may differ.
-    """
-    _check_pairs(Bs, As, weights)
-    p = normalise_weights(weights)
-    s = _scalings(scalings, len(Bs))
-    out = (p[0] * s[0]) * (Bs[0] @ As[0])
-    for p_i, s_i, b, a in zip(p[1:], s[1:], Bs[1:], As[1:], strict=True):
-        out = out + (p_i * s_i) * (b @ a)
     return out
 
 
@@ -316,25 +285,6 @@ def fedex_residual(
     r_b = torch.cat([*Bs, mean_b], dim=1)
     r_a = scaling * torch.cat([*(p_i * a for p_i, a in zip(p, As, strict=True)), -mean_a], dim=0)
     return r_b, r_a
-
-
-def fold_into_weight(
-    weight: Tensor, B: Tensor, A: Tensor, scaling: float, fan_in_fan_out: bool = False
-) -> Tensor:
-    """``weight + delta_weight(B, A, scaling, fan_in_fan_out)`` in the weight's dtype.
-
-    Folds a FedEx-LoRA residual or a FLoRA merge into the frozen base weight; the sum is
-    formed in the wider of the two dtypes before casting back.
-    """
-    delta = delta_weight(B, A, scaling, fan_in_fan_out)
-    if delta.shape != weight.shape:
-        raise ValueError(
-            f"delta {tuple(delta.shape)} does not match weight {tuple(weight.shape)}"
-            + ("" if fan_in_fan_out else "; a Conv1D weight needs fan_in_fan_out=True")
-        )
-    wide = torch.promote_types(weight.dtype, delta.dtype)
-    out = weight.to(wide) + delta.to(device=weight.device, dtype=wide)
-    return out.to(weight.dtype)
 
 
 def accumulate_factors(

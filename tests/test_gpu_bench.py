@@ -106,7 +106,7 @@ def test_a_failing_client_setting_is_recorded_and_fails_the_run(tmp_path, capsys
     entry = gpu.client_run("lora", "nowhere", "none", CPU, **settings)
     assert "cannot load model.name" in entry["error"]
     assert gpu.failed({"lora": {"runs": [entry]}}) and not gpu.failed({"qlora": {"skipped": "x"}})
-    assert "| nowhere | none | failed: `ScenarioError" in "\n".join(gpu._lora_md({"runs": [entry]}))
+    assert "| nowhere | none | failed: `ScenarioError" in "\n".join(gpu.lora_md({"runs": [entry]}))
 
 
 def test_federation_part_runs_clients_on_one_device(tmp_path):
@@ -118,7 +118,7 @@ def test_federation_part_runs_clients_on_one_device(tmp_path):
         assert run["clients_failed"] == 0 and run["devices"] == ["cpu"]
         assert run["client_step_ms"] > 0 and run["mean_round_seconds"] > 0
     assert part["round_time_ratio"] > 0
-    assert "**Several clients sharing one GPU**" in gpu._federation_md(part)[0]
+    assert "**Several clients sharing one GPU**" in gpu.federation_md(part)[0]
 
 
 def test_minilm_without_its_wheel_is_built_from_its_architecture(tmp_path, monkeypatch):
@@ -136,7 +136,7 @@ def test_minilm_without_its_wheel_is_built_from_its_architecture(tmp_path, monke
         "num_attention_heads": 2,
         "intermediate_size": 64,
     }
-    monkeypatch.setattr(gpu, "MINILM_SHAPE", small)
+    monkeypatch.setattr(sys.modules[gpu.minilm_source.__module__], "MINILM_SHAPE", small)
     sizes = replace(gpu.Sizes.tiny(), steps=3)
     name, weights = gpu.minilm_source(tmp_path, sizes)
     assert name == str(tmp_path / "minilm-random") and weights.startswith("random")
@@ -174,7 +174,7 @@ def test_results_section_is_replaced_in_place_or_appended():
 
 
 def test_fedpeft_bench_keeps_the_gpu_section(tmp_path, monkeypatch):
-    from fedpeft import bench
+    from fedpeft.tools import bench
 
     monkeypatch.setattr(bench, "BENCH", tmp_path)
     monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from fedpeft import records
 from fedpeft.clients.app import app as client_app
+from fedpeft.clients.faults import fault_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.data import client_split, client_train_size
-from fedpeft.faults import fault_mod, faults_of, strikes
+from fedpeft.faults import faults_of, strikes
 from fedpeft.server.grid import CountingGrid
 from fedpeft.server.inprocess import InProcessGrid
 from fedpeft.server.reliability import ExampleBound, ValidatingGrid, check_examples, check_update
