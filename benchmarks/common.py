@@ -41,7 +41,7 @@ def fedpeft_run(scenario: str, sets: list[str], out: Path) -> tuple[dict, list[d
     import sys
     import time
 
-    command = [sys.executable, "-m", "fedpeft.cli", "run", scenario, "--out", str(out)]
+    command = [sys.executable, "-m", "fedpeft.tools.cli", "run", scenario, "--out", str(out)]
     for item in sets:
         command += ["--set", item]
     started = time.perf_counter()

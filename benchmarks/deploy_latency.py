@@ -54,7 +54,7 @@ def fedpeft(*args: str, cwd: Path) -> float:
     """Run the fedpeft console script; return its wall seconds (fails loudly)."""
     started = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", *args], cwd=cwd, capture_output=True, text=True
+        [sys.executable, "-m", "fedpeft.tools.cli", *args], cwd=cwd, capture_output=True, text=True
     )
     if proc.returncode != 0:
         raise SystemExit(f"fedpeft {' '.join(args)} failed:\n{proc.stderr[-3000:]}")

@@ -34,7 +34,7 @@ def main() -> None:
     command = [
         sys.executable,
         "-m",
-        "fedpeft.cli",
+        "fedpeft.tools.cli",
         "compare",
         SCENARIO,
         "--strategies",

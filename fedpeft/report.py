@@ -1,11 +1,10 @@
-"""Run outputs: ``metrics.jsonl`` (one line per round), ``summary.json`` and ``plots/``."""
+"""Run outputs: ``metrics.jsonl`` (one line per round), ``summary.json``, console lines."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,13 @@ from rich.console import Console
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-PLOTS_DIR = "plots"
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 # what a command is doing before its rounds (start-up steps): stdout, so that a command
 # refused before any round leaves exactly its one error line on stderr
 narrator = Console(highlight=False, soft_wrap=True)
 
-# When this process's command started: ``fedpeft.cli.main`` restarts it; a process that
+# When this process's command started: ``fedpeft.tools.cli.main`` restarts it; a process that
 # runs no command (a ServerApp under ``flwr run``) keeps its import time.
 _command_started = [time.monotonic()]
 
@@ -112,71 +110,6 @@ def _fmt(value: float | None) -> str:
 def _clock(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 60}:{seconds % 60:02d}"
-
-
-def plot_run(
-    out_dir: Path, rows: Sequence[dict[str, Any]], initial: dict[str, Any] | None, title: str = ""
-) -> list[Path]:
-    """Write PNG plots of the run's metrics against rounds and against cumulative megabytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    plots = out_dir / PLOTS_DIR
-    plots.mkdir(exist_ok=True)
-    if not rows:
-        return []
-    rounds = [0] + [r["round"] for r in rows] if initial else [r["round"] for r in rows]
-    written = []
-
-    def series(key: str) -> list[float]:
-        head = [initial[key]] if initial and key in initial else []
-        return head + [r.get(key) for r in rows]
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(rounds, series("eval_accuracy"), marker="o")
-    axes[0].set(xlabel="round", ylabel="eval_accuracy", title="held-out accuracy")
-    axes[1].plot(rounds, series("eval_loss"), marker="o", label="eval_loss")
-    train_rounds = [r["round"] for r in rows if r.get("train_loss") is not None]
-    axes[1].plot(
-        train_rounds,
-        [r["train_loss"] for r in rows if r.get("train_loss") is not None],
-        marker="s",
-        label="train_loss",
-    )
-    axes[1].set(xlabel="round", ylabel="loss", title="loss")
-    axes[1].legend()
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    written.append(plots / "metrics_vs_round.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for label, keys in (
-        ("up + down", ("bytes_up", "bytes_down")),
-        ("uplink", ("bytes_up",)),
-        ("downlink", ("bytes_down",)),
-    ):
-        cumulative, total = [], 0
-        for r in rows:
-            total += sum(r[k] for k in keys)
-            cumulative.append(total / 1e6)
-        xs = ([0.0] + cumulative) if initial else cumulative
-        ax.plot(xs, series("eval_accuracy"), marker="o", label=label)
-    heading = f"{title}\naccuracy vs communication" if title else "accuracy vs communication"
-    ax.set(xlabel="cumulative MB (all clients)", ylabel="eval_accuracy", title=heading)
-    ax.legend(fontsize="small")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written.append(plots / "accuracy_vs_megabytes.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    return written
 
 
 # the transformers class that loads each task's base model (the card's loading snippet)
@@ -273,7 +206,7 @@ def _loading(task: str, base: dict[str, str], labels: int, folder: str, peft: bo
     """The card's loading instructions: plain peft where it can, else fedpeft's loader."""
     fedpeft = [
         "```python",
-        "from fedpeft.adapters import load_adapter",
+        "from fedpeft.adapter_files import load_adapter",
         "",
         f'model = load_adapter("{folder}")  # rebuilds the base from fedpeft_adapter.json',
         "```",

@@ -76,7 +76,7 @@ def kill_pids(pids: set[int]) -> None:
 
 
 def _command(args: tuple[str, ...]) -> list[str]:
-    return [sys.executable, "-m", "fedpeft.cli", *args]
+    return [sys.executable, "-m", "fedpeft.tools.cli", *args]
 
 
 def _env(marker: str) -> dict[str, str]:

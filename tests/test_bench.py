@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft import bench
-from fedpeft.cli import main
+from fedpeft.tools import bench
+from fedpeft.tools.cli import main
 
 
 @pytest.fixture

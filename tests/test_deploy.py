@@ -24,32 +24,30 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
 
-from fedpeft.cli import main
-from fedpeft.deploy import (
+from fedpeft.tools.cli import main
+from fedpeft.tools.deploy import (
     APP_CONFIG,
     CA_CERT,
+    READY_SUPERLINK,
+    READY_SUPERNODE,
+    REFUSED_SUPERNODE,
     SERVER_CERT,
     SERVER_KEY,
     DeployError,
+    Processes,
     SuperLinkOptions,
     SuperNodeOptions,
     deploy_env,
     flower_bin,
+    free_port,
     make_certs,
     make_node_key,
     superlink_command,
     supernode_command,
+    wait_for_text,
     write_app,
     write_connection,
     write_run_config,
-)
-from fedpeft.local_federation import (
-    READY_SUPERLINK,
-    READY_SUPERNODE,
-    REFUSED_SUPERNODE,
-    Processes,
-    free_port,
-    wait_for_text,
 )
 
 
@@ -131,6 +129,7 @@ def test_supernode_command_carries_the_node_config_and_refuses_what_cannot_work(
             supernode_command(bad)
 
 
+@pytest.mark.xdist_group("deployment")  # Flower processes: one deployment at a time
 def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refused(
     tmp_path,
 ) -> None:
@@ -146,7 +145,7 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
         return [
             sys.executable,
             "-m",
-            "fedpeft.cli",
+            "fedpeft.tools.cli",
             "deploy",
             "supernode",
             "--superlink",
@@ -168,7 +167,7 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
         command = ["deploy", "superlink", "--certs", str(certs), "--host", "127.0.0.1"]
         link = procs.start(
             "superlink",
-            [sys.executable, "-m", "fedpeft.cli", *command, "--port", str(port)],
+            [sys.executable, "-m", "fedpeft.tools.cli", *command, "--port", str(port)],
             link_log,
         )
         assert wait_for_text(link_log, READY_SUPERLINK, link, 60), link_log.read_text()
@@ -193,6 +192,7 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
     assert all(proc.poll() is not None for _, proc in procs.started)
 
 
+@pytest.mark.xdist_group("deployment")  # Flower processes: one deployment at a time
 def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
     tmp_path,
 ) -> None:
@@ -242,6 +242,7 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+@pytest.mark.xdist_group("deployment")  # Flower processes: one deployment at a time
 def test_an_interrupted_deploy_local_stops_every_process_it_started(tmp_path) -> None:
     code = interrupt_fedpeft(
         "deploy",
@@ -300,7 +301,7 @@ def test_a_supernode_may_bring_its_own_data_file(tmp_path) -> None:
 
 
 def test_stop_all_reaches_children_that_left_the_process_group(tmp_path) -> None:
-    from fedpeft.local_federation import descendants
+    from fedpeft.tools.deploy import descendants
 
     procs = Processes(dict(os.environ), cwd=tmp_path)
     # a parent whose child detaches into its own session, as Flower's SuperExec does

@@ -1,4 +1,4 @@
-"""Ctrl-C handling of long commands (fedpeft.interrupt), in a small process without Ray.
+"""Ctrl-C handling of long commands (fedpeft.tools.interrupt), in a small process without Ray.
 
 The process below swallows every KeyboardInterrupt, as a main thread stuck in C code or
 a library that catches the interrupt would: only the watch can end it.
@@ -13,7 +13,7 @@ import pytest
 
 SWALLOWS_CTRL_C = """
 import sys, time
-from fedpeft.interrupt import watch_interrupts
+from fedpeft.tools.interrupt import watch_interrupts
 stop = watch_interrupts("fedpeft: interrupted; test", grace=float(sys.argv[1]))
 if sys.argv[3] == "stopped":
     stop()

@@ -1,6 +1,6 @@
 """The import contract: fedpeft's layers import one way, checked on every module's source.
 
-    tools (cli, compare, deploy, local_federation, bench, interrupt)
+    tools (fedpeft.tools: cli, simulation, compare, deploy, bench, interrupt)
       -> server, clients   (never each other)
         -> strategies
           -> core (everything else in fedpeft: config, methods, adapters, models, tasks,
@@ -26,7 +26,6 @@ PACKAGES = {
     "strategies": "fedpeft.strategies",
     "scenarios": "fedpeft.scenarios",
 }
-TOOLS = {"cli", "compare", "deploy", "local_federation", "bench", "interrupt"}
 #: layer -> the layers it may import (and itself)
 ALLOWED = {
     "core": {"core"},
@@ -35,11 +34,8 @@ ALLOWED = {
     "server": {"core", "strategies", "server"},
     "tools": {"core", "strategies", "clients", "server", "tools"},
 }
-#: (importer, imported) pairs allowed for now, each with why; an empty set is the goal
-EXCEPTIONS = {
-    # the simulation launcher hands Flower both apps; it belongs with the tools
-    ("fedpeft.server.simulation", "fedpeft.clients.app"),
-}
+#: (importer, imported) pairs allowed for now, each with why; kept empty
+EXCEPTIONS: set[tuple[str, str]] = set()
 
 
 def layer(module: str) -> str | None:
@@ -49,9 +45,9 @@ def layer(module: str) -> str | None:
         return None
     if len(parts) == 1:
         return "core"
-    if parts[1] in ("server", "clients", "strategies"):
+    if parts[1] in ("server", "clients", "strategies", "tools"):
         return parts[1]
-    return "tools" if parts[1] in TOOLS else "core"
+    return "core"
 
 
 def modules() -> dict[str, Path]:
@@ -114,7 +110,10 @@ def test_every_module_imports_only_its_own_layer_and_those_below():
     [
         ("fedpeft.config", "from fedpeft.server.run import run_federation"),
         ("fedpeft.adapters", "def f():\n    from fedpeft.strategies import lora_math"),
-        ("fedpeft.models", "import fedpeft.cli"),
+        ("fedpeft.models", "import fedpeft.tools.cli"),
+        ("fedpeft.report", "from fedpeft.tools.compare import plot_rows"),
+        ("fedpeft.server.run", "from fedpeft.tools.simulation import simulate"),
+        ("fedpeft.clients.app", "from ..tools import interrupt"),
         ("fedpeft.strategies.flora", "from fedpeft.clients.app import app"),
         ("fedpeft.clients.app", "from fedpeft.server import grid"),
         ("fedpeft.server.run", "from fedpeft.clients import app"),
@@ -128,5 +127,123 @@ def test_the_contract_catches_an_import_the_wrong_way(module, source):
 def test_the_contract_lets_an_import_the_right_way_through():
     assert not violations("from fedpeft.config import Scenario", "fedpeft.strategies.flora")
     assert not violations("from fedpeft.strategies import get_strategy", "fedpeft.clients.app")
-    assert not violations("from fedpeft.server.simulation import simulate", "fedpeft.cli")
+    assert not violations("from fedpeft.tools.simulation import simulate", "fedpeft.tools.cli.run")
+    assert not violations("from fedpeft.clients.app import app", "fedpeft.tools.simulation")
+    assert not violations("from fedpeft.server.run import default_out_dir", "fedpeft.tools.cli")
     assert not violations("import torch\nfrom . import records", "fedpeft.faults")
+
+
+def module_level_imports(source: str, module: str, is_package: bool, known: set[str]) -> set[str]:
+    """The fedpeft modules importing ``module`` runs: its imports outside functions.
+
+    ``from a import b`` counts as ``a.b`` when that is a module, else as ``a``; importing
+    ``a.b`` also imports the packages above it, except those above ``module`` itself
+    (already imported, or being imported, when ``module`` runs). Imports under ``if
+    TYPE_CHECKING:`` never run.
+    """
+    targets: set[str] = set()
+
+    def visit(nodes: list[ast.stmt]) -> None:
+        for node in nodes:
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    parts = module.split(".")
+                    base = parts[: len(parts) - node.level + is_package]
+                    target = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    target = node.module or ""
+                for alias in node.names:
+                    name = f"{target}.{alias.name}"
+                    targets.add(name if name in known else target)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                visit([n for n in getattr(node, field, []) if isinstance(n, ast.stmt)])
+            for handler in getattr(node, "handlers", []):
+                visit(handler.body)
+
+    visit(ast.parse(source).body)
+    mine = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
+    out = set()
+    for target in targets:
+        parts = target.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return {t for t in out if t in known and t not in mine and t != module}
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str]:
+    """One cycle of ``graph`` as a path that ends where it starts, or [] when it has none."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str]:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return []
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return []
+
+
+def test_core_modules_import_each_other_without_a_cycle():
+    """Core imports top-down: no module needs an import hidden in a function to load.
+
+    Every core module can then be imported first, in a fresh interpreter, whatever the
+    order (a registry sits below its members, shared constants below both readers).
+    """
+    found = {name: path for name, path in modules().items() if layer(name) == "core"}
+    known = set(found)
+    graph = {
+        name: module_level_imports(
+            path.read_text(encoding="utf-8"), name, path.name == "__init__.py", known
+        )
+        for name, path in found.items()
+    }
+    assert {"fedpeft.models", "fedpeft.tasks", "fedpeft.methods"} <= known
+    cycle = import_cycle(graph)
+    assert not cycle, "import cycle among core modules: " + " -> ".join(cycle)
+
+
+@pytest.mark.parametrize(
+    ("sources", "cycle"),
+    [
+        ({"fedpeft.a": "from fedpeft import b", "fedpeft.b": "import fedpeft.a"}, True),
+        (
+            {"fedpeft.a": "from fedpeft import b", "fedpeft.b": "def f():\n    import fedpeft.a"},
+            False,
+        ),
+        (
+            {"fedpeft.p": "from fedpeft.p import m", "fedpeft.p.m": "from fedpeft.p.r import x"},
+            False,
+        ),
+        (
+            {
+                "fedpeft.p": "from fedpeft.p import m",
+                "fedpeft.q": "from fedpeft.p.m import x",
+                "fedpeft.p.m": "import fedpeft.q",
+            },
+            True,
+        ),
+    ],
+)
+def test_the_cycle_check_finds_a_cycle_and_only_a_cycle(sources, cycle):
+    known = set(sources) | {"fedpeft.p.r"}
+    graph = {
+        name: module_level_imports(src, name, name in ("fedpeft.p",), known)
+        for name, src in sources.items()
+    }
+    assert bool(import_cycle(graph)) == cycle

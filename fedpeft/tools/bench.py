@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # fedpeft/tools/bench.py -> the repository
 BENCH = ROOT / "benchmarks"
 RESULTS = BENCH / "results"
 
@@ -107,69 +107,89 @@ def _load(name: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path else None
 
 
-def targets() -> list[tuple[str, str, str, str]]:
+Row = tuple[str, str, str, str]  # (target, goal, measured, verdict)
+
+
+def targets() -> list[Row]:
     """(target, goal, measured, verdict) for every target of the benchmarks issue."""
-    rows: list[tuple[str, str, str, str]] = []
+    return [
+        *_overhead_rows(),
+        *_aggregation_rows(),
+        *_memory_rows(),
+        *_deploy_rows(),
+        *_baseline_rows(),
+        *_accuracy_rows(),
+        *_ranking_rows(),
+    ]
+
+
+def _overhead_rows() -> list[Row]:
+    """Fedpeft's time against plain Flower's: end to end, and per round after the first."""
     over = _load("overhead")
-    if over:
-        e2e, later = over["end_to_end_ratio"], over["later_round_ratio"]
-        scen = over["command"].split("--scenario ")[-1]
-        rows.append(
-            (
-                "framework overhead, end to end",
-                "<= 1.25x",
-                f"{e2e:.2f}x ({scen})",
-                "met" if e2e <= 1.25 else "gap",
-            )
-        )
-        rows.append(
-            (
-                "framework overhead, rounds after the first",
-                "<= 1.05x",
-                f"{later:.3f}x ({scen})",
-                "met" if later <= 1.05 else "gap",
-            )
-        )
-    else:
-        rows.append(("framework overhead", "<= 1.25x, <= 5%/round", "not measured", "gap"))
+    if not over:
+        return [("framework overhead", "<= 1.25x, <= 5%/round", "not measured", "gap")]
+    e2e, later = over["end_to_end_ratio"], over["later_round_ratio"]
+    scen = over["command"].split("--scenario ")[-1]
+    return [
+        (
+            "framework overhead, end to end",
+            "<= 1.25x",
+            f"{e2e:.2f}x ({scen})",
+            "met" if e2e <= 1.25 else "gap",
+        ),
+        (
+            "framework overhead, rounds after the first",
+            "<= 1.05x",
+            f"{later:.3f}x ({scen})",
+            "met" if later <= 1.05 else "gap",
+        ),
+    ]
+
+
+def _aggregation_rows() -> list[Row]:
+    """The factored SVD's speed-up over the dense one, and aggregation cost per strategy."""
     agg = _load("aggregation")
-    if agg and agg.get("svd"):
-        speeds = ", ".join(f"{r['flexlora_speedup']:.1f}x at K={r['clients']}" for r in agg["svd"])
-        diff = max(r["flexlora_rel_diff"] for r in agg["svd"])
-        slow = [r for r in agg["svd"] if r["flexlora_speedup"] < 10]
-        verdict = "met" if not slow and diff < 1e-6 else "gap"
-        if slow and diff < 1e-6:  # the result agrees; say what limits the speed
-            k, stacked = slow[0]["clients"], slow[0]["clients"] * slow[0]["r"]
-            verdict = (
-                f"gap at K={k}: the stacked factors' rank K*r = {stacked} is "
-                f"{stacked / slow[0]['d']:.2f} of d; the factored QR and SVD "
-                "grow as (K*r)^2 d, the dense SVD stays d^3"
-            )
-        rows.append(
-            (
-                "factored vs dense SVD at d = 4096 (FlexLoRA)",
-                ">= 10x, same result",
-                f"{speeds}; relative difference {diff:.0e}",
-                verdict,
-            )
+    if not (agg and agg.get("svd")):
+        return []
+    speeds = ", ".join(f"{r['flexlora_speedup']:.1f}x at K={r['clients']}" for r in agg["svd"])
+    diff = max(r["flexlora_rel_diff"] for r in agg["svd"])
+    slow = [r for r in agg["svd"] if r["flexlora_speedup"] < 10]
+    verdict = "met" if not slow and diff < 1e-6 else "gap"
+    if slow and diff < 1e-6:  # the result agrees; say what limits the speed
+        k, stacked = slow[0]["clients"], slow[0]["clients"] * slow[0]["r"]
+        verdict = (
+            f"gap at K={k}: the stacked factors' rank K*r = {stacked} is "
+            f"{stacked / slow[0]['d']:.2f} of d; the factored QR and SVD "
+            "grow as (K*r)^2 d, the dense SVD stays d^3"
         )
-        sizes = sorted({(r["shape"], r["clients"]) for r in agg["strategies"]})
-        rows.append(
-            (
-                "aggregation cost per strategy",
-                "10/100/1000 updates, MiniLM and 7B",
-                ", ".join(f"{s} K={k}" for s, k in sizes),
-                "met"
-                if ("7b", 1000) in sizes
-                else "gap: 1000 7B-shaped updates are 33 GB, more than this machine's memory",
-            )
-        )
+    sizes = sorted({(r["shape"], r["clients"]) for r in agg["strategies"]})
+    return [
+        (
+            "factored vs dense SVD at d = 4096 (FlexLoRA)",
+            ">= 10x, same result",
+            f"{speeds}; relative difference {diff:.0e}",
+            verdict,
+        ),
+        (
+            "aggregation cost per strategy",
+            "10/100/1000 updates, MiniLM and 7B",
+            ", ".join(f"{s} K={k}" for s, k in sizes),
+            "met"
+            if ("7b", 1000) in sizes
+            else "gap: 1000 7B-shaped updates are 33 GB, more than this machine's memory",
+        ),
+    ]
+
+
+def _memory_rows() -> list[Row]:
+    """The server's peak memory as the federation grows 100-fold (FedAvg, 10 per round)."""
     fedavg: dict[int, float] = {}  # clients -> peak MiB: the preferred run first, then the other
     stems = ("scale_memory.quick", "scale_memory")
     for stem in stems if _PREFER_QUICK[0] else stems[::-1]:
         if (path := RESULTS / f"{stem}.json").is_file():
             for r in json.loads(path.read_text())["results"].get("fedavg", []):
                 fedavg.setdefault(r["clients"], r["server_peak_memory_mb"])
+    rows: list[Row] = []
     for name, base, top in (("1,000 vs 10 clients", 10, 1000), ("10,000 vs 100", 100, 10000)):
         if base in fedavg and top in fedavg:
             ratio = fedavg[top] / fedavg[base]
@@ -181,62 +201,77 @@ def targets() -> list[tuple[str, str, str, str]]:
                     "met" if ratio <= 1.2 else "gap",
                 )
             )
+    return rows
+
+
+def _deploy_rows() -> list[Row]:
+    """A deployed round's latency against a simulated one's (reported, no target)."""
     deploy = _load("deploy_latency")
-    if deploy:
-        latency = deploy.get("round_ratio")
-        shown = f"{latency:.1f}x" if isinstance(latency, float) else "see below"
-        rows.append(("deployment round latency vs simulation", "reported", shown, "reported"))
+    if not deploy:
+        return []
+    latency = deploy.get("round_ratio")
+    shown = f"{latency:.1f}x" if isinstance(latency, float) else "see below"
+    return [("deployment round latency vs simulation", "reported", shown, "reported")]
+
+
+def _baseline_rows() -> list[Row]:
+    """LoRA's uplink bytes and accuracy against full fine-tuning's."""
     baselines = _load("baselines")
-    if baselines:
-        by = {r["variant"]: r for r in baselines["results"]}
-        full, lora = by.get("full fine-tuning, FedAvg"), by.get("LoRA, FedIT")
-        if full and lora:
-            saving = full["bytes_up_per_client_round"] / lora["bytes_up_per_client_round"]
-            rows.append(
-                (
-                    f"LoRA against full fine-tuning, uplink bytes ({baselines['scenario']})",
-                    "about 300x less",
-                    f"{saving:.0f}x less; accuracy "
-                    f"{lora['final_accuracy']:.4f} vs {full['final_accuracy']:.4f}",
-                    "reported",
-                )
-            )
-    else:
-        rows.append(
+    if not baselines:
+        return [
             (
                 "full fine-tuning baseline (plain Flower FedAvg)",
                 "bytes, accuracy, time",
                 "not measured",
                 "gap",
             )
+        ]
+    by = {r["variant"]: r for r in baselines["results"]}
+    full, lora = by.get("full fine-tuning, FedAvg"), by.get("LoRA, FedIT")
+    if not (full and lora):
+        return []
+    saving = full["bytes_up_per_client_round"] / lora["bytes_up_per_client_round"]
+    return [
+        (
+            f"LoRA against full fine-tuning, uplink bytes ({baselines['scenario']})",
+            "about 300x less",
+            f"{saving:.0f}x less; accuracy "
+            f"{lora['final_accuracy']:.4f} vs {full['final_accuracy']:.4f}",
+            "reported",
         )
+    ]
+
+
+def _accuracy_rows() -> list[Row]:
+    """Federated IID LoRA's accuracy as a share of centralised LoRA's."""
     acc = _load("accuracy")
-    if acc:
-        by = {r["setting"]: r for r in acc["results"]}
-        iid = by["federated IID"]["vs_centralised"]
-        label = "quick: 2 rounds" if acc["command"].endswith("--quick") else "6 rounds"
-        why = (
-            "gap: at equal examples, 5 clients' 20 steps averaged are 20 sequential steps "
-            "a round (a 5x larger batch), centralised takes 100; ratios by round below"
+    if not acc:
+        return [("federated vs centralised LoRA", "IID >= 0.95", "not measured", "gap")]
+    by = {r["setting"]: r for r in acc["results"]}
+    iid = by["federated IID"]["vs_centralised"]
+    label = "quick: 2 rounds" if acc["command"].endswith("--quick") else "6 rounds"
+    why = (
+        "gap: at equal examples, 5 clients' 20 steps averaged are 20 sequential steps "
+        "a round (a 5x larger batch), centralised takes 100; ratios by round below"
+    )
+    return [
+        (
+            "federated IID against centralised LoRA",
+            ">= 0.95",
+            f"{iid:.3f} ({label})",
+            "met" if iid >= 0.95 else why,
         )
-        rows.append(
-            (
-                "federated IID against centralised LoRA",
-                ">= 0.95",
-                f"{iid:.3f} ({label})",
-                "met" if iid >= 0.95 else why,
-            )
-        )
-    else:
-        rows.append(("federated vs centralised LoRA", "IID >= 0.95", "not measured", "gap"))
+    ]
+
+
+def _ranking_rows() -> list[Row]:
+    """The strategies' order under non-IID data with heterogeneous ranks."""
     ranked = "strategies ranked under non-IID data with heterogeneous ranks"
     ranking = _load("ranking")
-    if ranking and ranking["results"]:
-        order = " > ".join(f"{r['strategy']} {r['final_accuracy']:.3f}" for r in ranking["results"])
-        rows.append((ranked, "a ranking", f"{order} (Dirichlet 0.1, ranks 4/8/16)", "reported"))
-    else:
-        rows.append((ranked, "a ranking", "not measured (python benchmarks/ranking.py)", "gap"))
-    return rows
+    if not (ranking and ranking["results"]):
+        return [(ranked, "a ranking", "not measured (python benchmarks/ranking.py)", "gap")]
+    order = " > ".join(f"{r['strategy']} {r['final_accuracy']:.3f}" for r in ranking["results"])
+    return [(ranked, "a ranking", f"{order} (Dirichlet 0.1, ranks 4/8/16)", "reported")]
 
 
 def write_results(quick: bool, ran: dict[str, str], seconds: float) -> None:

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
-from fedpeft.local_federation import descendants
+from fedpeft.tools.deploy.processes import descendants
 
 #: exit status of a process ended by Ctrl-C, as shells report it (128 + SIGINT)
 INTERRUPTED = 128 + signal.SIGINT
