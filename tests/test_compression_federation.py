@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 from safetensors.torch import load_file
 
 from fedpeft import records
-from fedpeft.adapters import load_adapter
+from fedpeft.adapter_files import load_adapter
 from fedpeft.clients.app import app as client_app
 from fedpeft.clients.app import describe_node, evaluate_personal, train
 from fedpeft.clients.compression import HELD, RESIDUAL, compression_mod
@@ -28,13 +28,14 @@ from fedpeft.codecs import (
     state_to_arrayrecord,
 )
 from fedpeft.codecs.compression import CodecError, Pipeline, decode_update, encode_update
-from fedpeft.compare import parse_vary, plan_cells, validate_cells
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.server.compression import CodecGrid
 from fedpeft.server.grid import CountingGrid
 from fedpeft.server.inprocess import InProcessGrid
-from fedpeft.server.run import ADAPTER_DIR, run_federation
+from fedpeft.server.outputs import ADAPTER_DIR
+from fedpeft.server.run import run_federation
 from fedpeft.strategies import STRATEGIES, build_strategy
+from fedpeft.tools.compare import parse_vary, plan_cells, validate_cells
 
 SMALL = ["train.local_steps=2", "data.eval_examples=32"]
 COMPRESSED = [

@@ -15,13 +15,11 @@ import pytest
 import torch
 from peft import PeftModel
 
+from fedpeft.adapter_files import META_FILE, load_adapter, save_adapter
 from fedpeft.adapters import (
-    META_FILE,
     _canonical,
     count_trainable,
     get_adapter_state,
-    load_adapter,
-    save_adapter,
     set_adapter_state,
 )
 from fedpeft.clients.app import app as client_app
@@ -31,7 +29,8 @@ from fedpeft.data import client_split, load_task_data
 from fedpeft.methods import METHODS, build_peft_model, get_method
 from fedpeft.models import load_base_model
 from fedpeft.server.inprocess import InProcessGrid
-from fedpeft.server.run import ADAPTER_DIR, run_federation
+from fedpeft.server.outputs import ADAPTER_DIR
+from fedpeft.server.run import run_federation
 from fedpeft.strategies.testing import aggregate_with
 from fedpeft.train import evaluate
 

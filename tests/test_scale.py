@@ -9,7 +9,7 @@ from fedpeft.clients.app import app as client_app
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.server.grid import CountingGrid, DelegatingGrid
 from fedpeft.server.inprocess import InProcessGrid
-from fedpeft.server.run import check_node_count, discover_nodes, simulated_partitions
+from fedpeft.server.nodes import check_node_count, discover_nodes, simulated_partitions
 from fedpeft.strategies import build_strategy
 
 NODES = 40
