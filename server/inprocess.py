@@ -21,11 +21,23 @@ from fedpeft import records
 
 
 class InProcessGrid(Grid):
-    """``num_nodes`` virtual SuperNodes (partition ids 0..N-1) served by ``app`` here."""
+    """``num_nodes`` virtual SuperNodes (partition ids 0..N-1) served by ``app`` here.
+
+    Node ids are ``first_node_id``, ``first_node_id + 1``, ... in partition order, or
+    ``node_ids`` (partition i on ``node_ids[i]``), as random as a real engine's.
+    """
 
     def __init__(
-        self, app: ClientApp, num_nodes: int, run_id: int = 1, first_node_id: int = 101
+        self,
+        app: ClientApp,
+        num_nodes: int,
+        run_id: int = 1,
+        first_node_id: int = 101,
+        node_ids: list[int] | None = None,
     ) -> None:
+        ids = node_ids or list(range(first_node_id, first_node_id + num_nodes))
+        if len(ids) != num_nodes or len(set(ids)) != num_nodes:
+            raise ValueError(f"node_ids must be {num_nodes} distinct ids, got {ids}")
         self._app = app
         self._run_id = run_id
         self._ids = itertools.count(1)
@@ -40,7 +52,7 @@ class InProcessGrid(Grid):
                 state=RecordDict(),
                 run_config={},
             )
-            for pid, node_id in enumerate(range(first_node_id, first_node_id + num_nodes))
+            for pid, node_id in enumerate(ids)
         }
         self._replies: dict[str, Message] = {}
         _ensure_task_identity(run_id)

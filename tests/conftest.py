@@ -14,6 +14,25 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, one torch thread per worker: the workers share the cores."""
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+@pytest.fixture
+def quiet_env(monkeypatch):
+    """For ``fedpeft.tools.cli.main([...])`` in process: undo the settings it makes."""
+    from fedpeft.tools.simulation import QUIET_ENV
+
+    for key in QUIET_ENV:
+        monkeypatch.setenv(key, os.environ.get(key, ""))
+        if not os.environ[key]:
+            monkeypatch.delenv(key)
+
+
 @pytest.fixture
 def moved_from_initial(tmp_path):
     """``moved(scenario, out_dir)``: L2 distance of a run's saved adapter from its initial one."""
@@ -21,7 +40,8 @@ def moved_from_initial(tmp_path):
 
     from safetensors.torch import load_file
 
-    from fedpeft.adapters import save_adapter, set_adapter_state
+    from fedpeft.adapter_files import save_adapter
+    from fedpeft.adapters import set_adapter_state
     from fedpeft.data import load_task_data
     from fedpeft.models import cached_peft_model, initial_adapter_state
 

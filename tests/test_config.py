@@ -6,6 +6,7 @@ import pytest
 
 from fedpeft import scenarios
 from fedpeft.config import Scenario, ScenarioError, apply_overrides, load_scenario, parse_override
+from fedpeft.tools.cli import main
 
 
 @pytest.mark.parametrize("name", sorted(scenarios.bundled()))
@@ -75,9 +76,23 @@ def test_missing_file_and_unknown_name():
         ),
     ],
 )
-def test_cli_exits_2_with_one_line(args, fragment, tmp_path):
+def test_cli_exits_2_with_one_line(args, fragment, tmp_path, capsys, quiet_env):
+    """In process (``main([...])`` is the console script's own function): fast, same code."""
+    code = main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_console_script_exits_2_with_one_line(tmp_path):
+    """The same through a real process: exit status, stderr and no traceback."""
+    args = ["run", "smoke", "--set", "peft.client_ranks=[2,4]", "--set", "strategy.name=fedit"]
     proc = subprocess.run(
-        [sys.executable, "-m", "fedpeft.cli", *args, "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "fedpeft.tools.cli", *args, "--out", str(tmp_path / "out")],
         capture_output=True,
         text=True,
         timeout=120,
@@ -85,7 +100,7 @@ def test_cli_exits_2_with_one_line(args, fragment, tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
-    assert fragment in lines[0]
+    assert "cannot aggregate heterogeneous ranks" in lines[0]
     assert "Traceback" not in proc.stderr
 
 
@@ -107,7 +122,7 @@ def test_docs_list_every_scenario_key():
 
 
 def test_run_help_lists_the_bundled_scenarios(capsys):
-    from fedpeft.cli import main
+    from fedpeft.tools.cli import main
 
     with pytest.raises(SystemExit) as done:
         main(["run", "--help"])
@@ -119,7 +134,7 @@ def test_run_help_lists_the_bundled_scenarios(capsys):
 
 
 def test_rays_dashboard_is_off_unless_asked_for_and_then_checked():
-    from fedpeft.server.simulation import check_dashboard
+    from fedpeft.tools.simulation import check_dashboard
 
     assert load_scenario("smoke").simulation.dashboard is False
     with pytest.raises(ScenarioError, match="a joined cluster has its own dashboard"):

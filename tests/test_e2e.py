@@ -7,9 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
 from safetensors.torch import load_file
+
+#: Ray: one simulation at a time (pytest-xdist), never beside test_cluster's `ray start`
+pytestmark = pytest.mark.xdist_group("engines")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,90 +113,6 @@ def test_adapter_loads_without_fedpeft_and_reproduces_the_accuracy(minilm_run):
     assert result["accuracy"] == result["reported"]
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "fedprox"])
-def test_smoke_runs_with_other_strategies(strategy, tmp_path):
-    proc = run_fedpeft(
-        "run",
-        "smoke",
-        "--set",
-        f"strategy.name={strategy}",
-        "--out",
-        str(tmp_path / "o"),
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
-    assert summary["scenario"]["strategy"]["name"] == strategy
-    assert summary["rounds_completed"] == 2
-
-
-def test_heterogeneous_ranks_run_with_flexlora(tmp_path):
-    out = tmp_path / "o"
-    proc = run_fedpeft(
-        "run",
-        "smoke",
-        "--set",
-        "peft.client_ranks=[2,4]",
-        "--set",
-        "strategy.name=flexlora",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    ranks = {c["partition-id"]: c["rank"] for c in rows[-1]["client_metrics"]}
-    assert ranks == {0: 2, 1: 4}
-    summary = json.loads((out / "summary.json").read_text())
-    assert [c["rank"] for c in summary["clients"]] == [2, 4]
-
-
-PEFT_AWARE = "fedit,ffa_lora,fedsa_lora,rolora,flora,flexlora,hetlora,fedex_lora"
-
-
-#: through Flower's Simulation Engine: personal state (FedSA-LoRA), base deltas in every
-#: message (FLoRA) and per-node ranks (HetLoRA); every rule also runs in process below
-ON_RAY = "fedsa_lora,flora,hetlora"
-
-
-def test_compare_runs_peft_aware_strategies_on_flower(tmp_path):
-    out = tmp_path / "cmp"
-    proc = run_fedpeft(
-        "compare",
-        "smoke",
-        "--strategies",
-        ON_RAY,
-        "--set",
-        "federation.rounds=1",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    table = (out / "comparison.csv").read_text().splitlines()
-    rows = {line.split(",")[0]: line for line in table[1:]}
-    assert sorted(rows) == sorted(ON_RAY.split(","))
-    assert all(",ok" in line or line.endswith("ok") for line in rows.values()), table
-    fedsa = json.loads((out / "cells" / "fedsa_lora-seed0" / "summary.json").read_text())
-    assert 0.0 <= fedsa["final"]["personal_accuracy"] <= 1.0
-
-
-@pytest.mark.parametrize("name", PEFT_AWARE.split(","))
-def test_every_peft_aware_strategy_runs_a_federation(name, tmp_path):
-    """The real ServerApp code, strategy and ClientApp, without Ray's start-up per rule."""
-    from fedpeft.clients.app import app as client_app
-    from fedpeft.config import load_scenario
-    from fedpeft.server.inprocess import InProcessGrid
-    from fedpeft.server.run import run_federation
-
-    scenario = load_scenario("smoke", [f'strategy.name="{name}"'])
-    summary = run_federation(InProcessGrid(client_app, 2), scenario, tmp_path, "in-process")
-    assert summary["rounds_completed"] == 2
-    adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
-
-
 #: where a Ctrl-C lands: while Ray starts (the main thread waits in Ray's C++ calls), and
 #: mid-run (round 3 in flight, the ServerApp in its own thread)
 PHASES = {"ray-start-up": {"after_process": "raylet"}, "mid-round": {"after": "round 2/"}}
@@ -255,33 +173,8 @@ def test_a_second_ctrl_c_stops_a_run_at_once(tmp_path):
     _kept_rounds(out)
 
 
-def test_same_seed_same_run(tmp_path):
-    """Node ids are random per run; sampling by partition keeps runs reproducible."""
-    adapters, sampled = [], []
-    for i in range(2):
-        out = tmp_path / f"o{i}"
-        proc = run_fedpeft(
-            "run",
-            "smoke",
-            "--set",
-            "data.num_clients=4",
-            "--set",
-            "federation.rounds=3",
-            "--out",
-            str(out),
-            cwd=tmp_path,
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        adapters.append((out / "adapter" / "adapter_model.safetensors").read_bytes())
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        sampled.append([sorted(c["partition-id"] for c in r["client_metrics"]) for r in rows])
-    assert sampled[0] == sampled[1]
-    assert adapters[0] == adapters[1]
-
-
 def test_smoke_faults_finishes_through_lost_crashing_slow_and_nan_clients(tmp_path):
     """The bundled fault scenario on Flower's Simulation Engine (a real round timeout)."""
-    from safetensors.torch import load_file
 
     proc = run_fedpeft("run", "smoke-faults", "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]

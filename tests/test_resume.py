@@ -17,6 +17,7 @@ from fedpeft.server.reliability import ServerCrash
 from fedpeft.server.run import run_federation
 from fedpeft.state import ClientStateStore
 from fedpeft.strategies import STRATEGIES, build_strategy
+from fedpeft.tools.cli import main
 
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 SAME = (
@@ -138,13 +139,16 @@ def test_state_store_keeps_runs_apart_and_survives_a_restart(tmp_path: Path) -> 
     assert torch.equal(ClientStateStore(tmp_path).load(3)["b"], tensors["b"])
 
 
-def test_cli_resume_takes_no_other_settings(tmp_path: Path) -> None:
-    proc = run_fedpeft("run", "smoke", "--resume", str(tmp_path), cwd=tmp_path, timeout=60)
-    assert proc.returncode == 2
-    assert "drop the scenario" in proc.stderr and proc.stderr.count("\n") == 1
+def test_cli_resume_takes_no_other_settings(tmp_path: Path, capsys, quiet_env) -> None:
+    assert main(["run", "smoke", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "drop the scenario" in err and err.count("\n") == 1
 
 
-def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.xdist_group("engines")  # Ray: one simulation at a time
+def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
+    tmp_path: Path, capsys, quiet_env
+) -> None:
     """The acceptance test: Flower's Simulation Engine, the server SIGKILLed in round 2."""
     killed, straight = tmp_path / "killed", tmp_path / "intact"  # equal lengths (see above)
     saved = killed / CHECKPOINT / "progress.pkl"
@@ -171,5 +175,6 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert rows(killed) == rows(straight)
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed_after_rounds"] == [last] and summary["rounds_completed"] == 4
-    again = run_fedpeft("run", "--resume", str(killed), cwd=tmp_path, timeout=60)
-    assert again.returncode == 0 and "nothing to resume" in again.stdout
+    capsys.readouterr()
+    assert main(["run", "--resume", str(killed)]) == 0  # in process: the check is quick
+    assert "nothing to resume" in capsys.readouterr().out
