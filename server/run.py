@@ -137,21 +137,27 @@ class ServerModel:
 
     @classmethod
     def load(cls, scenario: Scenario) -> ServerModel:
-        """Load data, model and processor; under heterogeneous ranks, at the largest rank."""
+        """Load data, model and processor; under heterogeneous ranks, at the largest rank.
+
+        The order is the one every earlier run used: some steps draw from the seeded RNGs
+        (Flower samples clients from ``random``), so reordering them changes a run.
+        """
         data = load_task_data(scenario.data)
+        test = eval_split(scenario.data)
         device = resolve_device(scenario.model.device)
         local = server_side(scenario, device)
         server_peft = scenario.peft_for_rank(scenario.max_rank)
         model = cached_peft_model(local.model, server_peft, data.num_labels, scenario.seed)
         set_trainable(model, None)
         model.to(device)
+        processor = load_processor(scenario.model)  # tokenizer or image preparation
         reference = initial_adapter_state(local.model, server_peft, data.num_labels, scenario.seed)
         return cls(
             scenario=local,
             model=model,
-            processor=load_processor(scenario.model),
+            processor=processor,
             device=device,
-            test=eval_split(scenario.data),
+            test=test,
             num_labels=data.num_labels,
             label_names=data.label_names,
             reference=reference,

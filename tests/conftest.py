@@ -14,14 +14,6 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
-def pytest_configure(config):
-    """Under pytest-xdist, one torch thread per worker: the workers share the cores."""
-    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        import torch
-
-        torch.set_num_threads(1)
-
-
 @pytest.fixture
 def quiet_env(monkeypatch):
     """For ``fedpeft.tools.cli.main([...])`` in process: undo the settings it makes."""

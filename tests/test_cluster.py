@@ -14,13 +14,9 @@ import uuid
 from pathlib import Path
 
 import psutil
-import pytest
 from procs import kill_pids, pids_marked, run_fedpeft
 
 from fedpeft.tools.deploy import free_port
-
-#: Ray: one simulation at a time (pytest-xdist), never beside test_cluster's `ray start`
-pytestmark = pytest.mark.xdist_group("engines")
 
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -208,7 +208,6 @@ def _compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 ON_RAY = ["fedsa_lora", "flora", "hetlora"]
 
 
-@pytest.mark.xdist_group("engines")  # Ray: one simulation at a time
 def test_compare_end_to_end(tmp_path):
     bad = _compare("smoke", "--strategies", "fedavg,nosuch", cwd=tmp_path)
     assert bad.returncode == 2

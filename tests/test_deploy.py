@@ -129,7 +129,6 @@ def test_supernode_command_carries_the_node_config_and_refuses_what_cannot_work(
             supernode_command(bad)
 
 
-@pytest.mark.xdist_group("deployment")  # Flower processes: one deployment at a time
 def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refused(
     tmp_path,
 ) -> None:
@@ -192,7 +191,6 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
     assert all(proc.poll() is not None for _, proc in procs.started)
 
 
-@pytest.mark.xdist_group("deployment")  # Flower processes: one deployment at a time
 def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
     tmp_path,
 ) -> None:
@@ -242,7 +240,6 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
-@pytest.mark.xdist_group("deployment")  # Flower processes: one deployment at a time
 def test_an_interrupted_deploy_local_stops_every_process_it_started(tmp_path) -> None:
     code = interrupt_fedpeft(
         "deploy",

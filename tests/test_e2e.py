@@ -10,9 +10,6 @@ import pytest
 from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
 from safetensors.torch import load_file
 
-#: Ray: one simulation at a time (pytest-xdist), never beside test_cluster's `ray start`
-pytestmark = pytest.mark.xdist_group("engines")
-
 REPO = Path(__file__).resolve().parents[1]
 
 

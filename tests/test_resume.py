@@ -145,7 +145,6 @@ def test_cli_resume_takes_no_other_settings(tmp_path: Path, capsys, quiet_env) -
     assert "drop the scenario" in err and err.count("\n") == 1
 
 
-@pytest.mark.xdist_group("engines")  # Ray: one simulation at a time
 def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, capsys, quiet_env
 ) -> None:

@@ -9,7 +9,6 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-from procs import run_fedpeft
 from safetensors.torch import load_file
 
 from fedpeft import records
@@ -180,17 +179,17 @@ def test_ffa_lora_federation_with_secagg_ends_where_plain_aggregation_does(tmp_p
     assert secure["bytes_up_total"] > plain["bytes_up_total"]  # masked integers, key shares
 
 
-@pytest.mark.xdist_group("engines")  # Ray: one simulation at a time
-def test_cli_secagg_runs_with_fedavg_and_refuses_flexlora(
+def test_secagg_runs_with_fedavg_on_engine_sized_node_ids_and_the_cli_refuses_flexlora(
     tmp_path: Path, capsys, quiet_env
 ) -> None:
+    """Flower's engines give nodes random 64-bit ids (above 2**63 too); the masks use them."""
     out = tmp_path / "run"
-    done = run_fedpeft(
-        "run", "smoke", "--set", "privacy.secure_aggregation=true", "--out", str(out), cwd=tmp_path
-    )
-    assert done.returncode == 0, done.stderr
+    scenario = load_scenario("smoke", ["privacy.secure_aggregation=true"])
+    ids = [14043475851371219612, 9123372036854775807]
+    run_federation(InProcessGrid(client_app, 2, node_ids=ids), scenario, out, "in-process")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["clients_sampled"] - r["clients_failed"] for r in rows] == [2, 2]
+    capsys.readouterr()  # the run's own console lines
     refused = main(
         [
             "run",
