@@ -131,8 +131,17 @@ def test_quantizing_a_random_test_model_is_refused() -> None:
         load_base_model(ModelSection(name="tiny-bert", quantization="4bit"), 2)
 
 
-def test_no_quantization_needs_neither_cuda_nor_bitsandbytes() -> None:
-    check_quantization(ModelSection(name="minilm"), CPU)  # nothing raised
+def test_an_unquantized_pretrained_load_needs_neither_cuda_nor_bitsandbytes() -> None:
+    """The real MiniLM on this CPU machine, where bitsandbytes is not installed."""
+    import importlib.util
+
+    assert importlib.util.find_spec("bitsandbytes") is None or torch.cuda.is_available()
+    base = load_base_model(ModelSection(name="minilm"), 2, CPU)
+    assert getattr(base.config, "quantization_config", None) is None
+    assert not getattr(base, "is_loaded_in_4bit", False)
+    assert not getattr(base, "is_loaded_in_8bit", False)
+    assert {p.dtype for p in base.parameters()} == {torch.float32}
+    assert {p.device.type for p in base.parameters()} == {"cpu"}
 
 
 def test_a_quantized_load_asks_for_qlora_weights_on_the_node_device(monkeypatch) -> None:
