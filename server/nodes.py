@@ -26,12 +26,10 @@ def connect_nodes(grid: Grid, scenario: Scenario, engine: str, strategy: Strateg
     """
     if engine == "simulation":
         check_node_count(grid, scenario)
+        step("starting the client processes (each imports torch, then builds its model once)")
     elif engine == "deployment":
         wait_for_nodes(grid, scenario)
         grid = PollingGrid(grid)  # replies in ~0.1 s instead of Flower's 3 s pull interval
-    if engine == "simulation":
-        step("starting the client processes (each imports torch, then builds its model once)")
-    elif engine == "deployment":
         step(f"asking the {len(list(grid.get_node_ids()))} SuperNodes which partition each serves")
     guess = simulated_partitions(grid)  # None on any Grid but Flower's in-memory one
     counting = CountingGrid(grid)
