@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from fedpeft import records
-from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, lora_pairs
+from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, factor_of, lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.lora import lora_alpha_for, lora_scaling
@@ -161,7 +161,14 @@ class AdapterStrategy(FedAvg):
             node_ids = list(self.last_trained)  # personalised metric of the clients that trained
         else:
             num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-            node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+            node_ids, every = sample_nodes(grid, self.min_available_nodes, max(num_nodes, minimum))
+            log(
+                INFO,
+                "configure_%s: Sampled %s nodes (out of %s)",
+                message_type,
+                len(node_ids),
+                len(every),
+            )
         if message_type == MessageType.TRAIN:
             self.last_trained = list(node_ids)
         messages = []
@@ -223,7 +230,8 @@ class AdapterStrategy(FedAvg):
 
         Replies no rule can use (NaN or inf, unusable example counts) raise AggregationError.
         """
-        valid = [m for m in replies if not m.has_error()]
+        # Flower's own logging of results and failures; the checks are check_train_replies'
+        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
         if not valid:
             return None, None
         weights = check_train_replies(valid, self.weighted_by_key)
@@ -232,7 +240,7 @@ class AdapterStrategy(FedAvg):
             metrics = msg.content.metric_records[records.METRICS]
             if records.CLIENT_RANK in metrics:
                 self.node_ranks[msg.metadata.src_node_id] = int(str(metrics[records.CLIENT_RANK]))
-            states.append(arrayrecord_to_state(msg.content.array_records[records.ARRAYS]))
+            states.append(arrayrecord_to_state(msg.content.array_records[self.arrayrecord_key]))
             node_ids.append(msg.metadata.src_node_id)
         self.aggregate_states(server_round, states, weights, node_ids)
         metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
@@ -274,8 +282,6 @@ def lora_factors(
 
 def select(state: AdapterState, factors: set[str]) -> AdapterState:
     """The tensors of ``state`` that belong to the given factors."""
-    from fedpeft.adapters import factor_of
-
     return {k: v for k, v in state.items() if factor_of(k) in factors}
 
 
