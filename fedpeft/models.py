@@ -215,9 +215,13 @@ def cached_peft_model(
 def initial_adapter_state(
     model_cfg: ModelSection, peft_cfg: PeftSection, num_labels: int, seed: int
 ) -> dict[str, torch.Tensor]:
-    """The adapter exactly as :func:`cached_peft_model` first built it (same in every process)."""
+    """The adapter exactly as :func:`cached_peft_model` first built it (same in every process).
+
+    A new dict each call, so a caller may replace its entries; the tensors are the cache's
+    own and must not be modified in place.
+    """
     cached_peft_model(model_cfg, peft_cfg, num_labels, seed)
     state: dict[str, torch.Tensor] = _CACHE[
         "initial:" + repr((model_cfg, peft_cfg, num_labels, seed))
     ]
-    return state
+    return dict(state)

@@ -46,6 +46,15 @@ def _initial():
     return initial_adapter_state(SCENARIO.model, SCENARIO.peft_for_rank(4), labels, SCENARIO.seed)
 
 
+def test_the_initial_adapter_survives_a_caller_that_edits_its_copy():
+    # a caller (such as the HetLoRA test below) replaces entries of the dict it gets
+    first = _initial()
+    key = next(iter(first))
+    original = first[key].clone()
+    first[key] = torch.full_like(original, 7.0)
+    assert torch.equal(_initial()[key], original)  # every later caller sees the real one
+
+
 FEDSA = {
     records.TRAIN_FACTORS: "head,lora_A,lora_B",
     records.SEND_FACTORS: "head,lora_A",
