@@ -3,7 +3,7 @@ from collections import Counter
 import pytest
 
 from fedpeft.config import DataSection, ScenarioError
-from fedpeft.data import client_partition, load_task_data, partition_summary, wordnet
+from fedpeft.data import client_partition, column, load_task_data, partition_summary, wordnet
 
 
 def test_wordnet_supersense_is_built_from_the_real_files():
@@ -29,23 +29,28 @@ def test_held_out_split_is_fixed():
 
     data_module._CACHE.clear()
     b = load_task_data(DataSection()).test
-    assert a["text"] == b["text"] and a["label"] == b["label"]
+    assert column(a, "text") == column(b, "text") and column(a, "label") == column(b, "label")
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
-def test_partitions_are_a_pure_function_of_the_seed(partitioner):
+def test_partitions_are_a_pure_function_of_the_seed(partitioner, tmp_path):
     from fedpeft import data as data_module
 
-    cfg = DataSection(partitioner=partitioner, num_clients=5, classes_per_client=3)
-    first = [client_partition(cfg, 7, i)["text"] for i in range(5)]
+    # 3,000 rows in 10 classes: flwr-datasets reads the label column row by row, about
+    # 6 s on the 80,000-row default set, and purity does not depend on the size
+    path = tmp_path / "glosses.csv"
+    rows = ["text,label"] + [f"gloss {i},class{i * 7919 % 10}" for i in range(3000)]
+    path.write_text("\n".join(rows) + "\n")
+    cfg = DataSection(name=str(path), partitioner=partitioner, num_clients=5, classes_per_client=3)
+    first = [column(client_partition(cfg, 7, i), "text") for i in range(5)]
     data_module._CACHE.clear()
-    again = [client_partition(cfg, 7, i)["text"] for i in range(5)]
-    other = [client_partition(cfg, 8, i)["text"] for i in range(5)]
+    again = [column(client_partition(cfg, 7, i), "text") for i in range(5)]
+    other = [column(client_partition(cfg, 8, i), "text") for i in range(5)]
     assert first == again
     assert first != other
     if partitioner != "pathological":  # these two hand out every training example once
         flat = Counter(t for part in first for t in part)
-        assert flat == Counter(load_task_data(cfg).train["text"])
+        assert flat == Counter(column(load_task_data(cfg).train, "text"))
 
 
 def test_iid_covers_the_train_split_and_pathological_limits_classes():
@@ -55,7 +60,7 @@ def test_iid_covers_the_train_split_and_pathological_limits_classes():
     assert max(sizes) - min(sizes) <= 1
     patho = DataSection(partitioner="pathological", num_clients=6, classes_per_client=2)
     for pid in range(6):
-        assert len(Counter(client_partition(patho, 0, pid)["label"])) <= 2
+        assert len(Counter(column(client_partition(patho, 0, pid), "label"))) <= 2
 
 
 def test_unreachable_hub_data_set_is_a_scenario_error():
@@ -82,15 +87,17 @@ def test_a_node_reads_its_cached_split_back_without_partitioning_again(tmp_path,
     cfg = DataSection(num_clients=3, partitioner="dirichlet", alpha=0.5)
     train, holdout = data.client_split(cfg, 7, 1)
     first = data.client_split(cfg, 7, 1, cache_dir=tmp_path)
-    assert [p["text"] for p in first] == [train["text"], holdout["text"]]
+    texts = [column(train, "text"), column(holdout, "text")]
+    assert [column(p, "text") for p in first] == texts
 
     def no_partitioning(*args, **kwargs):
         raise AssertionError("partitioned again")
 
     monkeypatch.setattr(data, "_client_split", no_partitioning)
     cached = data.client_split(cfg, 7, 1, cache_dir=tmp_path)
-    assert [p["text"] for p in cached] == [train["text"], holdout["text"]]
-    assert [p["label"] for p in cached] == [train["label"], holdout["label"]]
+    assert [column(p, "text") for p in cached] == texts
+    labels = [column(train, "label"), column(holdout, "label")]
+    assert [column(p, "label") for p in cached] == labels
     assert cached[0].features == train.features  # the ClassLabel names survive
     with pytest.raises(AssertionError, match="partitioned again"):  # another seed: new entry
         data.client_split(cfg, 8, 1, cache_dir=tmp_path)

@@ -227,7 +227,7 @@ def _encode_as(dd: datasets.DatasetDict, names: list[str], source: str) -> datas
     def name_of(value: Any) -> Any:
         return feature.int2str(value) if isinstance(feature, datasets.ClassLabel) else value
 
-    values = {name_of(v) for v in dd["train"]["label"]}
+    values = {name_of(v) for v in column(dd["train"], "label")}
     if all(isinstance(v, int) for v in values):
         bad: list[Any] = sorted(v for v in values if not 0 <= v < len(names))
 
@@ -282,6 +282,16 @@ def _load_uncached(cfg: DataSection) -> datasets.DatasetDict:
 
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
+
+
+def column(data: datasets.Dataset, name: str) -> list[Any]:
+    """All values of one column, read through Arrow.
+
+    ``data[name]`` is a lazy column that formats row by row: about 150 times slower on a
+    40,000-row partition (1.3 s against 9 ms).
+    """
+    values: list[Any] = data.with_format("arrow")[name].to_pylist()
+    return values
 
 
 def load_task_data(cfg: DataSection) -> TaskData:
@@ -458,7 +468,7 @@ def partition_summary(cfg: DataSection, seed: int) -> list[dict[str, Any]]:
     rows = []
     for pid in range(cfg.num_clients):
         part = client_partition(cfg, seed, pid)
-        counts = Counter(part["label"] if names else [])
+        counts = Counter(column(part, "label") if names else [])
         rows.append(
             {
                 "client": pid,
