@@ -66,6 +66,16 @@ class TaskData:
         return len(self.label_names)
 
 
+def column(data: datasets.Dataset, name: str) -> list[Any]:
+    """All values of one column, read through Arrow.
+
+    ``data[name]`` is a lazy column that formats row by row: about 150 times slower on a
+    40,000-row partition (1.3 s against 9 ms).
+    """
+    values: list[Any] = data.with_format("arrow")[name].to_pylist()
+    return values
+
+
 def cache_dir() -> Path:
     """Where fedpeft keeps built data sets (``$FEDPEFT_CACHE`` or ``~/.cache/fedpeft``)."""
     return Path(os.environ.get("FEDPEFT_CACHE", Path.home() / ".cache" / "fedpeft"))
@@ -282,16 +292,6 @@ def _load_uncached(cfg: DataSection) -> datasets.DatasetDict:
 
 
 _CACHE: dict[tuple[Any, ...], Any] = {}
-
-
-def column(data: datasets.Dataset, name: str) -> list[Any]:
-    """All values of one column, read through Arrow.
-
-    ``data[name]`` is a lazy column that formats row by row: about 150 times slower on a
-    40,000-row partition (1.3 s against 9 ms).
-    """
-    values: list[Any] = data.with_format("arrow")[name].to_pylist()
-    return values
 
 
 def load_task_data(cfg: DataSection) -> TaskData:
