@@ -51,7 +51,14 @@ from fedpeft.models import (
 from fedpeft.state import ClientStateStore
 from fedpeft.strategies import get_strategy
 from fedpeft.strategies.client_hook import ClientHook
-from fedpeft.train import TrainResult, evaluate, scenario_collate, train_steps
+from fedpeft.train import (
+    TrainResult,
+    evaluate,
+    learning_rate,
+    round_learning_rate,
+    scenario_collate,
+    train_steps,
+)
 
 # outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
 # decoded (and the reply coded last), local DP noises the reply, faults are injected (if
@@ -224,6 +231,8 @@ def _train_locally(job: Job, context: Context) -> TrainResult:
         end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
         train_part, _ = local_data(job, context)
         t = scenario.train
+        first_step = (server_round - 1) * t.local_steps  # the schedule runs across rounds
+        total_steps = scenario.federation.rounds * t.local_steps
         return train_steps(
             job.model,
             scenario_collate(scenario),
@@ -231,6 +240,8 @@ def _train_locally(job: Job, context: Context) -> TrainResult:
             steps=t.local_steps,
             batch_size=t.batch_size,
             lr=t.lr,
+            lr_at=lambda step: learning_rate(t, first_step + step, total_steps),
+            grad_accum_steps=t.grad_accum_steps,
             # distinct, reproducible batch order per (seed, round, client)
             seed=(scenario.seed * 1_000_003 + server_round) * 10_007 + job.partition_id,
             weight_decay=t.weight_decay,
@@ -272,6 +283,9 @@ def _train_metrics(job: Job, result: TrainResult, sent_rank: int, started: float
         {
             records.TRAIN_LOSS: result.train_loss,
             records.NUM_EXAMPLES: result.num_examples,
+            records.LEARNING_RATE: round_learning_rate(
+                job.scenario.train, job.asked.server_round, job.scenario.federation.rounds
+            ),
             records.PARTITION_ID: job.partition_id,
             records.CLIENT_RANK: sent_rank,
             records.TRAIN_SECONDS: time.perf_counter() - started,

@@ -33,6 +33,7 @@ def factor_set(config: Any, key: str) -> set[str]:
 # MetricRecord keys
 NUM_EXAMPLES = "num-examples"  # Flower strategies' weighting key
 TRAIN_LOSS = "train_loss"
+LEARNING_RATE = "lr"  # the learning rate of the round's first optimizer step
 PARTITION_ID = "partition-id"
 TRAIN_SECONDS = "train_seconds"
 CLIENT_RANK = "rank"  # LoRA rank the client trained (and sent)

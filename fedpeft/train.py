@@ -7,6 +7,7 @@ the model takes (``labels`` included), and the task scores a model (:mod:`fedpef
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,7 @@ import datasets
 import torch
 
 from fedpeft.adapters import trainable_parameters
-from fedpeft.config import Scenario, ScenarioError
+from fedpeft.config import Scenario, ScenarioError, TrainSection
 from fedpeft.models import native_bf16
 from fedpeft.tasks import Collate, get_task, load_processor
 
@@ -59,6 +60,34 @@ def examples_seen(size: int, steps: int, batch_size: int) -> int:
     per_pass = -(-size // batch_size)  # batches in one pass, the last one short
     passes, rest = divmod(steps, per_pass)
     return passes * size + rest * batch_size
+
+
+def learning_rate(train: TrainSection, step: int, total: int) -> float:
+    """The learning rate of optimizer step ``step`` (from 0) of the federation's ``total``.
+
+    ``train.warmup_steps`` rise linearly from 0 to ``train.lr``; then ``constant`` stays
+    there, ``linear`` falls in a straight line and ``cosine`` along half a cosine towards
+    ``train.min_lr``. These are transformers' schedules with warm-up (constant, linear,
+    cosine with min_lr), counted over every round: a client in round ``r`` of ``R``, with
+    ``S`` steps a round, runs steps ``(r - 1) * S`` to ``r * S - 1`` of ``R * S``.
+    """
+    peak, low, warmup = train.lr, train.min_lr, train.warmup_steps
+    if step < warmup:
+        return peak * step / warmup
+    if train.lr_schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if train.lr_schedule == "linear":
+        shape = 1.0 - progress
+    else:
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return low + (peak - low) * max(0.0, shape)
+
+
+def round_learning_rate(train: TrainSection, server_round: int, rounds: int) -> float:
+    """The learning rate of round ``server_round``'s first step (metrics.jsonl's ``lr``)."""
+    steps = train.local_steps
+    return learning_rate(train, (server_round - 1) * steps, rounds * steps)
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -130,6 +159,8 @@ def train_steps(
     batch_size: int,
     lr: float,
     seed: int,
+    lr_at: Callable[[int], float] | None = None,
+    grad_accum_steps: int = 1,
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
     proximal_mu: float = 0.0,
@@ -139,6 +170,10 @@ def train_steps(
     track_gradient: bool = False,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable (adapter) parameters of ``model``.
+
+    Each step adds up the gradients of ``grad_accum_steps`` batches (the loss of each
+    divided by their number, so the step sees their mean); ``lr_at(i)``, when given, is
+    step ``i``'s learning rate (see :func:`learning_rate`), else it is ``lr`` throughout.
 
     ``collate`` turns a batch of rows into model inputs with ``labels`` (see
     :meth:`fedpeft.tasks.Task.make_collate`). With ``proximal_mu > 0`` the FedProx term
@@ -166,20 +201,25 @@ def train_steps(
     total_loss, seen = 0.0, 0
     stream = batches(data, batch_size, seed)
     started = time.perf_counter()
-    for _ in range(steps):
-        rows = next(stream)
-        batch = {k: v.to(device) for k, v in collate(rows).items()}
-        loss = _forward_loss(model, batch, device, dtype)
-        total_loss += loss.item()
-        loss = _penalised(loss, params, anchors, proximal_mu, regulariser)
-        _backward_and_step(loss, optimizer, scaler, params, max_grad_norm, grad_sums)
-        seen += len(next(iter(rows.values())))
+    for step in range(steps):
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+        for _ in range(grad_accum_steps):
+            rows = next(stream)
+            batch = {k: v.to(device) for k, v in collate(rows).items()}
+            loss = _forward_loss(model, batch, device, dtype)
+            total_loss += loss.item()
+            loss = _penalised(loss, params, anchors, proximal_mu, regulariser)
+            _backward(loss / grad_accum_steps, scaler)
+            seen += len(next(iter(rows.values())))
+        _step(optimizer, scaler, params, max_grad_norm, grad_sums)
     if device.type == "cuda":
         torch.cuda.synchronize(device)  # the last step's kernels count in its time
     elapsed = time.perf_counter() - started
     model.eval()
     return TrainResult(
-        train_loss=total_loss / steps,
+        train_loss=total_loss / (steps * grad_accum_steps),
         num_examples=seen,
         steps=steps,
         step_seconds=elapsed / steps,
@@ -220,21 +260,24 @@ def _penalised(
     return loss
 
 
-def _backward_and_step(
-    loss: torch.Tensor,
+def _backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """Add ``loss``'s gradients to the parameters' (fp16: scaled)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
+def _step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
     grad_sums: list[torch.Tensor],
 ) -> None:
-    """Backward pass, clipping, gradient tracking and one optimizer step (fp16: scaled)."""
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        if max_grad_norm > 0 or grad_sums:
-            scaler.unscale_(optimizer)  # clip (and track) the true gradients
-    else:
-        loss.backward()
+    """Clipping, gradient tracking and one optimizer step on the summed gradients."""
+    if scaler is not None and (max_grad_norm > 0 or grad_sums):
+        scaler.unscale_(optimizer)  # clip (and track) the true gradients
     if max_grad_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     if grad_sums:

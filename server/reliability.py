@@ -99,8 +99,9 @@ def check_examples(count: object, limit: int = 0, bound: str = "") -> str | None
 class ExampleBound:
     """The most examples a client's training reply may claim in a round.
 
-    A fedpeft client reports the examples it trained on: ``train.local_steps`` batches of
-    ``train.batch_size``, so never more than their product. ``federation.max_examples``
+    A fedpeft client reports the examples it trained on: ``train.local_steps`` optimizer
+    steps of ``train.grad_accum_steps`` batches of ``train.batch_size``, so never more than
+    their product. ``federation.max_examples``
     replaces that cap. Where the server knows each client's data (simulation: the
     scenario's partitions), a client may claim no more than its own partition gives in
     those batches, fewer than the cap when a pass over a small partition ends short.
@@ -108,14 +109,20 @@ class ExampleBound:
 
     def __init__(self, scenario: Scenario, train_size: Callable[[int], int] | None = None) -> None:
         t = scenario.train
-        self.steps, self.batch_size = t.local_steps, t.batch_size
+        self.batches, self.batch_size = t.batches_per_round, t.batch_size
+        # the round's batches, in the keys that set them: "train.local_steps=10", or with
+        # accumulation "train.local_steps x train.grad_accum_steps=10 x 4"
+        keys, values = ["train.local_steps"], [t.local_steps]
+        if t.grad_accum_steps > 1:
+            keys, values = [*keys, "train.grad_accum_steps"], [*values, t.grad_accum_steps]
+        self.batches_said = f"{' x '.join(keys)}={' x '.join(map(str, values))}"
         if cap := scenario.federation.max_examples:
             self.cap, self.cap_reason = cap, f"federation.max_examples={cap}"
         else:
-            self.cap = t.local_steps * t.batch_size
+            self.cap = t.batches_per_round * t.batch_size
             self.cap_reason = (
-                f"train.local_steps x train.batch_size ({t.local_steps} x {t.batch_size}; "
-                "federation.max_examples unset)"
+                f"{' x '.join([*keys, 'train.batch_size'])} "
+                f"({' x '.join(map(str, [*values, t.batch_size]))}; federation.max_examples unset)"
             )
         self.train_size = train_size
         self._sizes: dict[int, int] = {}
@@ -127,12 +134,12 @@ class ExampleBound:
         if partition not in self._sizes:
             self._sizes[partition] = self.train_size(partition)
         size = self._sizes[partition]
-        seen = examples_seen(size, self.steps, self.batch_size)
+        seen = examples_seen(size, self.batches, self.batch_size)
         if seen >= self.cap:
             return self.cap, self.cap_reason
         return seen, (
             f"what partition {partition}'s {size} training examples give in "
-            f"train.local_steps={self.steps} batches of {self.batch_size}"
+            f"{self.batches_said} batches of {self.batch_size}"
         )
 
 

@@ -56,7 +56,7 @@ from fedpeft.server.rounds import run_rounds
 from fedpeft.server.secagg import SecAggGrid
 from fedpeft.strategies import build_strategy
 from fedpeft.strategies.adapter_strategy import AdapterStrategy
-from fedpeft.train import evaluate
+from fedpeft.train import evaluate, round_learning_rate
 
 
 def default_out_dir(scenario: Scenario) -> Path:
@@ -290,6 +290,9 @@ class RoundRecorder:
             "round": server_round,
             "strategy": self.scenario.strategy.name,
             "train_loss": traffic.train_loss,
+            "lr": round_learning_rate(
+                self.scenario.train, server_round, self.scenario.federation.rounds
+            ),
             **metrics,
             **traffic.personal_metrics,
             "clients_sampled": traffic.clients_sampled,

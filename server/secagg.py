@@ -75,8 +75,8 @@ class SecAggGrid(DelegatingGrid):
         self.counting = counting
         self.privacy = scenario.privacy
         self.seed = scenario.seed
-        #: no client's weight (examples seen in a round) exceeds this: steps x batch size
-        self.max_weight = float(scenario.train.local_steps * scenario.train.batch_size)
+        #: no client's weight (examples seen in a round) exceeds this: batches x batch size
+        self.max_weight = float(scenario.train.batches_per_round * scenario.train.batch_size)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

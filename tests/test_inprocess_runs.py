@@ -154,3 +154,30 @@ def test_every_peft_aware_strategy_runs_a_federation(name, tmp_path):
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
     assert grid.replies[2], "no client trained in round 2"
+
+
+def test_a_cosine_schedule_runs_across_rounds_and_each_round_logs_its_rate(tmp_path):
+    """4 rounds of 3 steps, 2 of warm-up: round r starts at step 3(r - 1) of 12."""
+    scenario = load_scenario(
+        "smoke",
+        [
+            "federation.rounds=4",
+            "train.local_steps=3",
+            "train.lr_schedule='cosine'",
+            "train.warmup_steps=2",
+            "train.min_lr=1e-4",
+            "train.grad_accum_steps=2",
+        ],
+    )
+    peak, low = scenario.train.lr, scenario.train.min_lr
+    _run(scenario, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [0.0] + [
+        low + (peak - low) * 0.5 * (1 + math.cos(math.pi * (3 * (r - 1) - 2) / 10))
+        for r in (2, 3, 4)
+    ]
+    assert [row["lr"] for row in rows] == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    for row in rows:  # every client trained at the round's rate, on 3 steps x 2 batches
+        assert {c["lr"] for c in row["client_metrics"]} == {row["lr"]}
+        batches = 3 * 2
+        assert {c[records.NUM_EXAMPLES] for c in row["client_metrics"]} == {batches * 8}

@@ -293,6 +293,22 @@ def test_the_bound_is_steps_x_batch_or_max_examples_or_what_the_partition_gives(
     assert sized.of(1) == (80, cap) and sized.of(None) == (80, cap)
 
 
+def test_accumulated_batches_raise_the_bound_with_them() -> None:
+    sets = ["train.local_steps=5", "train.grad_accum_steps=2", "train.batch_size=8"]
+    scenario = load_scenario("smoke", sets)
+    cap = (
+        "train.local_steps x train.grad_accum_steps x train.batch_size (5 x 2 x 8; "
+        "federation.max_examples unset)"
+    )
+    assert ExampleBound(scenario).of(0) == (80, cap)
+    sized = ExampleBound(scenario, {0: 20}.__getitem__)
+    assert sized.of(0) == (
+        68,
+        "what partition 0's 20 training examples give in "
+        "train.local_steps x train.grad_accum_steps=5 x 2 batches of 8",
+    )
+
+
 def test_simulation_sizes_the_partitions_and_a_deployment_uses_the_cap() -> None:
     scenario = load_scenario("smoke", ["train.local_steps=100000", "data.client_holdout=0.2"])
     size = client_train_size(scenario.data, scenario.seed, 1)

@@ -150,3 +150,87 @@ def test_tracked_gradient_is_the_mean_of_each_steps_gradient(tokenizer):
         torch.testing.assert_close(result.mean_gradients[p], sums[key] / 3, rtol=1e-4, atol=1e-6)
     untracked = train_steps(_model(), collate, data, steps=1, batch_size=8, lr=1e-2, seed=5)
     assert untracked.mean_gradients == {}
+
+
+# ------------------------------------------------------------ schedules and accumulation
+
+
+@pytest.mark.parametrize(
+    "schedule,warmup,min_lr",
+    [("constant", 3, 0.0), ("linear", 0, 0.0), ("linear", 4, 0.0), ("cosine", 5, 1e-4)],
+)
+def test_the_learning_rate_follows_transformers_own_schedulers(schedule, warmup, min_lr):
+    from transformers import (
+        get_constant_schedule_with_warmup,
+        get_cosine_with_min_lr_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
+
+    from fedpeft.config import TrainSection
+    from fedpeft.train import learning_rate
+
+    train = TrainSection(lr=1e-3, lr_schedule=schedule, warmup_steps=warmup, min_lr=min_lr)
+    total = 24  # e.g. 4 rounds of 6 local steps
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=train.lr)
+    reference = {
+        "constant": lambda: get_constant_schedule_with_warmup(optimizer, warmup),
+        "linear": lambda: get_linear_schedule_with_warmup(optimizer, warmup, total),
+        "cosine": lambda: get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, warmup, total, min_lr=min_lr
+        ),
+    }[schedule]()
+    for step in range(total):
+        assert learning_rate(train, step, total) == pytest.approx(
+            reference.get_last_lr()[0], rel=1e-12, abs=1e-15
+        ), step
+        optimizer.step()
+        reference.step()
+
+
+def test_a_min_lr_above_the_peak_is_refused_in_one_line():
+    from fedpeft.config import ScenarioError, TrainSection
+
+    with pytest.raises(ScenarioError, match=r"'train.min_lr': expected a number <= train.lr=0.001"):
+        TrainSection(lr=1e-3, min_lr=1e-2)
+
+
+def _no_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def test_accumulated_batches_make_the_step_of_their_union(tokenizer):
+    """Two batches of 8 accumulated: the same update as one batch of their 16 rows."""
+    data, collate = _toy_data(), _collate(tokenizer)
+    whole, split = _no_dropout(_model()), _no_dropout(_model())
+    one = train_steps(whole, collate, data, steps=3, batch_size=16, lr=1e-2, seed=0)
+    two = train_steps(
+        split, collate, data, steps=3, batch_size=8, lr=1e-2, seed=0, grad_accum_steps=2
+    )
+    # the batches come from one seeded order, so the 3 x 2 halves are the 3 wholes' rows
+    assert (one.num_examples, two.num_examples, two.steps) == (48, 48, 3)
+    assert two.train_loss == pytest.approx(one.train_loss, rel=1e-5)
+    a, b = get_adapter_state(whole), get_adapter_state(split)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+
+def test_each_step_runs_at_the_learning_rate_it_is_given(tokenizer):
+    seen = []
+
+    def lr_at(step):
+        seen.append(step)
+        return 0.0 if step else 1e-2  # only the first step moves anything
+
+    model = _no_dropout(_model())
+    after_one = _no_dropout(_model())
+    train_steps(
+        model, _collate(tokenizer), _toy_data(), steps=4, batch_size=8, lr=1, seed=0, lr_at=lr_at
+    )
+    train_steps(after_one, _collate(tokenizer), _toy_data(), steps=1, batch_size=8, lr=1e-2, seed=0)
+    assert seen == [0, 1, 2, 3]
+    a, b = get_adapter_state(model), get_adapter_state(after_one)
+    # AdamW at lr 0 leaves the weights exactly (weight decay is lr-scaled too)
+    assert all(torch.equal(a[k], b[k]) for k in a)

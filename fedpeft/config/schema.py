@@ -179,9 +179,9 @@ class FederationSection(Section, table="federation"):
     )
     max_examples: int = setting(
         0,
-        "most examples a training reply may claim; 0 = train.local_steps x train.batch_size",
+        "most examples a training reply may claim; 0 = the batches of a round x batch_size",
         ge=0,
-        note="0 = train.local_steps x train.batch_size",
+        note="0 = train.local_steps x train.grad_accum_steps x train.batch_size",
     )
 
 
@@ -227,7 +227,19 @@ class TrainSection(Section, table="train"):
 
     local_steps: int = setting(10, "optimizer steps per client per round", ge=1)
     batch_size: int = setting(16, "training batch size", ge=1)
-    lr: float = setting(2e-3, "AdamW learning rate", gt=0)
+    grad_accum_steps: int = setting(
+        1, "batches whose gradients add up to one optimizer step (effective batch = product)", ge=1
+    )
+    lr: float = setting(2e-3, "AdamW learning rate (the peak, with a schedule)", gt=0)
+    lr_schedule: Literal["constant", "linear", "cosine"] = setting(
+        "constant",
+        "learning rate over the whole federation's steps: constant, linear or cosine decay to "
+        "min_lr (round r continues where round r-1 stopped)",
+    )
+    warmup_steps: int = setting(
+        0, "optimizer steps of linear warm-up from 0 to lr, counted over the federation", ge=0
+    )
+    min_lr: float = setting(0.0, "linear, cosine: the learning rate at the last step", ge=0)
     weight_decay: float = setting(0.0, "AdamW weight decay", ge=0)
     max_grad_norm: float = setting(0.0, "clip gradients to this norm; 0 = no clipping", ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
@@ -240,6 +252,16 @@ class TrainSection(Section, table="train"):
     max_new_tokens: int = setting(
         32, "causal-lm: tokens generated per example for exact-match", ge=1
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        accepted = f"a number <= train.lr={self.lr:g}"
+        need(self.min_lr <= self.lr, "train.min_lr", accepted, self.min_lr)
+
+    @property
+    def batches_per_round(self) -> int:
+        """Batches a client draws in a round: local_steps optimizer steps of grad_accum each."""
+        return self.local_steps * self.grad_accum_steps
 
 
 @dataclass
