@@ -19,5 +19,5 @@ fi
 PYTHON="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-.venv/bin/pip install -q -e '.[dev]'
+.venv/bin/pip install -q -e '.[dev,tracking]'
 echo "fedpeft installed in .venv: run '.venv/bin/fedpeft run' (quickstart) or '.venv/bin/pytest'"

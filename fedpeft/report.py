@@ -10,6 +10,8 @@ from typing import Any
 
 from rich.console import Console
 
+from fedpeft.tracking import Trackers, scalars
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 
@@ -56,8 +58,15 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
 class RoundLog:
     """Appends one JSON object per round to ``metrics.jsonl`` and prints progress with an ETA."""
 
-    def __init__(self, out_dir: Path, total_rounds: int, metric: str = "eval_accuracy") -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        total_rounds: int,
+        metric: str = "eval_accuracy",
+        trackers: Trackers | None = None,
+    ) -> None:
         self.path = out_dir / METRICS_FILE
+        self.trackers = trackers  #: TensorBoard, W&B (see fedpeft.tracking), when on
         self.total_rounds = total_rounds
         self.metric = metric
         self.started = time.perf_counter()
@@ -79,6 +88,8 @@ class RoundLog:
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        if self.trackers is not None:
+            self.trackers.log(row["round"], scalars(row))
         done = row["round"]
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(done - self.earlier, 1) * (self.total_rounds - done)

@@ -56,6 +56,7 @@ from fedpeft.server.rounds import run_rounds
 from fedpeft.server.secagg import SecAggGrid
 from fedpeft.strategies import build_strategy
 from fedpeft.strategies.adapter_strategy import AdapterStrategy
+from fedpeft.tracking import Trackers
 from fedpeft.train import evaluate, round_learning_rate
 
 
@@ -245,7 +246,12 @@ class RoundRecorder:
         self.stack, self.strategy, self.resumed = stack, strategy, checkpoint is not None
         self.started = started  #: when the command's run began (for wall_seconds)
         self.round_started = time.perf_counter()
-        self.log = RoundLog(out_dir, scenario.federation.rounds)
+        self.trackers = (
+            Trackers(scenario.report, out_dir, scenario.to_dict())
+            if scenario.report.tensorboard or scenario.report.wandb != "off"
+            else None
+        )
+        self.log = RoundLog(out_dir, scenario.federation.rounds, trackers=self.trackers)
         self.initial_metrics: dict[str, float] = {}
         self.done = checkpoint.progress if checkpoint else Progress(0, new_run_tag(), [], {}, 0.0)
         if checkpoint is not None:
@@ -254,6 +260,11 @@ class RoundRecorder:
             if stack.private is not None:
                 stack.private.restore(self.done.privacy)
             console.print(f"[bold]resuming[/] {out_dir} after round {self.done.round}")
+
+    def close(self) -> None:
+        """Finish the trackers' runs (TensorBoard, W&B) once the outputs are written."""
+        if self.trackers is not None:
+            self.trackers.close()
 
     def train_config(self) -> ConfigRecord:
         """What every instruction carries: the scenario, the client state folder, the run's tag."""
@@ -272,6 +283,8 @@ class RoundRecorder:
         metrics = self.server.evaluate(self.scenario, arrays, base_delta)
         if server_round == 0:
             self.initial_metrics.update(metrics)
+            if self.trackers is not None:
+                self.trackers.log(0, dict(metrics))
             console.print(
                 f"round 0  eval_accuracy {metrics['eval_accuracy']:.4f} (initial adapter)"
             )
@@ -417,4 +430,5 @@ def run_federation(
         command=command,
         rounds_seconds=rounds_seconds,
     )
+    recorder.close()  # after a failure: TensorBoard flushed each round, W&B ends at exit
     return summary

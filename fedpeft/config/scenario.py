@@ -18,6 +18,7 @@ from fedpeft.config.schema import (
     ModelSection,
     PeftSection,
     PrivacySection,
+    ReportSection,
     SimulationSection,
     StrategySection,
     TrainSection,
@@ -40,6 +41,7 @@ class Scenario:
     compression: CompressionSection = field(default_factory=CompressionSection)
     faults: FaultsSection = field(default_factory=FaultsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
+    report: ReportSection = field(default_factory=ReportSection)
 
     def __post_init__(self) -> None:
         need(

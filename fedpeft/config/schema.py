@@ -467,3 +467,15 @@ class PrivacySection(Section, table="privacy"):
     secagg_clipping_range: float = setting(
         8.0, "SecAgg+: each value of an update (change) is clipped to +-this, then quantized", gt=0
     )
+
+
+@dataclass
+class ReportSection(Section, table="report"):
+    """Where each round's metrics go besides metrics.jsonl (``pip install 'fedpeft[tracking]'``)."""
+
+    tensorboard: bool = setting(False, "TensorBoard event files under OUT/tb/, a scalar per metric")
+    wandb: Literal["off", "offline", "online"] = setting(
+        "off", "Weights & Biases: off, offline (a run folder under OUT/wandb/) or online"
+    )
+    wandb_project: str = setting("fedpeft", "W&B project")
+    wandb_run_name: str = setting("", "W&B run name; empty: the output folder's name")

@@ -205,9 +205,11 @@ def _preflight(scenario: Scenario) -> None:
     from fedpeft.report import step
     from fedpeft.strategies import build_strategy
     from fedpeft.tasks import check_scenario
+    from fedpeft.tracking import check_tracking
     from fedpeft.train import autocast_dtype
 
     check_methods(scenario.peft, scenario.model.task)
+    check_tracking(scenario.report)
     build_strategy(scenario)
     step(_data_step(scenario.data))
     data = load_task_data(scenario.data)
