@@ -114,6 +114,33 @@ class RoundLog:
             console.print("  [yellow]not aggregated: too few valid replies; the global stays[/]")
 
 
+class RoundProgress:
+    """Within a long round: how many sampled clients have answered, and when the rest should.
+
+    A console line at most every ``every_s`` seconds, the first after ``every_s``, so a
+    round shorter than that prints none. The polling Grid calls it as replies arrive.
+    """
+
+    def __init__(self, total_rounds: int, every_s: float = 10.0) -> None:
+        self.total_rounds, self.every_s = total_rounds, every_s
+        self.round, self.printed_at = 0, 0.0
+
+    def __call__(self, server_round: int, answered: int, sampled: int, seconds: float) -> None:
+        """``answered`` of ``sampled`` replies are in, ``seconds`` into the exchange."""
+        if server_round != self.round:
+            self.round, self.printed_at = server_round, 0.0
+        if seconds - self.printed_at < self.every_s:
+            return
+        self.printed_at = seconds
+        line = (
+            f"  round {server_round}/{self.total_rounds}: {answered}/{sampled} clients answered "
+            f"after {_clock(seconds)}"
+        )
+        if answered < sampled:  # the rest at the pace so far
+            line += f", the rest in ~{_clock(seconds / answered * (sampled - answered))}"
+        console.print(line)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 

@@ -12,7 +12,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedpeft import records
 from fedpeft.config import Scenario, ScenarioError
-from fedpeft.report import console, step
+from fedpeft.report import RoundProgress, console, step
 from fedpeft.server.grid import CountingGrid, PollingGrid
 from fedpeft.strategies.adapter_strategy import AdapterStrategy
 
@@ -24,14 +24,18 @@ def connect_nodes(grid: Grid, scenario: Scenario, engine: str, strategy: Strateg
 
     Returns the byte-counting Grid every later layer talks through.
     """
+    guess = None
+    progress = RoundProgress(scenario.federation.rounds)  # "4/10 clients answered" in a round
     if engine == "simulation":
         check_node_count(grid, scenario)
+        guess = simulated_partitions(grid)  # read from Flower's in-memory Grid itself
+        grid = PollingGrid(grid, first_s=0.1, max_s=0.1, progress=progress)  # Flower's 0.1 s
         step("starting the client processes (each imports torch, then builds its model once)")
     elif engine == "deployment":
         wait_for_nodes(grid, scenario)
-        grid = PollingGrid(grid)  # replies in ~0.1 s instead of Flower's 3 s pull interval
+        # replies in ~0.1 s instead of Flower's 3 s pull interval
+        grid = PollingGrid(grid, progress=progress)
         step(f"asking the {len(list(grid.get_node_ids()))} SuperNodes which partition each serves")
-    guess = simulated_partitions(grid)  # None on any Grid but Flower's in-memory one
     counting = CountingGrid(grid)
     discover_nodes(counting, scenario, strategy, guess)
     return counting

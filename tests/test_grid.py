@@ -79,3 +79,54 @@ def test_polling_grid_collects_late_replies_and_gives_up_at_the_timeout():
     silent = PollingGrid(Silent(client_app, 1), first_s=0.01, max_s=0.05)
     assert list(silent.send_and_receive(messages[:1], timeout=0.3)) == []
     assert 0.3 <= time.monotonic() - started < 5
+
+
+def test_a_training_exchange_reports_each_reply_as_it_arrives():
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.models import initial_adapter_state
+    from fedpeft.report import RoundProgress, console
+    from fedpeft.server.grid import PollingGrid
+    from fedpeft.server.inprocess import InProcessGrid
+
+    class OneReplyPerPull(InProcessGrid):
+        def pull_messages(self, message_ids):
+            ready = [i for i in message_ids if i in self._replies][:1]
+            return super().pull_messages(ready)
+
+    ensure_task_identity()
+    scenario = load_scenario("smoke", ["data.num_clients=3", "train.local_steps=1"])
+    state = initial_adapter_state(scenario.model, scenario.peft, 26, scenario.seed)
+    config = ConfigRecord({records.SCENARIO: scenario.to_json(), records.SERVER_ROUND: 2})
+    content = RecordDict({records.ARRAYS: state_to_arrayrecord(state), records.CONFIG: config})
+    grid = OneReplyPerPull(client_app, 3)
+    messages = [
+        Message(content, dst_node_id=n, message_type=MessageType.TRAIN) for n in grid.get_node_ids()
+    ]
+    calls = []
+
+    def progress(*args):
+        calls.append(args[:3])
+        RoundProgress(total_rounds=5, every_s=0.0)(*args)
+
+    with console.capture() as captured:
+        replies = list(PollingGrid(grid, 0.01, 0.02, progress).send_and_receive(messages))
+    assert len(replies) == 3 and not any(r.has_error() for r in replies)
+    assert calls == [(2, 1, 3), (2, 2, 3), (2, 3, 3)]  # one reply per pull, round 2
+    lines = captured.get().splitlines()
+    assert lines[0].startswith("  round 2/5: 1/3 clients answered after 0:0")
+    assert "the rest in ~" in lines[0] and "the rest" not in lines[2]
+
+
+def test_round_progress_is_silent_in_a_short_round_and_paced_in_a_long_one():
+    from fedpeft.report import RoundProgress, console
+
+    progress = RoundProgress(total_rounds=3, every_s=10.0)
+    with console.capture() as captured:
+        for answered, seconds in [(1, 2.0), (2, 4.0), (3, 12.0), (4, 15.0), (5, 23.0)]:
+            progress(1, answered, 6, seconds)
+        progress(2, 1, 6, 3.0)  # a new round starts its own clock
+    lines = captured.get().splitlines()
+    assert lines == [
+        "  round 1/3: 3/6 clients answered after 0:12, the rest in ~0:12",
+        "  round 1/3: 5/6 clients answered after 0:23, the rest in ~0:05",
+    ]
