@@ -179,6 +179,27 @@ def test_write_table_and_plots(synthetic_cells, tmp_path):
     assert up == pytest.approx([1.5, 3.0, 4.5])  # uplink only: seed 0 1 MB a round, seed 1 2 MB
 
 
+def test_a_cell_is_kept_only_if_it_finished_with_the_same_settings(tmp_path):
+    from fedpeft.config import load_scenario
+    from fedpeft.tools.compare.planning import Cell
+    from fedpeft.tools.compare.running import finished_before
+
+    overrides = ["strategy.name='fedavg'", "seed=1", "train.lr=0.01"]
+    cell = Cell("fedavg", {"train.lr": "0.01"}, 1, tmp_path / "cell", overrides)
+    assert not finished_before("smoke", cell)  # nothing there yet
+    cell.out_dir.mkdir()
+    scenario = load_scenario("smoke", overrides).to_dict()
+    summary = {"scenario": scenario, "rounds_completed": 2}
+    (cell.out_dir / "summary.json").write_text(json.dumps(summary))
+    assert finished_before("smoke", cell)
+    other = Cell("fedavg", {"train.lr": "0.02"}, 1, cell.out_dir, [*overrides[:2], "train.lr=0.02"])
+    assert not finished_before("smoke", other)  # same folder, other settings: run again
+    (cell.out_dir / "summary.json").write_text(json.dumps({**summary, "rounds_completed": 1}))
+    assert not finished_before("smoke", cell)  # stopped early
+    (cell.out_dir / "summary.json").write_text("{not json")
+    assert not finished_before("smoke", cell)
+
+
 def test_failure_reason_is_the_last_stderr_line(tmp_path):
     log = tmp_path / "log.txt"
     log.write_text("round 1/2 ...\nfedpeft: error: fedavg refuses ranks\n\n")
@@ -240,3 +261,9 @@ def test_compare_end_to_end(tmp_path):
     assert 0.0 <= fedsa["final"]["personal_accuracy"] <= 1.0
     for png in ("accuracy_vs_round.png", "accuracy_vs_megabytes.png"):
         assert (out / "plots" / png).read_bytes()[:8] == PNG
+    # rerun into the same folder: the finished cells are kept, not run again
+    table_before = (out / "comparison.csv").read_text()
+    again = _compare(*args, "--out", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("finished before, kept") == len(ON_RAY), again.stderr[-3000:]
+    assert (out / "comparison.csv").read_text() == table_before

@@ -2,7 +2,8 @@
 
 Every cell runs in its own subprocess (which keeps Ray and any failure inside that cell),
 written to ``OUT/cells/<cell-id>/``; the table and plots are written at the end, and also
-when the sweep is interrupted, from the cells finished by then.
+when the sweep is interrupted, from the cells finished by then. Rerun into the same
+``--out``, a sweep keeps the cells that finished with the same settings.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.report import METRICS_FILE, SUMMARY_FILE, console
 from fedpeft.tools.compare.planning import Cell, Sweep, plan_sweep
 from fedpeft.tools.compare.tabulating import MD_FILE, plot_rows, summarise_cells, write_table
@@ -110,13 +112,35 @@ def _run_cells(sweep: Sweep) -> None:
         for i, cell in enumerate(cells, 1):
             progress.update(task, description=cell.cell_id)
             started = time.perf_counter()
-            if cell.error is None:
+            reused = cell.error is None and finished_before(sweep.scenario, cell)
+            if cell.error is None and not reused:
                 run_cell(sweep.scenario, cell)
             seconds = time.perf_counter() - started
+            timing = "finished before, kept" if reused else f"{seconds:.0f}s"
             progress.console.print(
-                f"[{i}/{len(cells)}] {cell.cell_id}: {_outcome(cell)} ({seconds:.0f}s)"
+                f"[{i}/{len(cells)}] {cell.cell_id}: {_outcome(cell)} ({timing})"
             )
             progress.advance(task)
+
+
+def finished_before(scenario: str, cell: Cell) -> bool:
+    """Whether ``cell``'s folder holds a finished run of exactly this cell's scenario.
+
+    A sweep rerun into the same ``--out`` (after Ctrl-C, a crash or a reboot) keeps such
+    cells instead of running them again; a folder from other settings is run afresh.
+    """
+    path = cell.out_dir / SUMMARY_FILE
+    if not path.is_file():
+        return False
+    try:
+        summary = json.loads(path.read_text("utf-8"))
+        wanted = load_scenario(scenario, cell.overrides)
+    except (ValueError, ScenarioError):
+        return False
+    return bool(
+        summary.get("scenario") == wanted.to_dict()
+        and summary.get("rounds_completed") == wanted.federation.rounds
+    )
 
 
 def _outcome(cell: Cell) -> str:
