@@ -165,6 +165,9 @@ def _normalise(
     if "train" not in dd:
         first = next(iter(dd))
         dd = datasets.DatasetDict({"train": dd[first]})
+    if _row_format(dd["train"].column_names, cfg) == "alpaca":
+        dd = _from_alpaca(dd)
+        cfg = dataclasses.replace(cfg, text_column="text", response_column="response")
     columns = dd["train"].column_names
     found = {
         canonical: getattr(cfg, key)
@@ -174,9 +177,11 @@ def _normalise(
     if "text" not in found and "image" not in found:
         raise ScenarioError(
             f"data.text_column={cfg.text_column!r} (or data.image_column={cfg.image_column!r}) "
-            f"is not a column of data set {cfg.name!r}; columns: {columns}"
+            f"is not a column of data set {cfg.name!r}; columns: {columns}; formats accepted: "
+            f"{FORMATS}"
         )
-    dd = dd.select_columns(list(found.values()))
+    kept = list(found.values()) + [ALPACA_INPUT] * (ALPACA_INPUT in columns)
+    dd = dd.select_columns(kept)
     renames = {column: canonical for canonical, column in found.items() if column != canonical}
     if renames:
         dd = dd.rename_columns(renames)
@@ -194,6 +199,47 @@ def _normalise(
             )
         dd = dd["train"].train_test_split(test_size=cfg.test_fraction, seed=SPLIT_SEED)
     return datasets.DatasetDict({"train": dd["train"], "test": dd["test"]})
+
+
+ALPACA_COLUMNS = ("instruction", "output")  # and, optionally, "input"
+ALPACA_INPUT = "input"  # kept under this name: the causal-lm task reads it
+FORMATS = (
+    "prompt-completion (data.text_column, data.response_column), "
+    "alpaca (instruction, input, output)"
+)
+
+
+def _row_format(columns: list[str], cfg: DataSection) -> str:
+    """``cfg.format``, with ``auto`` resolved from the columns (the text column first)."""
+    if cfg.format != "auto":
+        if cfg.format == "alpaca" and not set(ALPACA_COLUMNS) <= set(columns):
+            raise ScenarioError(
+                f"data.format='alpaca' reads the columns instruction, input (optional) and "
+                f"output, but data set {cfg.name!r} has {columns}"
+            )
+        return cfg.format
+    if cfg.text_column not in columns and set(ALPACA_COLUMNS) <= set(columns):
+        return "alpaca"
+    return "prompt-completion"
+
+
+def _from_alpaca(dd: datasets.DatasetDict) -> datasets.DatasetDict:
+    """Alpaca rows as the causal-lm task reads them.
+
+    instruction becomes text and output response; the input (empty when absent) is kept
+    under its name, to join the prompt.
+    """
+
+    def convert(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        n = len(rows["instruction"])
+        inputs = rows.get(ALPACA_INPUT) or [""] * n
+        return {
+            "text": rows["instruction"],
+            ALPACA_INPUT: [value or "" for value in inputs],
+            "response": rows["output"],
+        }
+
+    return dd.map(convert, batched=True, remove_columns=dd["train"].column_names)
 
 
 def _check_rows(dd: datasets.DatasetDict, found: dict[str, str], source: str) -> None:

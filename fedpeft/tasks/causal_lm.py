@@ -16,6 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from fedpeft.data import ALPACA_INPUT
 from fedpeft.tasks.base import (
     IGNORE_INDEX,
     Batch,
@@ -28,6 +29,16 @@ from fedpeft.tasks.base import (
 )
 
 PLAIN_PROMPT = "Instruction: {instruction}\nResponse: "  # without a chat template
+# Alpaca's own prompts (Taori et al., 2023), for Alpaca-format data without a chat template
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
 
 
 def _stop_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
@@ -38,39 +49,67 @@ def _stop_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return None
 
 
-def _chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str | None:
+def user_turn(instruction: str, context: str | None = None) -> str:
+    """The user's message: the instruction, then Alpaca's input (if any) after a blank line."""
+    return f"{instruction}\n\n{context}" if context else instruction
+
+
+def plain_prompt(instruction: str, context: str | None = None) -> str:
+    """The prompt text without a chat template.
+
+    ``context`` is Alpaca's ``input``: None for prompt/completion data (fedpeft's plain
+    ``Instruction: ... Response:``), else Alpaca's own prompt, with or without its input.
+    """
+    if context is None:
+        return PLAIN_PROMPT.format(instruction=instruction)
+    if context:
+        return ALPACA_PROMPT_INPUT.format(instruction=instruction, input=context)
+    return ALPACA_PROMPT.format(instruction=instruction)
+
+
+def _chat_prompt(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, context: str | None = None
+) -> str | None:
     """The chat template's text up to the assistant's turn; None without a template."""
     if not getattr(tokenizer, "chat_template", None):
         return None
-    user = [{"role": "user", "content": instruction}]
+    user = [{"role": "user", "content": user_turn(instruction, context)}]
     return str(tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True))
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
-    """Token ids of the prompt: what generation starts from, and what the loss skips."""
-    chat = _chat_prompt(tokenizer, instruction)
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, instruction: str, context: str | None = None
+) -> list[int]:
+    """Token ids of the prompt: what generation starts from, and what the loss skips.
+
+    ``context`` is an Alpaca example's ``input`` (None for prompt/completion data).
+    """
+    chat = _chat_prompt(tokenizer, instruction, context)
     if chat is not None:  # the template writes any BOS itself
         return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
     bos = [tokenizer.bos_token_id] if isinstance(tokenizer.bos_token_id, int) else []
-    text = PLAIN_PROMPT.format(instruction=instruction)
+    text = plain_prompt(instruction, context)
     return bos + list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def prompt_and_completion(
-    tokenizer: PreTrainedTokenizerBase, instruction: str, response: str
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str,
+    response: str,
+    context: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """Token ids of the prompt (no loss) and of the completion (the loss's targets).
 
-    With a chat template, the instruction is the user turn and the response the assistant
-    turn (the template's own end-of-turn marker ends the completion); without one, the
-    plain ``Instruction: ... Response: ...`` format is used, the tokenizer's BOS (if any)
-    first and its EOS (else SEP) last. Prompt and completion are tokenized separately:
-    the prompt is then exactly what generation starts from.
+    With a chat template, the instruction (and Alpaca's input, ``context``) is the user
+    turn and the response the assistant turn (the template's own end-of-turn marker ends
+    the completion); without one, the plain prompt of :func:`plain_prompt` is used, the
+    tokenizer's BOS (if any) first and its EOS (else SEP) last. Prompt and completion are
+    tokenized separately: the prompt is then exactly what generation starts from.
     """
-    chat = _chat_prompt(tokenizer, instruction)
+    chat = _chat_prompt(tokenizer, instruction, context)
     if chat is not None:
         turns = [
-            {"role": "user", "content": instruction},
+            {"role": "user", "content": user_turn(instruction, context)},
             {"role": "assistant", "content": response},
         ]
         full = str(tokenizer.apply_chat_template(turns, tokenize=False))
@@ -80,7 +119,7 @@ def prompt_and_completion(
         stop = _stop_id(tokenizer)
         ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         ids += [stop] if stop is not None else []
-    return prompt_ids(tokenizer, instruction), ids
+    return prompt_ids(tokenizer, instruction, context), ids
 
 
 def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -94,11 +133,15 @@ def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[lis
 
 
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, instruction: str, response: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    instruction: str,
+    response: str,
+    max_length: int,
+    context: str | None = None,
 ) -> tuple[list[int], list[int]]:
     """(input ids, labels) of one example; prompt positions are labelled -100."""
     prompt, completion = _fit(
-        *prompt_and_completion(tokenizer, instruction, response), max_length=max_length
+        *prompt_and_completion(tokenizer, instruction, response, context), max_length=max_length
     )
     return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
 
@@ -155,8 +198,10 @@ class CausalLanguageModeling(TextTask):
 
         def collate(rows: Rows) -> Batch:
             pairs = [
-                encode_example(tokenizer, instruction, response, max_length)
-                for instruction, response in zip(rows["text"], rows["response"], strict=True)
+                encode_example(tokenizer, instruction, response, max_length, context)
+                for instruction, response, context in zip(
+                    rows["text"], rows["response"], contexts(rows), strict=True
+                )
             ]
             input_ids, mask = _pad([ids for ids, _ in pairs], pad)
             labels, _ = _pad([lab for _, lab in pairs], IGNORE_INDEX)
@@ -211,11 +256,19 @@ class CausalLanguageModeling(TextTask):
         return metrics
 
 
+def contexts(rows: Rows) -> list[str | None]:
+    """Each row's Alpaca ``input`` ("" when it has none); None for prompt/completion rows."""
+    if ALPACA_INPUT in rows:
+        return [value or "" for value in rows[ALPACA_INPUT]]
+    return [None] * len(rows["text"])
+
+
 def generate_responses(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     instructions: Sequence[str],
     *,
+    contexts: Sequence[str | None] | None = None,
     batch_size: int,
     max_length: int,
     max_new_tokens: int,
@@ -229,7 +282,11 @@ def generate_responses(
     stops = {s for s in [_stop_id(tokenizer)] if s is not None}
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    prompts = [_fit(prompt_ids(tokenizer, text), [], max_length)[0] for text in instructions]
+    contexts = contexts if contexts is not None else [None] * len(instructions)
+    prompts = [
+        _fit(prompt_ids(tokenizer, text, context), [], max_length)[0]
+        for text, context in zip(instructions, contexts, strict=True)
+    ]
     out: list[list[int]] = []
     for idx in chunks(range(len(prompts)), batch_size):
         input_ids, mask = _pad([prompts[i] for i in idx], pad, left=True)
@@ -264,17 +321,19 @@ def exact_match(
     """
     if len(data) == 0:
         return 0.0
+    rows = data.with_format("arrow")[:].to_pydict()
     generated = generate_responses(
         model,
         tokenizer,
-        data["text"],
+        rows["text"],
+        contexts=contexts(rows),
         batch_size=batch_size,
         max_length=max_length,
         max_new_tokens=max_new_tokens,
         device=device,
     )
     hits = 0
-    for ids, response in zip(generated, data["response"], strict=True):
+    for ids, response in zip(generated, rows["response"], strict=True):
         reference = tokenizer(response, add_special_tokens=False)["input_ids"][:max_new_tokens]
         want = normalise_text(str(tokenizer.decode(reference, skip_special_tokens=True)))
         got = normalise_text(str(tokenizer.decode(ids, skip_special_tokens=True)))

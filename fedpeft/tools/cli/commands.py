@@ -29,6 +29,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args.scenario, args.strategies, args.seeds, args.vary, args.set, args.out)
 
 
+def cmd_data_preview(args: argparse.Namespace) -> int:
+    """``fedpeft data preview``: the first training examples as the model sees them."""
+    from fedpeft.config import load_scenario
+    from fedpeft.tools.preview import preview
+    from fedpeft.tools.simulation import quiet_libraries, set_process_env
+
+    set_process_env()
+    quiet_libraries()
+    scenario = load_scenario(args.scenario, args.set)
+    print("\n".join(preview(scenario, args.n)))
+    return 0
+
+
 def cmd_deploy_certs(args: argparse.Namespace) -> int:
     """``fedpeft deploy certs``: a CA and a SuperLink certificate."""
     from fedpeft.tools.deploy import make_certs

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deploy_run(dsub)
     _add_deploy_local(dsub)
     _add_list(sub)
+    data = sub.add_parser("data", help="inspect a scenario's data")
+    _add_data_preview(data.add_subparsers(dest="data_command", required=True))
     return parser
 
 
@@ -214,6 +216,17 @@ def _add_deploy_local(dsub: SubParsers) -> None:
         help="also start K nodes with unregistered keys (refused)",
     )
     dloc.set_defaults(func=commands.cmd_deploy_local)
+
+
+def _add_data_preview(dsub: SubParsers) -> None:
+    """``fedpeft data preview``."""
+    prev = dsub.add_parser(
+        "preview", help="the first training examples as tokenised, the loss's tokens in [[...]]"
+    )
+    prev.add_argument("scenario", help="scenario TOML path or bundled name")
+    _add_set(prev, "override a scenario key (TOML value); repeatable")
+    prev.add_argument("--n", type=int, default=3, help="how many examples (default: 3)")
+    prev.set_defaults(func=commands.cmd_data_preview)
 
 
 def _add_list(sub: SubParsers) -> None:
