@@ -4,6 +4,7 @@ their columns, with the input inside the prompt; checked on token ids."""
 import json
 
 import pytest
+import torch
 
 from fedpeft.config import DataSection, ScenarioError, load_scenario
 from fedpeft.data import load_task_data
@@ -116,3 +117,69 @@ def test_a_format_that_does_not_fit_is_one_line(alpaca_file, tmp_path):
         load_task_data(DataSection(name=str(other)))
     scenario = load_scenario("smoke-llm", [f"data.name='{alpaca_file}'", "data.format='alpaca'"])
     assert scenario.data.format == "alpaca"
+
+
+CONVERSATION = [
+    {"role": "user", "content": "Define the word dog."},
+    {"role": "assistant", "content": "a domestic animal"},
+    {"role": "user", "content": "Name its category."},
+    {"role": "assistant", "content": "noun.animal"},
+    {"role": "user", "content": "A broader word?"},
+    {"role": "assistant", "content": "canine"},
+]
+FROM = {"user": "human", "assistant": "gpt"}
+
+
+@pytest.fixture
+def chat_files(tmp_path):
+    messages, sharegpt = tmp_path / "messages.jsonl", tmp_path / "sharegpt.jsonl"
+    rows = [CONVERSATION, CONVERSATION[:4], CONVERSATION[2:]]
+    messages.write_text("".join(json.dumps({"messages": r}) + "\n" for r in rows))
+    twins = [[{"from": FROM[t["role"]], "value": t["content"]} for t in r] for r in rows]
+    sharegpt.write_text("".join(json.dumps({"conversations": r, "id": 1}) + "\n" for r in twins))
+    return messages, sharegpt
+
+
+def test_only_the_assistant_turns_carry_the_loss():
+    tokenizer = load_tokenizer("tiny-llama")  # no chat template: ChatML, typed out below
+    batch = get_task("causal-lm").make_collate(tokenizer, max_length=256)(
+        {"messages": [CONVERSATION]}
+    )
+    ids, labels = [], []
+    for turn in CONVERSATION:
+        if turn["role"] == "user":
+            pieces = [(f"<|im_start|>user\n{turn['content']}<|im_end|>\n", False)]
+        else:
+            pieces = [("<|im_start|>assistant\n", False), (f"{turn['content']}<|im_end|>\n", True)]
+        for text, loss in pieces:
+            tokens = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += tokens
+            labels += tokens if loss else [-100] * len(tokens)
+    assert batch["input_ids"][0].tolist() == ids
+    assert batch["labels"][0].tolist() == labels
+    scored = [t for t, lab in zip(ids, labels, strict=True) if lab != -100]
+    decoded = tokenizer.decode(scored)
+    for answer in ("a domestic animal", "noun. animal", "canine"):
+        assert answer in decoded
+    assert "dog" not in decoded and "category" not in decoded  # the user's words carry none
+
+
+def test_a_sharegpt_file_gives_the_tokens_of_its_messages_twin(chat_files):
+    messages, sharegpt = chat_files
+    tokenizer = load_tokenizer("tiny-llama")
+    collate = get_task("causal-lm").make_collate(tokenizer, max_length=256)
+    batches = []
+    for path in (messages, sharegpt):
+        data = load_task_data(DataSection(name=str(path), test_fraction=0.34))
+        assert data.train.column_names == ["messages"]
+        rows = sorted(data.train.to_list(), key=lambda r: json.dumps(r))
+        batches.append(collate({"messages": [r["messages"] for r in rows]}))
+    assert torch.equal(batches[0]["input_ids"], batches[1]["input_ids"])
+    assert torch.equal(batches[0]["labels"], batches[1]["labels"])
+
+
+def test_a_turn_of_an_unknown_role_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"conversations": [{"from": "bot", "value": "hi"}]}) + "\n")
+    with pytest.raises(ScenarioError, match=r"row 1 has a turn .* from = human, gpt or system"):
+        load_task_data(DataSection(name=str(bad)))

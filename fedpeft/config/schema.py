@@ -129,10 +129,11 @@ class DataSection(Section, table="data"):
         "response", "causal-lm: the response column of a local or hub set"
     )
     image_column: str = setting("image", "image-cls: the image column of a local or hub data set")
-    format: Literal["auto", "prompt-completion", "alpaca"] = setting(
+    format: Literal["auto", "prompt-completion", "alpaca", "messages", "sharegpt"] = setting(
         "auto",
-        "causal-lm rows: prompt-completion (text_column, response_column), alpaca "
-        "(instruction, input, output); auto: text_column if present, else alpaca's columns",
+        "causal-lm rows: prompt-completion (text_column, response_column), alpaca (instruction, "
+        "input, output), messages (role/content turns), sharegpt (conversations: from/value); "
+        "auto: text_column if present, else the first format whose columns are there",
     )
     test_fraction: float = setting(
         0.1, "held-out share for sets without a test split (fixed seed)", gt=0, lt=1

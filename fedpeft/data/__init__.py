@@ -165,16 +165,21 @@ def _normalise(
     if "train" not in dd:
         first = next(iter(dd))
         dd = datasets.DatasetDict({"train": dd[first]})
-    if _row_format(dd["train"].column_names, cfg) == "alpaca":
+    fmt = _row_format(dd["train"].column_names, cfg)
+    if fmt == "alpaca":
         dd = _from_alpaca(dd)
         cfg = dataclasses.replace(cfg, text_column="text", response_column="response")
+    elif fmt in CONVERSATIONS:
+        dd = _conversations(dd, fmt, cfg.name)
     columns = dd["train"].column_names
     found = {
         canonical: getattr(cfg, key)
         for canonical, key in COLUMN_KEYS.items()
         if getattr(cfg, key) in columns
     }
-    if "text" not in found and "image" not in found:
+    if fmt in CONVERSATIONS:
+        found = {MESSAGES: MESSAGES}
+    if not {"text", "image", MESSAGES} & set(found):
         raise ScenarioError(
             f"data.text_column={cfg.text_column!r} (or data.image_column={cfg.image_column!r}) "
             f"is not a column of data set {cfg.name!r}; columns: {columns}; formats accepted: "
@@ -203,10 +208,16 @@ def _normalise(
 
 ALPACA_COLUMNS = ("instruction", "output")  # and, optionally, "input"
 ALPACA_INPUT = "input"  # kept under this name: the causal-lm task reads it
+MESSAGES = "messages"  # a conversation: a list of {role, content} turns
+SHAREGPT = "conversations"  # ShareGPT's: a list of {from, value} turns
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+ROLES = ("system", "user", "assistant")
 FORMATS = (
     "prompt-completion (data.text_column, data.response_column), "
-    "alpaca (instruction, input, output)"
+    "alpaca (instruction, input, output), messages (role/content turns), "
+    "sharegpt (conversations: from/value turns)"
 )
+CONVERSATIONS = ("messages", "sharegpt")  # the formats whose rows are whole conversations
 
 
 def _row_format(columns: list[str], cfg: DataSection) -> str:
@@ -217,10 +228,64 @@ def _row_format(columns: list[str], cfg: DataSection) -> str:
                 f"data.format='alpaca' reads the columns instruction, input (optional) and "
                 f"output, but data set {cfg.name!r} has {columns}"
             )
+        if (
+            cfg.format in CONVERSATIONS
+            and {"messages": MESSAGES, "sharegpt": SHAREGPT}[cfg.format] not in columns
+        ):
+            column = MESSAGES if cfg.format == "messages" else SHAREGPT
+            raise ScenarioError(
+                f"data.format={cfg.format!r} reads the column {column!r}, but data set "
+                f"{cfg.name!r} has {columns}"
+            )
         return cfg.format
-    if cfg.text_column not in columns and set(ALPACA_COLUMNS) <= set(columns):
+    if cfg.text_column in columns:
+        return "prompt-completion"
+    if set(ALPACA_COLUMNS) <= set(columns):
         return "alpaca"
+    if MESSAGES in columns:
+        return "messages"
+    if SHAREGPT in columns:
+        return "sharegpt"
     return "prompt-completion"
+
+
+def _conversations(dd: datasets.DatasetDict, fmt: str, source: str) -> datasets.DatasetDict:
+    """Whole conversations as one ``messages`` column of {role, content} turns.
+
+    ShareGPT's {from, value} turns are renamed (human: user, gpt: assistant). A turn of
+    another role, or a conversation without an assistant turn (nothing to learn), is one
+    error line naming the row.
+    """
+    column = MESSAGES if fmt == "messages" else SHAREGPT
+
+    def convert(rows: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out = []
+        for row, turns in zip(indices, rows[column], strict=True):
+            messages = [_turn(turn, fmt, source, row) for turn in turns or []]
+            if not any(m["role"] == "assistant" for m in messages):
+                raise ScenarioError(
+                    f"data set {source!r}: row {row + 1} has no assistant turn (nothing to "
+                    "train on); drop it or add the response"
+                )
+            out.append(messages)
+        return {MESSAGES: out}
+
+    return dd.map(convert, batched=True, with_indices=True, remove_columns=dd["train"].column_names)
+
+
+def _turn(turn: dict[str, Any], fmt: str, source: str, row: int) -> dict[str, str]:
+    if fmt == "sharegpt":
+        role, content = SHAREGPT_ROLES.get(str(turn.get("from")), ""), turn.get("value")
+        known = "from = human, gpt or system"
+    else:
+        role, content = str(turn.get("role")), turn.get("content")
+        known = "role = system, user or assistant"
+    if role not in ROLES or not isinstance(content, str):
+        raise ScenarioError(
+            f"data set {source!r}: row {row + 1} has a turn {turn!r}; each turn needs {known} "
+            "and a text"
+        )
+    return {"role": role, "content": content}
 
 
 def _from_alpaca(dd: datasets.DatasetDict) -> datasets.DatasetDict:

@@ -16,7 +16,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedpeft.data import ALPACA_INPUT
+from fedpeft.config import DataSection
+from fedpeft.data import ALPACA_INPUT, MESSAGES
 from fedpeft.tasks.base import (
     IGNORE_INDEX,
     Batch,
@@ -122,6 +123,74 @@ def prompt_and_completion(
     return prompt_ids(tokenizer, instruction, context), ids
 
 
+# ChatML (OpenAI's, used by Qwen and many others): conversations on a tokenizer without a
+# chat template of its own
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_told_chatml: set[str] = set()
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], generation: bool = False
+) -> str:
+    """The conversation as the chat template writes it (ChatML if the tokenizer has none)."""
+    if not turns:
+        return ""
+    own = getattr(tokenizer, "chat_template", None)
+    if not own and tokenizer.name_or_path not in _told_chatml:
+        _told_chatml.add(tokenizer.name_or_path)
+        print(f"fedpeft: {tokenizer.name_or_path} has no chat template: conversations use ChatML")
+    return str(
+        tokenizer.apply_chat_template(
+            turns, tokenize=False, add_generation_prompt=generation, chat_template=own or CHATML
+        )
+    )
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], max_length: int
+) -> tuple[list[int], list[int]]:
+    """(input ids, labels) of a whole conversation: the loss on the assistant turns only.
+
+    The conversation is rendered a turn at a time; what each assistant turn adds after its
+    generation prompt (its text and the template's end-of-turn marker) carries the loss,
+    everything else (system and user turns, role headers) is labelled -100. A conversation
+    longer than ``max_length`` tokens is cut at its end.
+    """
+    ids: list[int] = []
+    labels: list[int] = []
+    done = ""
+
+    def add(text: str, loss: bool) -> None:
+        tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+        ids.extend(tokens)
+        labels.extend(tokens if loss else [IGNORE_INDEX] * len(tokens))
+
+    for i, turn in enumerate(messages):
+        if turn["role"] == "assistant":
+            head = _render(tokenizer, messages[:i], generation=True)
+            add(head[len(done) :] if head.startswith(done) else head, loss=False)
+            done = head
+        full = _render(tokenizer, messages[: i + 1])
+        add(
+            full[len(done) :] if full.startswith(done) else turn["content"],
+            turn["role"] == "assistant",
+        )
+        done = full
+    return ids[:max_length], labels[:max_length]
+
+
+def conversation_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]
+) -> tuple[list[int], str]:
+    """The prompt ids up to the last assistant turn, and that turn's text (exact match)."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    text = _render(tokenizer, messages[:last], generation=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages[last]["content"]
+
+
 def _fit(prompt: list[int], completion: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """Cut to ``max_length`` tokens, keeping at least one completion token.
 
@@ -197,17 +266,31 @@ class CausalLanguageModeling(TextTask):
         pad = int(tokenizer.pad_token_id or 0)
 
         def collate(rows: Rows) -> Batch:
-            pairs = [
-                encode_example(tokenizer, instruction, response, max_length, context)
-                for instruction, response, context in zip(
-                    rows["text"], rows["response"], contexts(rows), strict=True
-                )
-            ]
+            if MESSAGES in rows:
+                pairs = [encode_conversation(tokenizer, m, max_length) for m in rows[MESSAGES]]
+            else:
+                pairs = self._pairs(tokenizer, rows, max_length)
             input_ids, mask = _pad([ids for ids, _ in pairs], pad)
             labels, _ = _pad([lab for _, lab in pairs], IGNORE_INDEX)
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
         return collate
+
+    @staticmethod
+    def _pairs(
+        tokenizer: PreTrainedTokenizerBase, rows: Rows, max_length: int
+    ) -> list[tuple[list[int], list[int]]]:
+        return [
+            encode_example(tokenizer, instruction, response, max_length, context)
+            for instruction, response, context in zip(
+                rows["text"], rows["response"], contexts(rows), strict=True
+            )
+        ]
+
+    def check_data(self, data: datasets.Dataset, cfg: DataSection) -> None:
+        """Prompt/completion (or Alpaca) rows, or whole conversations."""
+        if MESSAGES not in data.column_names:
+            super().check_data(data, cfg)
 
     @torch.no_grad()
     def evaluate(
@@ -229,7 +312,7 @@ class CausalLanguageModeling(TextTask):
         """
         model.eval()
         collate = self.make_collate(processor, max_length)
-        lengths = [len(t) + len(r) for t, r in zip(data["text"], data["response"], strict=True)]
+        lengths = example_lengths(data)
         order = sorted(range(len(data)), key=lengths.__getitem__)
         loss_sum, correct, tokens = 0.0, 0, 0
         for idx in chunks(order, batch_size):
@@ -256,6 +339,14 @@ class CausalLanguageModeling(TextTask):
         return metrics
 
 
+def example_lengths(data: datasets.Dataset) -> list[int]:
+    """Characters of each example (evaluation batches examples in this order)."""
+    rows = data.with_format("arrow")[:].to_pydict()
+    if MESSAGES in rows:
+        return [sum(len(m["content"]) for m in turns) for turns in rows[MESSAGES]]
+    return [len(t) + len(r) for t, r in zip(rows["text"], rows["response"], strict=True)]
+
+
 def contexts(rows: Rows) -> list[str | None]:
     """Each row's Alpaca ``input`` ("" when it has none); None for prompt/completion rows."""
     if ALPACA_INPUT in rows:
@@ -269,6 +360,7 @@ def generate_responses(
     instructions: Sequence[str],
     *,
     contexts: Sequence[str | None] | None = None,
+    prompts: Sequence[list[int]] | None = None,
     batch_size: int,
     max_length: int,
     max_new_tokens: int,
@@ -282,11 +374,13 @@ def generate_responses(
     stops = {s for s in [_stop_id(tokenizer)] if s is not None}
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
-    contexts = contexts if contexts is not None else [None] * len(instructions)
-    prompts = [
-        _fit(prompt_ids(tokenizer, text, context), [], max_length)[0]
-        for text, context in zip(instructions, contexts, strict=True)
-    ]
+    if prompts is None:
+        contexts = contexts if contexts is not None else [None] * len(instructions)
+        prompts = [
+            prompt_ids(tokenizer, text, context)
+            for text, context in zip(instructions, contexts, strict=True)
+        ]
+    prompts = [_fit(ids, [], max_length)[0] for ids in prompts]
     out: list[list[int]] = []
     for idx in chunks(range(len(prompts)), batch_size):
         input_ids, mask = _pad([prompts[i] for i in idx], pad, left=True)
@@ -322,18 +416,25 @@ def exact_match(
     if len(data) == 0:
         return 0.0
     rows = data.with_format("arrow")[:].to_pydict()
+    if MESSAGES in rows:  # the prompt is the conversation up to its last assistant turn
+        prompts, references = zip(
+            *(conversation_prompt(tokenizer, turns) for turns in rows[MESSAGES]), strict=True
+        )
+    else:
+        prompts, references = None, rows["response"]
     generated = generate_responses(
         model,
         tokenizer,
-        rows["text"],
-        contexts=contexts(rows),
+        rows.get("text", []),
+        contexts=contexts(rows) if prompts is None else None,
+        prompts=prompts,
         batch_size=batch_size,
         max_length=max_length,
         max_new_tokens=max_new_tokens,
         device=device,
     )
     hits = 0
-    for ids, response in zip(generated, rows["response"], strict=True):
+    for ids, response in zip(generated, references, strict=True):
         reference = tokenizer(response, add_special_tokens=False)["input_ids"][:max_new_tokens]
         want = normalise_text(str(tokenizer.decode(reference, skip_special_tokens=True)))
         got = normalise_text(str(tokenizer.decode(ids, skip_special_tokens=True)))
