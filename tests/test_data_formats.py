@@ -183,3 +183,37 @@ def test_a_turn_of_an_unknown_role_is_one_line(tmp_path):
     bad.write_text(json.dumps({"conversations": [{"from": "bot", "value": "hi"}]}) + "\n")
     with pytest.raises(ScenarioError, match=r"row 1 has a turn .* from = human, gpt or system"):
         load_task_data(DataSection(name=str(bad)))
+
+
+def test_the_bundled_chats_follow_a_definition_with_a_broader_word():
+    from fedpeft.data import wordnet
+
+    chats = wordnet.read_noun_conversations()
+    assert len(chats) == 82115
+    assert all([t["role"] for t in c] == ["user", "assistant"] * 2 for c in chats)
+    dog = next(c for c in chats if c[1]["content"].startswith("a member of the genus Canis"))
+    assert dog[0]["content"] == "Define the word dog."
+    assert dog[2:] == [
+        {"role": "user", "content": "Name a broader word."},
+        {"role": "assistant", "content": "canine"},
+    ]
+
+
+def test_llm_chat_learns_its_conversations_in_process(tmp_path):
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.server.inprocess import InProcessGrid
+    from fedpeft.server.run import run_federation
+
+    scenario = load_scenario(
+        "llm-chat",
+        [
+            "federation.rounds=2",
+            "train.local_steps=8",
+            "train.batch_size=8",
+            "data.max_length=64",
+            "data.eval_examples=32",
+            "train.eval_generate=2",
+        ],
+    )
+    summary = run_federation(InProcessGrid(client_app, 4), scenario, tmp_path, "in-process")
+    assert summary["final"]["eval_loss"] < summary["initial"]["eval_loss"]

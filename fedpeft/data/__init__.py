@@ -41,6 +41,7 @@ BUNDLED = {
     "wordnet-supersense": "WordNet 3.0 noun gloss -> 26 supersenses (82k, offline)",
     "wordnet-definitions": "instruction 'Define the word X.' -> WordNet gloss (82k, offline)",
     "digits": "scikit-learn's 8x8 handwritten digits, 10 classes (1.8k images, offline)",
+    "wordnet-chat": "two-exchange chats: define a word, then name a broader word (82k, offline)",
 }
 
 # canonical column -> the DataSection key that names it in a local or hub data set
@@ -89,9 +90,12 @@ def bundled_path(name: str) -> Path:
 def _split_and_save(
     columns: dict[str, Any], features: datasets.Features, test_size: int, target: Path
 ) -> None:
-    """Fix the held-out split (stratified by label, constant seed) and save it atomically."""
+    """Fix the held-out split (stratified by label if any, constant seed); save it atomically."""
     full = datasets.Dataset.from_dict(columns, features=features)
-    splits = full.train_test_split(test_size=test_size, seed=SPLIT_SEED, stratify_by_column="label")
+    stratify = "label" if "label" in columns else None
+    splits = full.train_test_split(
+        test_size=test_size, seed=SPLIT_SEED, stratify_by_column=stratify
+    )
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     splits.save_to_disk(str(tmp))
     os.replace(tmp, target)  # atomic: readers never see a half-written folder
@@ -122,6 +126,13 @@ def _build_wordnet_definitions(target: Path) -> None:
     _split_and_save(columns, features, WORDNET_TEST_SIZE, target)
 
 
+def _build_wordnet_chat(target: Path) -> None:
+    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+    features = datasets.Features({MESSAGES: datasets.List(turn)})
+    columns = {MESSAGES: wordnet.read_noun_conversations()}
+    _split_and_save(columns, features, WORDNET_TEST_SIZE, target)
+
+
 def _build_digits(target: Path) -> None:
     images, labels = digits.read_digits()
     features = datasets.Features(
@@ -138,6 +149,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "wordnet-supersense": _build_wordnet_supersense,
     "wordnet-definitions": _build_wordnet_definitions,
     "digits": _build_digits,
+    "wordnet-chat": _build_wordnet_chat,
 }
 
 

@@ -98,3 +98,50 @@ def read_noun_definitions(
         responses.append(definition_of(gloss))
         labels.append(label)
     return instructions, responses, labels
+
+
+def _noun_records(wordnet_dir: Path) -> Iterator[tuple[str, str, str, int, str | None]]:
+    """Yield (offset, first lemma, gloss, supersense, first hypernym offset or None)."""
+    path = wordnet_dir / "data.noun"
+    if not path.is_file():
+        raise ScenarioError(f"WordNet not found at {path}: {INSTALL_HINT}")
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.startswith("  "):  # the licence header
+                continue
+            fields, _, gloss = line.partition(" | ")
+            parts = fields.split()
+            words = int(parts[3], 16)  # synset_offset lex_filenum ss_type w_cnt (word lex_id)*
+            pointers = parts[4 + 2 * words + 1 :]  # p_cnt, then (symbol offset pos src/tgt)*
+            hypernym = next(
+                (pointers[i + 1] for i in range(0, len(pointers) - 3, 4) if pointers[i] == "@"),
+                None,
+            )
+            yield parts[0], parts[4], gloss.strip(), int(parts[1]) - FIRST_NOUN_LEXFILE, hypernym
+
+
+def read_noun_conversations(wordnet_dir: Path = WORDNET_DIR) -> list[list[dict[str, str]]]:
+    """A two-exchange conversation per noun synset: define a word, then a follow-up.
+
+    The user asks for a definition, then for a broader word (the first lemma of the
+    synset's first hypernym) or, for a synset without one, for its category (the
+    supersense, e.g. "animal"). Only the second answer depends on the first turn's word.
+    """
+    records = list(_noun_records(wordnet_dir))
+    lemma_at = {offset: lemma for offset, lemma, _, _, _ in records}
+    conversations = []
+    for _, lemma, gloss, label, hypernym in records:
+        word = lemma.replace("_", " ")
+        if hypernym in lemma_at:
+            follow_up = ("Name a broader word.", lemma_at[hypernym].replace("_", " "))
+        else:
+            follow_up = ("Name its category.", NOUN_SUPERSENSES[label].removeprefix("noun."))
+        conversations.append(
+            [
+                {"role": "user", "content": f"Define the word {word}."},
+                {"role": "assistant", "content": definition_of(gloss)},
+                {"role": "user", "content": follow_up[0]},
+                {"role": "assistant", "content": follow_up[1]},
+            ]
+        )
+    return conversations
