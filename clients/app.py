@@ -55,7 +55,6 @@ from fedpeft.train import (
     TrainResult,
     evaluate,
     learning_rate,
-    round_learning_rate,
     scenario_collate,
     train_steps,
 )
@@ -231,13 +230,14 @@ def _train_locally(job: Job, context: Context) -> TrainResult:
         end_round = before_round(job.model, server_round, scenario.federation.rounds)  # AdaLoRA
         train_part, _ = local_data(job, context)
         t = scenario.train
-        first_step = (server_round - 1) * t.local_steps  # the schedule runs across rounds
-        total_steps = scenario.federation.rounds * t.local_steps
+        steps = t.steps_for(len(train_part))  # local_steps, or what train.epochs take
+        first_step = (server_round - 1) * steps  # the schedule runs across rounds
+        total_steps = scenario.federation.rounds * steps
         return train_steps(
             job.model,
             scenario_collate(scenario),
             train_part,
-            steps=t.local_steps,
+            steps=steps,
             batch_size=t.batch_size,
             lr=t.lr,
             lr_at=lambda step: learning_rate(t, first_step + step, total_steps),
@@ -283,9 +283,7 @@ def _train_metrics(job: Job, result: TrainResult, sent_rank: int, started: float
         {
             records.TRAIN_LOSS: result.train_loss,
             records.NUM_EXAMPLES: result.num_examples,
-            records.LEARNING_RATE: round_learning_rate(
-                job.scenario.train, job.asked.server_round, job.scenario.federation.rounds
-            ),
+            records.LEARNING_RATE: result.learning_rate,
             records.PARTITION_ID: job.partition_id,
             records.CLIENT_RANK: sent_rank,
             records.TRAIN_SECONDS: time.perf_counter() - started,

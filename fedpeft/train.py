@@ -30,6 +30,7 @@ class TrainResult:
     train_loss: float  # mean loss over the local steps
     num_examples: int  # examples (rows) seen, steps x batch; FedAvg's weight
     steps: int
+    learning_rate: float  # the first step's (a schedule moves it on from there)
     step_seconds: float  # mean wall time of one local step
     peak_memory_mb: float  # see peak_memory_mb()
     # with track_gradient: each trained parameter's gradient, averaged over the steps
@@ -222,6 +223,7 @@ def train_steps(
         train_loss=total_loss / (steps * grad_accum_steps),
         num_examples=seen,
         steps=steps,
+        learning_rate=lr_at(0) if lr_at is not None else lr,
         step_seconds=elapsed / steps,
         peak_memory_mb=peak_memory_mb(device),
         mean_gradients={p: g / steps for p, g in zip(params, grad_sums, strict=True)}

@@ -108,38 +108,48 @@ class ExampleBound:
     """
 
     def __init__(self, scenario: Scenario, train_size: Callable[[int], int] | None = None) -> None:
-        t = scenario.train
-        self.batches, self.batch_size = t.batches_per_round, t.batch_size
-        # the round's batches, in the keys that set them: "train.local_steps=10", or with
+        self.train, t = scenario.train, scenario.train
+        # the round's batches, in the keys that set them: "train.local_steps=10", with
         # accumulation "train.local_steps x train.grad_accum_steps=10 x 4"
         keys, values = ["train.local_steps"], [t.local_steps]
         if t.grad_accum_steps > 1:
             keys, values = [*keys, "train.grad_accum_steps"], [*values, t.grad_accum_steps]
-        self.batches_said = f"{' x '.join(keys)}={' x '.join(map(str, values))}"
+        self.batches_said = (
+            f"train.epochs={t.epochs:g} passes:"
+            if t.epochs
+            else f"{' x '.join(keys)}={' x '.join(map(str, values))}"
+        )
+        self.cap: int | None
         if cap := scenario.federation.max_examples:
             self.cap, self.cap_reason = cap, f"federation.max_examples={cap}"
-        else:
+        elif t.batches_per_round is not None:
             self.cap = t.batches_per_round * t.batch_size
             self.cap_reason = (
                 f"{' x '.join([*keys, 'train.batch_size'])} "
                 f"({' x '.join(map(str, [*values, t.batch_size]))}; federation.max_examples unset)"
             )
+        else:  # epochs: only the client's data size bounds it
+            self.cap, self.cap_reason = None, "train.epochs with federation.max_examples unset"
         self.train_size = train_size
         self._sizes: dict[int, int] = {}
 
     def of(self, partition: int | None) -> tuple[int, str]:
         """The limit for a client of ``partition`` (None: unknown), and why it is that."""
         if self.train_size is None or partition is None:
+            if self.cap is None:  # nothing to size it by: refuse rather than trust it
+                return 0, f"a client of unknown data under {self.cap_reason}"
             return self.cap, self.cap_reason
         if partition not in self._sizes:
             self._sizes[partition] = self.train_size(partition)
         size = self._sizes[partition]
-        seen = examples_seen(size, self.batches, self.batch_size)
-        if seen >= self.cap:
+        batches = self.train.batches_for(size)
+        seen = examples_seen(size, batches, self.train.batch_size)
+        if self.cap is not None and seen >= self.cap:
             return self.cap, self.cap_reason
+        in_batches = f"{self.batches_said} {batches}" if self.train.epochs else self.batches_said
         return seen, (
-            f"what partition {partition}'s {size} training examples give in "
-            f"{self.batches_said} batches of {self.batch_size}"
+            f"what partition {partition}'s {size} training examples give in {in_batches} "
+            f"batches of {self.train.batch_size}"
         )
 
 

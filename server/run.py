@@ -32,7 +32,7 @@ from fedpeft.codecs import (
     state_to_arrayrecord,
     tensors_nbytes,
 )
-from fedpeft.config import Scenario
+from fedpeft.config import Scenario, ScenarioError
 from fedpeft.data import client_train_size, eval_split, load_task_data
 from fedpeft.models import cached_peft_model, initial_adapter_state, load_processor, resolve_device
 from fedpeft.report import RoundLog, console
@@ -99,6 +99,11 @@ def example_bound(scenario: Scenario, engine: str) -> ExampleBound:
     which the server can size; a deployed node may bring its own data.
     """
     if engine == "deployment":
+        if scenario.train.epochs and not scenario.federation.max_examples:
+            raise ScenarioError(
+                "train.epochs in a deployment needs federation.max_examples: the server cannot "
+                "size a node's own data, so nothing else bounds the examples a reply may claim"
+            )
         return ExampleBound(scenario)
     return ExampleBound(scenario, lambda pid: client_train_size(scenario.data, scenario.seed, pid))
 
@@ -303,9 +308,7 @@ class RoundRecorder:
             "round": server_round,
             "strategy": self.scenario.strategy.name,
             "train_loss": traffic.train_loss,
-            "lr": round_learning_rate(
-                self.scenario.train, server_round, self.scenario.federation.rounds
-            ),
+            "lr": self.round_lr(server_round, traffic.clients),
             **metrics,
             **traffic.personal_metrics,
             "clients_sampled": traffic.clients_sampled,
@@ -322,6 +325,17 @@ class RoundRecorder:
             "round_seconds": seconds,
             "client_metrics": traffic.clients,
         }
+
+    def round_lr(self, server_round: int, clients: list[dict[str, float | str]]) -> float | None:
+        """The learning rate of the round's first step.
+
+        Under train.epochs each client runs its own number of steps: the mean of theirs.
+        """
+        t = self.scenario.train
+        if not t.epochs:
+            return round_learning_rate(t, server_round, self.scenario.federation.rounds)
+        rates = [float(c[records.LEARNING_RATE]) for c in clients if records.LEARNING_RATE in c]
+        return sum(rates) / len(rates) if rates else None
 
     def wall_seconds(self) -> float:
         """The run's wall time over every attempt so far."""

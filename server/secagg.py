@@ -75,8 +75,10 @@ class SecAggGrid(DelegatingGrid):
         self.counting = counting
         self.privacy = scenario.privacy
         self.seed = scenario.seed
-        #: no client's weight (examples seen in a round) exceeds this: batches x batch size
-        self.max_weight = float(scenario.train.batches_per_round * scenario.train.batch_size)
+        #: no client's weight (examples seen in a round) exceeds this: batches x batch size,
+        #: or federation.max_examples (which train.epochs requires here)
+        t, cap = scenario.train, scenario.federation.max_examples
+        self.max_weight = float(cap or (t.batches_per_round or 0) * t.batch_size)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

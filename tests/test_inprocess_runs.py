@@ -181,3 +181,33 @@ def test_a_cosine_schedule_runs_across_rounds_and_each_round_logs_its_rate(tmp_p
         assert {c["lr"] for c in row["client_metrics"]} == {row["lr"]}
         batches = 3 * 2
         assert {c[records.NUM_EXAMPLES] for c in row["client_metrics"]} == {batches * 8}
+
+
+def test_epochs_replace_local_steps_and_each_client_passes_over_its_data_once(tmp_path):
+    from fedpeft.data import client_train_size
+
+    rows = ["text,label"] + [f"gloss number {i},class{i % 3}" for i in range(60)]
+    (tmp_path / "small.csv").write_text("\n".join(rows) + "\n")
+    scenario = load_scenario(
+        "smoke",
+        [
+            f"data.name='{tmp_path / 'small.csv'}'",
+            "train.epochs=1",
+            "train.lr_schedule='linear'",
+            "federation.rounds=2",
+        ],
+    )
+    _run(scenario, tmp_path / "out")
+    log = [
+        json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+    ]
+    for row in log:
+        assert row["updates_rejected"] == 0 and row["clients_failed"] == 0
+        for client in row["client_metrics"]:
+            size = client_train_size(
+                scenario.data, scenario.seed, int(client[records.PARTITION_ID])
+            )
+            assert client[records.NUM_EXAMPLES] == size  # one pass: every example once
+        rates = [c[records.LEARNING_RATE] for c in row["client_metrics"]]
+        assert row["lr"] == pytest.approx(sum(rates) / len(rates))
+    assert log[0]["lr"] == scenario.train.lr > log[1]["lr"] > 0  # linear decay across rounds

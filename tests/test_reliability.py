@@ -468,3 +468,23 @@ def test_inflated_counts_are_rejected_in_a_federation_with_their_reason(tmp_path
             for r in row["rejections"]
         )
         assert math.isfinite(row["train_loss"])
+
+
+def test_under_epochs_the_bound_is_what_the_partition_gives_and_a_deployment_needs_a_cap() -> None:
+    from fedpeft.config import ScenarioError
+    from fedpeft.server.run import example_bound
+
+    scenario = load_scenario("smoke", ["train.epochs=2", "train.batch_size=8"])
+    assert scenario.train.steps_for(20) == 6 and scenario.train.batches_per_round is None
+    sized = ExampleBound(scenario, {0: 20}.__getitem__)
+    assert sized.of(0) == (
+        40,
+        "what partition 0's 20 training examples give in train.epochs=2 passes: 6 batches of 8",
+    )
+    assert ExampleBound(scenario).of(3)[0] == 0  # nothing sizes it: refused, not trusted
+    with pytest.raises(ScenarioError, match="train.epochs in a deployment needs federation"):
+        example_bound(scenario, "deployment")
+    capped = load_scenario("smoke", ["train.epochs=2", "federation.max_examples=64"])
+    assert example_bound(capped, "deployment").of(None) == (64, "federation.max_examples=64")
+    with pytest.raises(ScenarioError, match="'federation.max_examples'"):
+        load_scenario("smoke", ["train.epochs=1", "privacy.secure_aggregation=true"])

@@ -234,3 +234,13 @@ def test_each_step_runs_at_the_learning_rate_it_is_given(tokenizer):
     a, b = get_adapter_state(model), get_adapter_state(after_one)
     # AdamW at lr 0 leaves the weights exactly (weight decay is lr-scaled too)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_epochs_count_passes_in_batches_and_accumulated_steps():
+    from fedpeft.config import TrainSection
+
+    assert TrainSection(local_steps=7).steps_for(1000) == 7  # epochs unset: local_steps
+    assert TrainSection(epochs=1, batch_size=8).steps_for(20) == 3  # 8 + 8 + 4
+    assert TrainSection(epochs=1, batch_size=8, grad_accum_steps=2).steps_for(20) == 2
+    assert TrainSection(epochs=0.5, batch_size=8).steps_for(20) == 2  # half of 3 batches, up
+    assert TrainSection(epochs=2, batch_size=8).batches_for(20) == 6

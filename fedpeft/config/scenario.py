@@ -51,6 +51,14 @@ class Scenario:
             self.federation.clients_per_round,
         )
         need(
+            not (self.train.epochs and self.privacy.secure_aggregation)
+            or self.federation.max_examples > 0,
+            "federation.max_examples",
+            "a positive bound with train.epochs under privacy.secure_aggregation (SecAgg+ "
+            "bounds every weight before it sees one, and epochs make it depend on the data)",
+            self.federation.max_examples,
+        )
+        need(
             self.federation.min_fit_clients <= self.federation.clients_per_round,
             "federation.min_fit_clients",
             f"at most federation.clients_per_round ({self.federation.clients_per_round})",

@@ -7,6 +7,7 @@ rules that tie several keys together.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -232,6 +233,12 @@ class TrainSection(Section, table="train"):
     """Local training on each client, and central evaluation on the server."""
 
     local_steps: int = setting(10, "optimizer steps per client per round", ge=1)
+    epochs: float = setting(
+        0.0,
+        "passes over each client's training data per round, instead of local_steps "
+        "(0 = use local_steps)",
+        ge=0,
+    )
     batch_size: int = setting(16, "training batch size", ge=1)
     grad_accum_steps: int = setting(
         1, "batches whose gradients add up to one optimizer step (effective batch = product)", ge=1
@@ -264,10 +271,25 @@ class TrainSection(Section, table="train"):
         accepted = f"a number <= train.lr={self.lr:g}"
         need(self.min_lr <= self.lr, "train.min_lr", accepted, self.min_lr)
 
+    def steps_for(self, size: int) -> int:
+        """Optimizer steps a client with ``size`` training examples runs in a round.
+
+        ``local_steps``; with ``epochs``, as many as ``epochs`` passes over its data take
+        (a pass is ``ceil(size / batch_size)`` batches, ``grad_accum_steps`` to a step).
+        """
+        if not self.epochs:
+            return self.local_steps
+        batches = math.ceil(self.epochs * math.ceil(size / self.batch_size))
+        return max(1, math.ceil(batches / self.grad_accum_steps))
+
+    def batches_for(self, size: int) -> int:
+        """Batches a client with ``size`` training examples draws in a round."""
+        return self.steps_for(size) * self.grad_accum_steps
+
     @property
-    def batches_per_round(self) -> int:
-        """Batches a client draws in a round: local_steps optimizer steps of grad_accum each."""
-        return self.local_steps * self.grad_accum_steps
+    def batches_per_round(self) -> int | None:
+        """Batches every client draws in a round; None with ``epochs`` (it depends on size)."""
+        return None if self.epochs else self.local_steps * self.grad_accum_steps
 
 
 @dataclass
