@@ -48,8 +48,8 @@ NOUN_SUPERSENSES = [
 FIRST_NOUN_LEXFILE = 3  # lexicographer files 03..28 are the noun supersenses
 
 
-def _noun_synsets(wordnet_dir: Path) -> Iterator[tuple[str, str, int]]:
-    """Yield (first lemma, gloss, supersense label 0..25) for every noun synset."""
+def _noun_records(wordnet_dir: Path) -> Iterator[tuple[str, str, str, int, str | None]]:
+    """Yield (offset, first lemma, gloss, supersense, first hypernym offset or None)."""
     path = wordnet_dir / "data.noun"
     if not path.is_file():
         raise ScenarioError(f"WordNet not found at {path}: {INSTALL_HINT}")
@@ -58,8 +58,20 @@ def _noun_synsets(wordnet_dir: Path) -> Iterator[tuple[str, str, int]]:
             if line.startswith("  "):  # the licence header
                 continue
             fields, _, gloss = line.partition(" | ")
-            parts = fields.split(" ", 5)
-            yield parts[4], gloss.strip(), int(parts[1]) - FIRST_NOUN_LEXFILE
+            parts = fields.split()
+            words = int(parts[3], 16)  # synset_offset lex_filenum ss_type w_cnt (word lex_id)*
+            pointers = parts[4 + 2 * words + 1 :]  # p_cnt, then (symbol offset pos src/tgt)*
+            hypernym = next(
+                (pointers[i + 1] for i in range(0, len(pointers) - 3, 4) if pointers[i] == "@"),
+                None,
+            )
+            yield parts[0], parts[4], gloss.strip(), int(parts[1]) - FIRST_NOUN_LEXFILE, hypernym
+
+
+def _noun_synsets(wordnet_dir: Path) -> Iterator[tuple[str, str, int]]:
+    """Yield (first lemma, gloss, supersense label 0..25) for every noun synset."""
+    for _, lemma, gloss, label, _ in _noun_records(wordnet_dir):
+        yield lemma, gloss, label
 
 
 def read_noun_glosses(wordnet_dir: Path = WORDNET_DIR) -> tuple[list[str], list[int]]:
@@ -98,26 +110,6 @@ def read_noun_definitions(
         responses.append(definition_of(gloss))
         labels.append(label)
     return instructions, responses, labels
-
-
-def _noun_records(wordnet_dir: Path) -> Iterator[tuple[str, str, str, int, str | None]]:
-    """Yield (offset, first lemma, gloss, supersense, first hypernym offset or None)."""
-    path = wordnet_dir / "data.noun"
-    if not path.is_file():
-        raise ScenarioError(f"WordNet not found at {path}: {INSTALL_HINT}")
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.startswith("  "):  # the licence header
-                continue
-            fields, _, gloss = line.partition(" | ")
-            parts = fields.split()
-            words = int(parts[3], 16)  # synset_offset lex_filenum ss_type w_cnt (word lex_id)*
-            pointers = parts[4 + 2 * words + 1 :]  # p_cnt, then (symbol offset pos src/tgt)*
-            hypernym = next(
-                (pointers[i + 1] for i in range(0, len(pointers) - 3, 4) if pointers[i] == "@"),
-                None,
-            )
-            yield parts[0], parts[4], gloss.strip(), int(parts[1]) - FIRST_NOUN_LEXFILE, hypernym
 
 
 def read_noun_conversations(wordnet_dir: Path = WORDNET_DIR) -> list[list[dict[str, str]]]:
