@@ -202,10 +202,10 @@ def train_steps(
     total_loss, seen = 0.0, 0
     stream = batches(data, batch_size, seed)
     started = time.perf_counter()
+    rates = [lr_at(step) if lr_at is not None else lr for step in range(steps)]
     for step in range(steps):
-        if lr_at is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = rates[step]
         for _ in range(grad_accum_steps):
             rows = next(stream)
             batch = {k: v.to(device) for k, v in collate(rows).items()}
@@ -223,7 +223,7 @@ def train_steps(
         train_loss=total_loss / (steps * grad_accum_steps),
         num_examples=seen,
         steps=steps,
-        learning_rate=lr_at(0) if lr_at is not None else lr,
+        learning_rate=rates[0],
         step_seconds=elapsed / steps,
         peak_memory_mb=peak_memory_mb(device),
         mean_gradients={p: g / steps for p, g in zip(params, grad_sums, strict=True)}
