@@ -55,6 +55,7 @@ from fedpeft.train import (
     TrainResult,
     evaluate,
     learning_rate,
+    round_steps,
     scenario_collate,
     train_steps,
 )
@@ -231,8 +232,8 @@ def _train_locally(job: Job, context: Context) -> TrainResult:
         train_part, _ = local_data(job, context)
         t = scenario.train
         steps = t.steps_for(len(train_part))  # local_steps, or what train.epochs take
-        first_step = (server_round - 1) * steps  # the schedule runs across rounds
-        total_steps = scenario.federation.rounds * steps
+        # the schedule runs across rounds
+        first_step, total_steps = round_steps(server_round, scenario.federation.rounds, steps)
         return train_steps(
             job.model,
             scenario_collate(scenario),

@@ -85,10 +85,14 @@ def learning_rate(train: TrainSection, step: int, total: int) -> float:
     return low + (peak - low) * max(0.0, shape)
 
 
+def round_steps(server_round: int, rounds: int, steps: int) -> tuple[int, int]:
+    """(first step of round ``server_round``, steps of the whole federation), ``steps`` a round."""
+    return (server_round - 1) * steps, rounds * steps
+
+
 def round_learning_rate(train: TrainSection, server_round: int, rounds: int) -> float:
     """The learning rate of round ``server_round``'s first step (metrics.jsonl's ``lr``)."""
-    steps = train.local_steps
-    return learning_rate(train, (server_round - 1) * steps, rounds * steps)
+    return learning_rate(train, *round_steps(server_round, rounds, train.local_steps))
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
