@@ -18,6 +18,9 @@ from fedpeft.strategies.adapter_strategy import AdapterStrategy
 
 logger = logging.getLogger(__name__)
 
+#: the least time nodes get to answer the partition query: their client processes start then
+DISCOVERY_TIMEOUT_S = 300.0
+
 
 def connect_nodes(grid: Grid, scenario: Scenario, engine: str, strategy: Strategy) -> CountingGrid:
     """Check (simulation) or wait for (deployment) the nodes, then learn each one's partition.
@@ -53,18 +56,29 @@ def discover_nodes(
     over it are asked, and any disagreement falls back to asking every node.
     """
     config = ConfigRecord({records.SCENARIO: scenario.to_json()})
+    # A node's first message starts its client process (torch, the model), which can take
+    # longer than a round on a busy machine: a round timeout alone would leave nodes unknown.
+    timeout = max(scenario.federation.round_timeout, DISCOVERY_TIMEOUT_S)
     answers: dict[int, tuple[int, int]] = {}  # node -> (partition, rank)
     if guess:
         nodes = list(guess)
         probes = sorted({nodes[round(i * (len(nodes) - 1) / 7)] for i in range(8)})
-        answers = _ask(grid, config, scenario.federation.round_timeout, probes)
-        if all(answers.get(n, (None,))[0] == guess[n] for n in probes):
+        answers = _ask(grid, config, timeout, probes)
+        # a probe that did not answer says nothing; one that answered otherwise refutes it
+        if all(answers[n][0] == guess[n] for n in probes if n in answers):
             answers |= {n: (p, scenario.rank_of(p)) for n, p in guess.items() if n not in answers}
         else:
             logger.warning("node partitions differ from Flower's registration order; asking all")
             guess = None
     if not guess:
-        answers = _ask(grid, config, scenario.federation.round_timeout, grid.get_node_ids())
+        answers = _ask(grid, config, timeout, grid.get_node_ids())
+        if silent := sorted(set(grid.get_node_ids()) - answers.keys()):
+            logger.warning(
+                "%d node(s) did not say which partition they serve within %.0f s: %s",
+                len(silent),
+                timeout,
+                silent[:5],
+            )
     for node, (partition, rank) in answers.items():
         grid.partitions[node] = partition
         if rank != scenario.max_rank and not getattr(strategy, "heterogeneous_ranks", False):

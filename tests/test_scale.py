@@ -9,31 +9,40 @@ from fedpeft.clients.app import app as client_app
 from fedpeft.config import ScenarioError, load_scenario
 from fedpeft.server.grid import CountingGrid, DelegatingGrid
 from fedpeft.server.inprocess import InProcessGrid
-from fedpeft.server.nodes import check_node_count, discover_nodes, simulated_partitions
+from fedpeft.server.nodes import (
+    DISCOVERY_TIMEOUT_S,
+    check_node_count,
+    discover_nodes,
+    simulated_partitions,
+)
 from fedpeft.strategies import build_strategy
 
 NODES = 40
 
 
 class Asked(DelegatingGrid):
-    """Counts the messages sent through it."""
+    """Counts the messages sent through it; the ``silent`` nodes' replies never arrive."""
 
-    def __init__(self, grid) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, grid, silent: frozenset[int] = frozenset()) -> None:  # type: ignore[no-untyped-def]
         super().__init__(grid)
-        self.sent = 0
+        self.sent, self.silent, self.timeouts = 0, silent, []
 
     def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
         messages = list(messages)
         self.sent += len(messages)
-        return self._grid.send_and_receive(messages, timeout=timeout)
+        self.timeouts.append(timeout)
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        return [r for r in replies if r.metadata.src_node_id not in self.silent]
 
 
-def _discover(guess: dict[int, int] | None) -> tuple[dict[int, int], int, dict[int, int]]:
+def _discover(
+    guess: dict[int, int] | None, silent: frozenset[int] = frozenset()
+) -> tuple[dict[int, int], int, dict[int, int]]:
     scenario = load_scenario(
         "smoke",
         [f"data.num_clients={NODES}", 'strategy.name="hetlora"', "peft.client_ranks=[2, 4]"],
     )
-    asked = Asked(InProcessGrid(client_app, NODES))
+    asked = Asked(InProcessGrid(client_app, NODES), silent)
     counting = CountingGrid(asked)
     strategy = build_strategy(scenario)
     discover_nodes(counting, scenario, strategy, guess)
@@ -55,6 +64,24 @@ def test_a_wrong_guess_falls_back_to_asking_every_node() -> None:
     swapped[101], swapped[101 + NODES - 1] = NODES - 1, 0  # the probes include both ends
     partitions, asked, _ = _discover(swapped)
     assert partitions == truth and asked == 8 + NODES
+
+
+def test_probes_still_starting_do_not_refute_a_guess() -> None:
+    """A probe that has not answered yet (its client process still starting) says nothing.
+
+    Before, one silent probe threw the guess away and left nodes without a partition, so
+    seeded faults and sampling no longer followed the partitions (a flaky smoke-faults run).
+    """
+    truth, _, _ = _discover(None)
+    partitions, asked, _ = _discover(dict(truth), silent=frozenset({101, 102}))
+    assert partitions == truth and asked == 8
+
+
+def test_discovery_waits_longer_than_a_short_round_timeout() -> None:
+    scenario = load_scenario("smoke", ["federation.round_timeout=5"])
+    asked = Asked(InProcessGrid(client_app, 2))
+    discover_nodes(CountingGrid(asked), scenario, build_strategy(scenario))
+    assert asked.timeouts == [DISCOVERY_TIMEOUT_S]
 
 
 def test_only_flowers_in_memory_grid_offers_a_guess() -> None:
