@@ -85,8 +85,10 @@ def test_smoke_on_a_two_node_ray_cluster_spreads_and_leaves_it_running(tmp_path:
         assert _names(daemons) == ["gcs_server", "raylet", "raylet"]
 
         out = tmp_path / "run"
+        # HetLoRA: each node's own rank, learned by discovery, reaches it through Ray
+        hetlora = ["--set", 'strategy.name="hetlora"', "--set", "peft.client_ranks=[2, 4]"]
         done = run_fedpeft(
-            "run", "smoke", "--ray-address", address, "--out", str(out), cwd=tmp_path
+            "run", "smoke", *hetlora, "--ray-address", address, "--out", str(out), cwd=tmp_path
         )
         assert done.returncode == 0, done.stderr[-3000:]
         assert f"joined the Ray cluster at {address}: 2 node(s), 2 CPUs" in done.stdout
@@ -94,6 +96,8 @@ def test_smoke_on_a_two_node_ray_cluster_spreads_and_leaves_it_running(tmp_path:
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         nodes = {c["ray_node"] for row in rows for c in row["client_metrics"]}
         assert len(nodes) == 2, nodes  # one virtual client per one-CPU node: both did work
+        ranks = {c["partition-id"]: c["rank"] for row in rows for c in row["client_metrics"]}
+        assert ranks == {0: 2, 1: 4}
         summary = json.loads((out / "summary.json").read_text())
         assert summary["scenario"]["simulation"]["ray_address"] == address
         assert summary["rounds_completed"] == 2

@@ -223,10 +223,11 @@ def _compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-#: through Flower's Simulation Engine, one process per cell: personal state (FedSA-LoRA),
-#: base deltas in every message (FLoRA) and per-node ranks (HetLoRA); every rule also runs
-#: in process (test_inprocess_runs.py)
-ON_RAY = ["fedsa_lora", "flora", "hetlora"]
+#: one `fedpeft run` process per cell, its clients served in process (the comparison, not
+#: the engine, is under test here; Ray runs in test_e2e, test_resume and test_cluster):
+#: personal metrics (FedSA-LoRA), base deltas in every message (FLoRA), per-node ranks
+#: (HetLoRA)
+CELLS = ["fedsa_lora", "flora", "hetlora"]
 
 
 def test_compare_end_to_end(tmp_path):
@@ -237,24 +238,25 @@ def test_compare_end_to_end(tmp_path):
     assert not (tmp_path / "runs").exists()
 
     out = tmp_path / "cmp"
-    args = ["smoke", "--strategies", ",".join(ON_RAY), "--set", "federation.rounds=1"]
+    args = ["smoke", "--strategies", ",".join(CELLS), "--set", "federation.rounds=1"]
+    args += ["--set", 'simulation.engine="in-process"']
     proc = _compare(*args, "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with (out / "comparison.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert [r["strategy"] for r in table] == ON_RAY
+    assert [r["strategy"] for r in table] == CELLS
     for row in table:
         assert row["status"] == "ok" and row["seeds"] == "1/1"
         assert 0.0 <= float(row["final_eval_accuracy_mean"]) <= 1.0
         assert float(row["final_eval_accuracy_std"]) == 0.0
         assert float(row["bytes_up_total_mean"]) > 0
     body = [ln for ln in (out / "comparison.md").read_text().splitlines() if ln.endswith("| ok |")]
-    assert len(body) == len(ON_RAY)
-    for strategy in ON_RAY:
+    assert len(body) == len(CELLS)
+    for strategy in CELLS:
         cell = out / "cells" / f"{strategy}-seed0"
         summary = json.loads((cell / "summary.json").read_text())
         assert summary["scenario"]["strategy"]["name"] == strategy
-        assert summary["rounds_completed"] == 1
+        assert summary["rounds_completed"] == 1 and summary["engine"] == "in-process"
         assert (cell / "log.txt").is_file()
         assert f"{strategy}-seed0: eval_accuracy" in proc.stderr
     fedsa = json.loads((out / "cells" / "fedsa_lora-seed0" / "summary.json").read_text())
@@ -265,5 +267,5 @@ def test_compare_end_to_end(tmp_path):
     table_before = (out / "comparison.csv").read_text()
     again = _compare(*args, "--out", str(out), cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished before, kept") == len(ON_RAY), again.stderr[-3000:]
+    assert again.stderr.count("finished before, kept") == len(CELLS), again.stderr[-3000:]
     assert (out / "comparison.csv").read_text() == table_before

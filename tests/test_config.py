@@ -143,3 +143,16 @@ def test_rays_dashboard_is_off_unless_asked_for_and_then_checked():
         check_dashboard()  # passes where ray[default] is installed
     except ScenarioError as err:
         assert "pip install 'ray[default]'" in str(err)
+
+
+def test_the_in_process_engine_refuses_what_needs_ray_or_a_round_timeout():
+    engine = 'simulation.engine="in-process"'
+    assert load_scenario("smoke", [engine]).simulation.engine == "in-process"
+    with pytest.raises(ScenarioError, match="simulation.ray_address"):
+        load_scenario("smoke", [engine, "simulation.ray_address='h:6379'"])
+    with pytest.raises(ScenarioError, match="simulation.dashboard"):
+        load_scenario("smoke", [engine, "simulation.dashboard=true"])
+    with pytest.raises(ScenarioError, match="no round timeout"):
+        load_scenario("smoke-faults", [engine])
+    with pytest.raises(ScenarioError, match="simulation.engine"):
+        load_scenario("smoke", ['simulation.engine="threads"'])

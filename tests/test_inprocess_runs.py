@@ -211,3 +211,25 @@ def test_epochs_replace_local_steps_and_each_client_passes_over_its_data_once(tm
         rates = [c[records.LEARNING_RATE] for c in row["client_metrics"]]
         assert row["lr"] == pytest.approx(sum(rates) / len(rates))
     assert log[0]["lr"] == scenario.train.lr > log[1]["lr"] > 0  # linear decay across rounds
+
+
+def test_fedpeft_run_serves_its_clients_in_process_when_asked(tmp_path, capsys, quiet_env):
+    """``simulation.engine = "in-process"``: the whole command, without Ray."""
+    from fedpeft.tools.cli import main
+
+    out = tmp_path / "run"
+    engine = 'simulation.engine="in-process"'
+    assert main(["run", "smoke", "--set", engine, "--out", str(out)]) == 0
+    console = capsys.readouterr().out
+    assert "serving 2 virtual clients in this process" in console and "Ray" not in console
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["engine"] == "in-process" and summary["rounds_completed"] == 2
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients_sampled"] - r["clients_failed"] for r in rows] == [2, 2]
+    assert all("ray_node" not in c for r in rows for c in r["client_metrics"])
+    # what it computes is the in-process Grid's own run of the same scenario
+    twin = tmp_path / "twin"
+    scenario = load_scenario("smoke", [engine])
+    run_federation(InProcessGrid(client_app, 2), scenario, twin, "in-process")
+    adapter = "adapter/adapter_model.safetensors"
+    assert (out / adapter).read_bytes() == (twin / adapter).read_bytes()

@@ -64,6 +64,12 @@ class Scenario:
             f"at most federation.clients_per_round ({self.federation.clients_per_round})",
             self.federation.min_fit_clients,
         )
+        need(
+            self.simulation.engine != "in-process" or not self.faults.slow_rate,
+            "faults.slow_rate",
+            '0 with simulation.engine="in-process" (one process has no round timeout to miss)',
+            self.faults.slow_rate,
+        )
 
     def peft_for_rank(self, rank: int) -> PeftSection:
         """The PEFT section of a client (or server model) of LoRA rank ``rank``.

@@ -296,6 +296,11 @@ class TrainSection(Section, table="train"):
 class SimulationSection(Section, table="simulation"):
     """Resources of each virtual client in Flower's Simulation Engine (Ray)."""
 
+    engine: Literal["ray", "in-process"] = setting(
+        "ray",
+        "ray: Flower's Simulation Engine; in-process: every client in this one process, one "
+        "after another (no Ray: quick to start, debuggers work; no round timeout)",
+    )
     cpus_per_client: int = setting(
         1, "CPU cores reserved per virtual client (integer, as in Flower)", ge=1
     )
@@ -317,6 +322,19 @@ class SimulationSection(Section, table="simulation"):
             "false with simulation.ray_address (a joined cluster has its own dashboard)",
             self.dashboard,
         )
+        if self.engine == "in-process":
+            need(
+                not self.ray_address,
+                "simulation.ray_address",
+                'empty with simulation.engine="in-process" (no Ray runs)',
+                self.ray_address,
+            )
+            need(
+                not self.dashboard,
+                "simulation.dashboard",
+                'false with simulation.engine="in-process" (no Ray runs)',
+                self.dashboard,
+            )
 
 
 @dataclass

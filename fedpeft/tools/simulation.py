@@ -72,6 +72,16 @@ def simulate(
     """
     set_process_env()
     os.environ["FEDPEFT_THREADS_PER_CLIENT"] = str(scenario.simulation.cpus_per_client)
+    run_config: dict[str, bool | float | int | str] = {
+        records.RUN_SCENARIO: scenario.name,
+        records.RUN_SCENARIO_JSON: scenario.to_json(),
+        records.RUN_OUT_DIR: str(out_dir),
+        records.RUN_RESUME: resume,
+        records.RUN_COMMAND: command,
+    }
+    if scenario.simulation.engine == "in-process":
+        simulate_in_process(scenario, run_config, verbose)
+        return
     import ray
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.telemetry import EventType
@@ -83,13 +93,6 @@ def simulate(
         logging.getLogger("flwr").setLevel(logging.WARNING)
     if address := scenario.simulation.ray_address:
         join_cluster(address, verbose)
-    run_config: dict[str, bool | float | int | str] = {
-        records.RUN_SCENARIO: scenario.name,
-        records.RUN_SCENARIO_JSON: scenario.to_json(),
-        records.RUN_OUT_DIR: str(out_dir),
-        records.RUN_RESUME: resume,
-        records.RUN_COMMAND: command,
-    }
     context = Context(
         run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
     )
@@ -135,6 +138,33 @@ def simulate(
         # stops it; on a joined cluster it only disconnects this driver.
         if ray.is_initialized():
             ray.shutdown()
+
+
+def simulate_in_process(
+    scenario: Scenario, run_config: dict[str, bool | float | int | str], verbose: bool
+) -> None:
+    """The same ServerApp and ClientApp, with every virtual client served in this process.
+
+    :class:`fedpeft.server.inprocess.InProcessGrid` hands each message to the ClientApp
+    (its mods included), one client after another: what a run computes is a Ray run's,
+    without Ray's start-up or its processes.
+    """
+    from fedpeft.clients.app import app as client_app
+    from fedpeft.report import step
+    from fedpeft.server.app import main as server_main
+    from fedpeft.server.inprocess import InProcessGrid
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    step(f"serving {scenario.data.num_clients} virtual clients in this process, one by one")
+    context = Context(
+        run_id=0,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config={**run_config, records.RUN_ENGINE: "in-process"},
+    )
+    server_main(InProcessGrid(client_app, scenario.data.num_clients), context)
 
 
 def check_dashboard() -> None:
