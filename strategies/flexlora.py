@@ -4,8 +4,10 @@ The server forms ``W = sum p_i s_i B_i A_i`` (``s_i`` peft's scaling of client i
 rank: ``alpha / r_i``, or ``alpha / sqrt(r_i)`` with rsLoRA), takes its SVD and gives each
 client the best rank-``r_j`` approximation split into LoRA factors: ``B = U S / s_j``,
 ``A = V^T`` as the authors' code does (``strategy.svd_split = "left"``), or sqrt(S) into
-both (``"sqrt"``). The SVD is computed from the stacked factors (QR + a small core SVD),
-never from the d x k matrix. Aggregation is exact; redistribution truncates.
+both (``"sqrt"``). The SVD is computed from the stacked factors, never from the d x k
+matrix: exactly (QR + a small core SVD) while the stacked rank is small, and by a seeded
+randomised range finder when hundreds of clients make it large (``strategy.flexlora_svd``,
+:func:`fedpeft.strategies.lora_math.top_svd`). The sum is exact; redistribution truncates.
 
 Nodes that have not replied yet get the largest rank's factors; a client keeps the
 leading components (the rank-r_j truncation, since SVD components are ordered). After a
@@ -23,7 +25,7 @@ from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
 from fedpeft.strategies.adapter_strategy import AdapterStrategy
-from fedpeft.strategies.lora_math import factored_svd, truncate_to_rank
+from fedpeft.strategies.lora_math import top_svd, truncate_to_rank
 
 
 class FlexLoRA(AdapterStrategy):
@@ -34,6 +36,7 @@ class FlexLoRA(AdapterStrategy):
     def __init__(self, scenario: Scenario, sampling: dict[str, Any]) -> None:
         super().__init__(scenario, sampling)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.svd_methods: dict[str, int] = {}  # method -> matrices it decomposed, so far
 
     def _factors(self, rank: int) -> AdapterState:
         state = dict(self.global_state)
@@ -59,8 +62,12 @@ class FlexLoRA(AdapterStrategy):
         node_ids: list[int],
     ) -> None:
         """Exact weighted sum of products, kept as its SVD; the head is averaged."""
+        method, seed = self.scenario.strategy.flexlora_svd, self.scenario.seed + server_round
         for module, stacked_b, stacked_a in self.product_sums(states, weights):
-            self.svd[module] = factored_svd(stacked_b, stacked_a)
+            self.svd[module], used = top_svd(
+                stacked_b, stacked_a, self.scenario.max_rank, method, seed
+            )
+            self.svd_methods[used] = self.svd_methods.get(used, 0) + 1
         self.average_heads(states, weights)
 
     def eval_state(self) -> AdapterState:
@@ -69,7 +76,12 @@ class FlexLoRA(AdapterStrategy):
 
     def settings(self) -> dict[str, object]:
         """The scaling, and how the SVD is split into factors."""
-        return {**super().settings(), "SVD split": self.scenario.strategy.svd_split}
+        used = ", ".join(f"{m} for {n} matrices" for m, n in sorted(self.svd_methods.items()))
+        return {
+            **super().settings(),
+            "SVD split": self.scenario.strategy.svd_split,
+            "SVD": f"{self.scenario.strategy.flexlora_svd} ({used or 'none yet'})",
+        }
 
 
 def build_flexlora(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

@@ -127,6 +127,90 @@ def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor,
     return q_b @ u[:, :keep], s[:keep], q_a @ vh.mH[:, :keep]
 
 
+#: how FlexLoRA finds the top singular triplets (see :func:`top_svd`)
+SvdMethod = Literal["auto", "exact", "randomized"]
+#: sketch columns beyond the rank kept (``rank + EXTRA_COLUMNS`` more, so ``2 rank + 16`` in
+#: all), and range-finder power iterations: measured in tests/test_randomized_svd.py to stay
+#: within 1e-4 (at most 3e-5) of the optimal residual even on flat spectra, where 10 extra
+#: columns and 2 iterations missed it by 1%
+EXTRA_COLUMNS, POWER_ITERATIONS = 16, 6
+
+
+def randomized_svd(
+    B: Tensor,
+    A: Tensor,
+    rank: int,
+    oversample: int | None = None,
+    power_iterations: int = POWER_ITERATIONS,
+    seed: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top ``rank`` singular triplets of ``B @ A``, by a randomised range finder.
+
+    Halko, Martinsson and Tropp (2011), Algorithms 4.4 and 5.1, on the factored product:
+    a Gaussian sketch ``Y = B (A Omega)`` of ``rank + oversample`` columns (``oversample``
+    defaults to ``rank + EXTRA_COLUMNS``), ``power_iterations``
+    rounds of ``Y <- M (M^T Q)`` with re-orthonormalisation (they sharpen a flat spectrum),
+    then the exact SVD of the small ``(Q^T B) A``. Each product with ``M`` costs
+    ``O((d + k) m l)`` for ``m`` stacked columns and ``l`` sketch columns, against the
+    exact path's ``O((d + k) m^2 + m^3)``. The sketch is seeded: the same inputs give the
+    same factors (a resumed run stays bit-identical). Returns ``(U, S, V)`` as
+    :func:`factored_svd`, cut to ``rank``.
+    """
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} are not LoRA factors")
+    oversample = rank + EXTRA_COLUMNS if oversample is None else oversample
+    if rank < 0 or oversample < 0 or power_iterations < 0:
+        raise ValueError(
+            f"rank, oversample and power_iterations must be non-negative, got "
+            f"{rank}, {oversample}, {power_iterations}"
+        )
+    width = min(rank + oversample, B.shape[0], A.shape[1])
+    generator = torch.Generator(device=A.device).manual_seed(seed)
+    omega = torch.randn(A.shape[1], width, generator=generator, device=A.device, dtype=A.dtype)
+    q = torch.linalg.qr(B @ (A @ omega), mode="reduced")[0]
+    for _ in range(power_iterations):
+        z = torch.linalg.qr(A.mT @ (B.mT @ q), mode="reduced")[0]  # M^T Q, k x l
+        q = torch.linalg.qr(B @ (A @ z), mode="reduced")[0]  # M Z, d x l
+    u, s, vh = torch.linalg.svd((q.mT @ B) @ A, full_matrices=False)
+    keep = min(rank, s.shape[0])
+    return q @ u[:, :keep], s[:keep], vh[:keep].mH
+
+
+def svd_costs(d: int, k: int, m: int, rank: int) -> dict[str, float]:
+    """Approximate flops of :func:`factored_svd` and :func:`randomized_svd`.
+
+    For a product of d x m and m x k factors, keeping ``rank`` components.
+    """
+    n = min(m, d, k)
+    width = min(2 * rank + EXTRA_COLUMNS, d, k)
+    products = 2 * POWER_ITERATIONS + 2  # the sketch, the iterations, and (Q^T B) A
+    return {
+        "exact": 2.0 * (d + k) * m * n + 22.0 * n**3,
+        "randomized": 2.0 * products * (d + k) * m * width + 22.0 * k * width**2,
+    }
+
+
+def top_svd(
+    B: Tensor, A: Tensor, rank: int, method: SvdMethod = "auto", seed: int = 0
+) -> tuple[tuple[Tensor, Tensor, Tensor], str]:
+    """The top ``rank`` singular triplets of ``B @ A`` and the method that found them.
+
+    ``"auto"`` takes the randomised range finder where its flop count is the smaller
+    (:func:`svd_costs`): where the stacked rank ``m`` is well above ``rank``, as with
+    hundreds of clients. Few clients keep the exact path. On 4096 x 4096 products of this
+    2-core machine, rank 16: 10 clients of rank 16 (m = 160) 0.45 s exact, 1.23 s
+    randomised; m = 480 1.76 s against 0.50 s; m = 1,600 12.45 s against 1.11 s.
+    """
+    if method == "auto":
+        costs = svd_costs(B.shape[0], A.shape[1], B.shape[1], rank)
+        method = "randomized" if costs["randomized"] < costs["exact"] else "exact"
+    if method == "randomized":
+        return randomized_svd(B, A, rank, seed=seed), method
+    if method != "exact":
+        raise ValueError(f"method must be 'auto', 'exact' or 'randomized', got {method!r}")
+    return factored_svd(B, A, rank), method
+
+
 def truncate_to_rank(
     U: Tensor, S: Tensor, V: Tensor, r: int, scaling: float, split: SvdSplit = "left"
 ) -> tuple[Tensor, Tensor]:

@@ -226,6 +226,11 @@ class StrategySection(Section, table="strategy"):
     personal_head: bool = setting(
         True, "FedSA-LoRA: each client keeps its own task head (the authors' code), not averaged"
     )
+    flexlora_svd: Literal["auto", "exact", "randomized"] = setting(
+        "auto",
+        "FlexLoRA: top singular triplets exactly (factored QR + SVD), by a randomised range "
+        "finder (many clients), or auto: whichever is cheaper for the round's stacked rank",
+    )
 
 
 @dataclass
