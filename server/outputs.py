@@ -129,6 +129,7 @@ def run_summary(
             k: v for k, v in rows[-1].items() if k.startswith(("eval_", "train_", "personal_"))
         },
         "initial": initial,
+        "benchmarks": rows[-1].get("benchmarks", {}),  # eval.benchmarks after the last round
         "rounds_completed": len(rows),
         "resumed_after_rounds": facts["resumed_after_rounds"],
         "bytes_up_total": sum(r["bytes_up"] for r in rows),

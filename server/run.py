@@ -34,6 +34,7 @@ from fedpeft.codecs import (
 )
 from fedpeft.config import Scenario, ScenarioError
 from fedpeft.data import client_train_size, eval_split, load_task_data
+from fedpeft.evaluation.multiple_choice import load_benchmark, metric_name, score_benchmark
 from fedpeft.models import cached_peft_model, initial_adapter_state, load_processor, resolve_device
 from fedpeft.report import RoundLog, console
 from fedpeft.server.checkpoint import (
@@ -257,6 +258,10 @@ class RoundRecorder:
             else None
         )
         self.log = RoundLog(out_dir, scenario.federation.rounds, trackers=self.trackers)
+        #: read before round 1, so a benchmark that cannot load stops the run at once
+        self.benchmarks = [
+            load_benchmark(n, scenario.eval.questions) for n in scenario.eval.benchmarks
+        ]
         self.initial_metrics: dict[str, float] = {}
         self.done = checkpoint.progress if checkpoint else Progress(0, new_run_tag(), [], {}, 0.0)
         if checkpoint is not None:
@@ -294,8 +299,39 @@ class RoundRecorder:
                 f"round 0  eval_accuracy {metrics['eval_accuracy']:.4f} (initial adapter)"
             )
         else:
-            self.log.append(self.round_row(server_round, metrics))
+            scores = self.benchmark_scores(server_round)
+            metrics.update({metric_name(name): r["accuracy"] for name, r in scores.items()})
+            row = self.round_row(server_round, metrics)
+            self.log.append({**row, "benchmarks": scores} if scores else row)
         return MetricRecord(dict(metrics.items()))
+
+    def benchmark_scores(self, server_round: int) -> dict[str, dict[str, Any]]:
+        """``eval.benchmarks`` scored on the global model after this round, if they run now.
+
+        They run after the last round, and every ``eval.every`` rounds when that is set.
+        """
+        ev, rounds = self.scenario.eval, self.scenario.federation.rounds
+        if not self.benchmarks or not (
+            server_round == rounds or (ev.every and server_round % ev.every == 0)
+        ):
+            return {}
+        scores = {}
+        for bench in self.benchmarks:
+            scores[bench.name] = score_benchmark(
+                self.server.model,
+                self.server.processor,
+                bench,
+                few_shot=ev.few_shot,
+                chat_template=ev.chat_template,
+                batch_size=self.scenario.train.eval_batch_size,
+                device=self.server.device,
+            )
+            got = scores[bench.name]
+            console.print(
+                f"round {server_round}  {bench.name} accuracy {got['accuracy']:.4f} "
+                f"on {got['questions']} questions"
+            )
+        return scores
 
     def round_row(self, server_round: int, metrics: dict[str, float]) -> dict[str, Any]:
         """metrics.jsonl's row for a round: metrics, failures, rejections, bytes, time."""

@@ -22,8 +22,10 @@ from fedpeft.config.loading import (
 )
 from fedpeft.config.scenario import Scenario
 from fedpeft.config.schema import (
+    GENERATIVE_TASKS,
     CompressionSection,
     DataSection,
+    EvalSection,
     FaultsSection,
     FederationSection,
     ModelSection,
@@ -36,8 +38,10 @@ from fedpeft.config.schema import (
 )
 
 __all__ = [
+    "GENERATIVE_TASKS",
     "CompressionSection",
     "DataSection",
+    "EvalSection",
     "FaultsSection",
     "FederationSection",
     "ModelSection",

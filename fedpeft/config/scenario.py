@@ -11,8 +11,10 @@ from typing import Any
 from fedpeft.config.coercion import build
 from fedpeft.config.fields import need, setting
 from fedpeft.config.schema import (
+    GENERATIVE_TASKS,
     CompressionSection,
     DataSection,
+    EvalSection,
     FaultsSection,
     FederationSection,
     ModelSection,
@@ -42,6 +44,7 @@ class Scenario:
     faults: FaultsSection = field(default_factory=FaultsSection)
     privacy: PrivacySection = field(default_factory=PrivacySection)
     report: ReportSection = field(default_factory=ReportSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self) -> None:
         need(
@@ -69,6 +72,13 @@ class Scenario:
             "faults.slow_rate",
             '0 with simulation.engine="in-process" (one process has no round timeout to miss)',
             self.faults.slow_rate,
+        )
+        need(
+            not self.eval.benchmarks or self.model.task in GENERATIVE_TASKS,
+            "eval.benchmarks",
+            f"[] unless model.task is one of {', '.join(GENERATIVE_TASKS)} (a benchmark "
+            "scores a language model's answers)",
+            self.eval.benchmarks,
         )
 
     def peft_for_rank(self, rank: int) -> PeftSection:

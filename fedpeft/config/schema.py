@@ -14,6 +14,8 @@ from typing import Any, Literal
 from fedpeft.config.fields import ScenarioError, Section, need, setting
 
 SHARE: dict[str, Any] = {"ge": 0, "le": 1, "noun": "a share"}  # a rate in [0, 1]
+#: tasks whose model is a language model that writes text (benchmarks score them)
+GENERATIVE_TASKS = ("causal-lm", "dpo")
 
 
 @dataclass
@@ -530,3 +532,22 @@ class ReportSection(Section, table="report"):
     )
     wandb_project: str = setting("fedpeft", "W&B project")
     wandb_run_name: str = setting("", "W&B run name; empty: the output folder's name")
+
+
+@dataclass
+class EvalSection(Section, table="eval"):
+    """Benchmarks the server scores the global adapter on (causal-lm and dpo tasks)."""
+
+    benchmarks: list[str] = setting(
+        [],
+        "multiple-choice benchmarks scored after the last round: wordnet-mc (bundled), a "
+        "local csv/jsonl/parquet file or a hub id such as cais/mmlu:all",
+    )
+    every: int = setting(
+        0, "also score the benchmarks every N rounds (0 = after the last round only)", ge=0
+    )
+    questions: int = setting(0, "score each benchmark's first N questions (0 = all)", ge=0)
+    few_shot: int = setting(0, "solved examples written before each question", ge=0)
+    chat_template: bool = setting(
+        False, "write each question as a user turn of the tokenizer's chat template"
+    )

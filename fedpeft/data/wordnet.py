@@ -68,7 +68,7 @@ def _noun_records(wordnet_dir: Path) -> Iterator[tuple[str, str, str, int, str |
             yield parts[0], parts[4], gloss.strip(), int(parts[1]) - FIRST_NOUN_LEXFILE, hypernym
 
 
-def _noun_synsets(wordnet_dir: Path) -> Iterator[tuple[str, str, int]]:
+def noun_synsets(wordnet_dir: Path = WORDNET_DIR) -> Iterator[tuple[str, str, int]]:
     """Yield (first lemma, gloss, supersense label 0..25) for every noun synset."""
     for _, lemma, gloss, label, _ in _noun_records(wordnet_dir):
         yield lemma, gloss, label
@@ -77,7 +77,7 @@ def _noun_synsets(wordnet_dir: Path) -> Iterator[tuple[str, str, int]]:
 def read_noun_glosses(wordnet_dir: Path = WORDNET_DIR) -> tuple[list[str], list[int]]:
     """Return (glosses, supersense labels 0..25) for every noun synset in ``data.noun``."""
     texts, labels = [], []
-    for _, gloss, label in _noun_synsets(wordnet_dir):
+    for _, gloss, label in noun_synsets(wordnet_dir):
         texts.append(gloss)
         labels.append(label)
     return texts, labels
@@ -105,7 +105,7 @@ def read_noun_definitions(
     by learning the senses of a word, not by recalling one test answer.
     """
     instructions, responses, labels = [], [], []
-    for lemma, gloss, label in _noun_synsets(wordnet_dir):
+    for lemma, gloss, label in noun_synsets(wordnet_dir):
         instructions.append(f"Define the word {lemma.replace('_', ' ')}.")
         responses.append(definition_of(gloss))
         labels.append(label)

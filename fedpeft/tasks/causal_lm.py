@@ -42,7 +42,7 @@ ALPACA_PROMPT_INPUT = (
 )
 
 
-def _stop_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+def stop_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     """The token that ends a response: EOS, else SEP (BERT-style tokenizers have no EOS)."""
     for token_id in (tokenizer.eos_token_id, tokenizer.sep_token_id):
         if isinstance(token_id, int):
@@ -117,7 +117,7 @@ def prompt_and_completion(
         completion = full[len(chat) :] if full.startswith(chat) else response
         ids = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
     else:
-        stop = _stop_id(tokenizer)
+        stop = stop_id(tokenizer)
         ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
         ids += [stop] if stop is not None else []
     return prompt_ids(tokenizer, instruction, context), ids
@@ -132,7 +132,7 @@ CHATML = (
 _told_chatml: set[str] = set()
 
 
-def _render(
+def render_chat(
     tokenizer: PreTrainedTokenizerBase, turns: list[dict[str, str]], generation: bool = False
 ) -> str:
     """The conversation as the chat template writes it (ChatML if the tokenizer has none)."""
@@ -170,10 +170,10 @@ def encode_conversation(
 
     for i, turn in enumerate(messages):
         if turn["role"] == "assistant":
-            head = _render(tokenizer, messages[:i], generation=True)
+            head = render_chat(tokenizer, messages[:i], generation=True)
             add(head[len(done) :] if head.startswith(done) else head, loss=False)
             done = head
-        full = _render(tokenizer, messages[: i + 1])
+        full = render_chat(tokenizer, messages[: i + 1])
         add(
             full[len(done) :] if full.startswith(done) else turn["content"],
             turn["role"] == "assistant",
@@ -187,7 +187,7 @@ def conversation_prompt(
 ) -> tuple[list[int], str]:
     """The prompt ids up to the last assistant turn, and that turn's text (exact match)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    text = _render(tokenizer, messages[:last], generation=True)
+    text = render_chat(tokenizer, messages[:last], generation=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]), messages[last]["content"]
 
 
@@ -371,7 +371,7 @@ def generate_responses(
     Prompts are left-padded, so every sequence in a batch continues from its last token.
     """
     pad = int(tokenizer.pad_token_id or 0)
-    stops = {s for s in [_stop_id(tokenizer)] if s is not None}
+    stops = {s for s in [stop_id(tokenizer)] if s is not None}
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     stops |= set(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
     if prompts is None:

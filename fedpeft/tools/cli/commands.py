@@ -29,6 +29,35 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return run_compare(args.scenario, args.strategies, args.seeds, args.vary, args.set, args.out)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``fedpeft eval RUN_DIR``: benchmark scores and generations of a run's adapter."""
+    from fedpeft.evaluation.generation import Sampling
+    from fedpeft.tools.evaluate import evaluate_run
+    from fedpeft.tools.simulation import quiet_libraries, set_process_env
+
+    set_process_env()
+    quiet_libraries()
+    evaluate_run(
+        Path(args.run_dir),
+        args.benchmark,
+        questions=args.questions,
+        few_shot=args.few_shot,
+        chat_template=args.chat_template,
+        batch_size=args.batch_size,
+        prompts=Path(args.generate) if args.generate else None,
+        answers=Path(args.answers) if args.answers else None,
+        sampling=Sampling(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            chat_template=args.chat_template,
+        ),
+        device=args.device,
+    )
+    return 0
+
+
 def cmd_data_preview(args: argparse.Namespace) -> int:
     """``fedpeft data preview``: the first training examples as the model sees them."""
     from fedpeft.config import load_scenario

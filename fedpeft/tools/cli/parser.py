@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_compare(sub)
     _add_bench(sub)
+    _add_eval(sub)
     dep = sub.add_parser("deploy", help="certificates, keys and Flower processes for a deployment")
     dsub = dep.add_subparsers(dest="deploy_command", required=True)
     _add_deploy_certs(dsub)
@@ -96,6 +97,42 @@ def _add_compare(sub: SubParsers) -> None:
     _add_set(cmp, "override a scenario key in every cell (TOML value)")
     cmp.add_argument("--out", help="output folder (default: runs/compare-<scenario>-<timestamp>/)")
     cmp.set_defaults(func=commands.cmd_compare)
+
+
+def _add_eval(sub: SubParsers) -> None:
+    """``fedpeft eval RUN_DIR``: benchmarks and generations of a finished run's adapter."""
+    ev = sub.add_parser(
+        "eval", help="score a finished run's adapter on benchmarks, or answer prompts with it"
+    )
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="the folder of a finished fedpeft run")
+    ev.add_argument(
+        "--benchmark",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH",
+        help="multiple-choice benchmark: wordnet-mc, a csv/jsonl/parquet file or a hub id "
+        "(cais/mmlu:all); repeatable; scores go to RUN_DIR/eval.json",
+    )
+    ev.add_argument("--questions", type=int, default=0, help="first N questions only (0 = all)")
+    ev.add_argument("--few-shot", type=int, default=0, help="solved examples before each question")
+    ev.add_argument(
+        "--chat-template", action="store_true", help="write prompts with the chat template"
+    )
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward pass")
+    ev.add_argument(
+        "--generate",
+        metavar="PROMPTS.jsonl",
+        help="answer each prompt (prompt/instruction, MT-Bench turns or messages)",
+    )
+    ev.add_argument(
+        "--answers", metavar="FILE", help="answers JSONL (default RUN_DIR/answers.jsonl)"
+    )
+    ev.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
+    ev.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling's p")
+    ev.add_argument("--seed", type=int, default=0, help="seed of sampled answers")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    ev.set_defaults(func=commands.cmd_eval)
 
 
 def _add_bench(sub: SubParsers) -> None:
