@@ -51,6 +51,7 @@ from fedpeft.models import (
 from fedpeft.state import ClientStateStore
 from fedpeft.strategies import get_strategy
 from fedpeft.strategies.client_hook import ClientHook
+from fedpeft.tasks import get_task
 from fedpeft.train import (
     TrainResult,
     evaluate,
@@ -254,6 +255,7 @@ def _train_locally(job: Job, context: Context) -> TrainResult:
             device=job.device,
             precision=t.precision,
             track_gradient=scenario.compression.scores_by_gradient(scenario.privacy),
+            objective=get_task(scenario.model.task).objective(t),
         )
     finally:  # the cached model serves the next message: leave it as it was
         if end_round is not None:

@@ -154,6 +154,7 @@ def _clock(seconds: float) -> str:
 AUTO_CLASSES = {
     "seq-cls": "AutoModelForSequenceClassification",
     "causal-lm": "AutoModelForCausalLM",
+    "dpo": "AutoModelForCausalLM",
     "image-cls": "AutoModelForImageClassification",
 }
 

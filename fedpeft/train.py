@@ -173,6 +173,7 @@ def train_steps(
     device: torch.device | None = None,
     precision: str = "auto",
     track_gradient: bool = False,
+    objective: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``steps`` AdamW steps on the trainable (adapter) parameters of ``model``.
 
@@ -183,8 +184,9 @@ def train_steps(
     ``collate`` turns a batch of rows into model inputs with ``labels`` (see
     :meth:`fedpeft.tasks.Task.make_collate`). With ``proximal_mu > 0`` the FedProx term
     ``mu/2 * ||w - w_global||^2`` is added, where ``w_global`` are the trainable values at
-    the start of the call. ``regulariser`` adds a strategy's own penalty (e.g. HetLoRA's
-    rank self-pruning term) to every step.
+    the start of the call. ``objective`` replaces the model's own loss (a task's, e.g.
+    DPO's: :meth:`fedpeft.tasks.Task.objective`). ``regulariser`` adds a strategy's own
+    penalty (e.g. HetLoRA's rank self-pruning term) to every step.
 
     ``precision`` (``train.precision``, see :func:`autocast_dtype`) sets the autocast of
     the forward pass; the penalties, backward pass and optimizer step stay outside it.
@@ -213,7 +215,7 @@ def train_steps(
         for _ in range(grad_accum_steps):
             rows = next(stream)
             batch = {k: v.to(device) for k, v in collate(rows).items()}
-            loss = _forward_loss(model, batch, device, dtype)
+            loss = _forward_loss(model, batch, device, dtype, objective)
             total_loss += loss.item()
             loss = _penalised(loss, params, anchors, proximal_mu, regulariser)
             _backward(loss / grad_accum_steps, scaler)
@@ -241,13 +243,14 @@ def _forward_loss(
     batch: dict[str, torch.Tensor],
     device: torch.device,
     dtype: torch.dtype | None,
+    objective: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The model's loss on ``batch``, its forward pass under autocast to ``dtype`` (if any)."""
+    """The loss on ``batch`` (the model's own, or ``objective``'s), under autocast to ``dtype``."""
     autocast = (
         torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
     )
     with autocast:
-        return model(**batch).loss
+        return objective(model, batch) if objective is not None else model(**batch).loss
 
 
 def _penalised(
@@ -327,4 +330,5 @@ def evaluate(
         device=device or next(model.parameters()).device,
         generate=scenario.train.eval_generate,
         max_new_tokens=scenario.train.max_new_tokens,
+        dpo_beta=scenario.train.dpo_beta,
     )

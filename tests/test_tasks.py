@@ -51,7 +51,7 @@ def _instructions(n):
 
 
 def test_every_task_is_registered_and_an_unknown_one_is_one_line():
-    assert set(TASKS) == {"seq-cls", "causal-lm", "image-cls"}
+    assert set(TASKS) == {"seq-cls", "causal-lm", "dpo", "image-cls"}
     assert get_task("causal-lm").peft_task_type == "CAUSAL_LM"
     assert get_task("image-cls").peft_task_type is None
     assert not get_task("image-cls").has_token_embeddings

@@ -16,6 +16,8 @@ from fedpeft.config.fields import ScenarioError, Section, need, setting
 SHARE: dict[str, Any] = {"ge": 0, "le": 1, "noun": "a share"}  # a rate in [0, 1]
 #: tasks whose model is a language model that writes text (benchmarks score them)
 GENERATIVE_TASKS = ("causal-lm", "dpo")
+#: how a data set's rows are laid out (data.format)
+RowFormat = Literal["auto", "prompt-completion", "alpaca", "messages", "sharegpt", "preference"]
 
 
 @dataclass
@@ -25,8 +27,10 @@ class ModelSection(Section, table="model"):
     name: str = setting(
         "minilm", "bundled alias (minilm, tiny-bert, tiny-llama, tiny-vit), hub id or local path"
     )
-    task: Literal["seq-cls", "causal-lm", "image-cls"] = setting(
-        "seq-cls", "seq-cls (text classes), causal-lm (instruction tuning), image-cls"
+    task: Literal["seq-cls", "causal-lm", "dpo", "image-cls"] = setting(
+        "seq-cls",
+        "seq-cls (text classes), causal-lm (instruction tuning), dpo (preference tuning), "
+        "image-cls",
     )
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps")
     quantization: Literal["none", "4bit", "8bit"] = setting(
@@ -132,11 +136,13 @@ class DataSection(Section, table="data"):
         "response", "causal-lm: the response column of a local or hub set"
     )
     image_column: str = setting("image", "image-cls: the image column of a local or hub data set")
-    format: Literal["auto", "prompt-completion", "alpaca", "messages", "sharegpt"] = setting(
+    format: RowFormat = setting(
         "auto",
-        "causal-lm rows: prompt-completion (text_column, response_column), alpaca (instruction, "
-        "input, output), messages (role/content turns), sharegpt (conversations: from/value); "
-        "auto: text_column if present, else the first format whose columns are there",
+        "causal-lm rows: prompt-completion (text_column, response_column), alpaca "
+        "(instruction, input, output), messages (role/content turns), sharegpt "
+        "(conversations: from/value); dpo rows: preference (a prompt, chosen and rejected); "
+        "auto: preference where chosen and rejected are columns, else text_column if "
+        "present, else the first format whose columns are there",
     )
     test_fraction: float = setting(
         0.1, "held-out share for sets without a test split (fixed seed)", gt=0, lt=1
@@ -271,6 +277,9 @@ class TrainSection(Section, table="train"):
     )
     max_new_tokens: int = setting(
         32, "causal-lm: tokens generated per example for exact-match", ge=1
+    )
+    dpo_beta: float = setting(
+        0.1, "dpo: beta, how strongly the loss holds the model near its reference", gt=0
     )
 
     def __post_init__(self) -> None:

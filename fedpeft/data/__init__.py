@@ -42,6 +42,8 @@ BUNDLED = {
     "wordnet-definitions": "instruction 'Define the word X.' -> WordNet gloss (82k, offline)",
     "digits": "scikit-learn's 8x8 handwritten digits, 10 classes (1.8k images, offline)",
     "wordnet-chat": "two-exchange chats: define a word, then name a broader word (82k, offline)",
+    "wordnet-preferences": "'Define the word X.' -> chosen: its definition; rejected: another "
+    "noun's whole gloss (82k pairs, offline)",
 }
 
 # canonical column -> the DataSection key that names it in a local or hub data set
@@ -133,6 +135,20 @@ def _build_wordnet_chat(target: Path) -> None:
     _split_and_save(columns, features, WORDNET_TEST_SIZE, target)
 
 
+def _build_wordnet_preferences(target: Path) -> None:
+    texts, chosen, rejected, labels = wordnet.read_noun_preferences()
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            CHOSEN: datasets.Value("string"),
+            REJECTED: datasets.Value("string"),
+            "label": datasets.ClassLabel(names=wordnet.NOUN_SUPERSENSES),
+        }
+    )
+    columns = {"text": texts, CHOSEN: chosen, REJECTED: rejected, "label": labels}
+    _split_and_save(columns, features, WORDNET_TEST_SIZE, target)
+
+
 def _build_digits(target: Path) -> None:
     images, labels = digits.read_digits()
     features = datasets.Features(
@@ -150,6 +166,7 @@ BUILDERS: dict[str, Callable[[Path], None]] = {
     "wordnet-definitions": _build_wordnet_definitions,
     "digits": _build_digits,
     "wordnet-chat": _build_wordnet_chat,
+    "wordnet-preferences": _build_wordnet_preferences,
 }
 
 
@@ -178,7 +195,10 @@ def _normalise(
         first = next(iter(dd))
         dd = datasets.DatasetDict({"train": dd[first]})
     fmt = _row_format(dd["train"].column_names, cfg)
-    if fmt == "alpaca":
+    if fmt == "preference":
+        dd = _from_preferences(dd, cfg)
+        cfg = dataclasses.replace(cfg, text_column="text", label_column="label")
+    elif fmt == "alpaca":
         dd = _from_alpaca(dd)
         cfg = dataclasses.replace(cfg, text_column="text", response_column="response")
     elif fmt in CONVERSATIONS:
@@ -191,6 +211,8 @@ def _normalise(
     }
     if fmt in CONVERSATIONS:
         found = {MESSAGES: MESSAGES}
+    if fmt == "preference":
+        found |= {CHOSEN: CHOSEN, REJECTED: REJECTED}
     if not {"text", "image", MESSAGES} & set(found):
         raise ScenarioError(
             f"data.text_column={cfg.text_column!r} (or data.image_column={cfg.image_column!r}) "
@@ -230,10 +252,21 @@ FORMATS = (
     "sharegpt (conversations: from/value turns)"
 )
 CONVERSATIONS = ("messages", "sharegpt")  # the formats whose rows are whole conversations
+CHOSEN, REJECTED = "chosen", "rejected"  # a preference pair's responses (dpo)
+PREFERENCE_PROMPTS = ("prompt", "question", "instruction")  # where hub sets keep the prompt
+HH_ASSISTANT = "\n\nAssistant:"  # Anthropic HH-RLHF: whole transcripts, no prompt column
 
 
 def _row_format(columns: list[str], cfg: DataSection) -> str:
     """``cfg.format``, with ``auto`` resolved from the columns (the text column first)."""
+    preference = {CHOSEN, REJECTED} <= set(columns)
+    if cfg.format == "preference" and not preference:
+        raise ScenarioError(
+            f"data.format='preference' reads the columns chosen and rejected, but data set "
+            f"{cfg.name!r} has {columns}"
+        )
+    if cfg.format == "preference" or (cfg.format == "auto" and preference):
+        return "preference"
     if cfg.format != "auto":
         if cfg.format == "alpaca" and not set(ALPACA_COLUMNS) <= set(columns):
             raise ScenarioError(
@@ -298,6 +331,56 @@ def _turn(turn: dict[str, Any], fmt: str, source: str, row: int) -> dict[str, st
             "and a text"
         )
     return {"role": role, "content": content}
+
+
+def _from_preferences(dd: datasets.DatasetDict, cfg: DataSection) -> datasets.DatasetDict:
+    """Preference pairs as (text, chosen, rejected) strings, from the common hub layouts.
+
+    * a prompt column (``data.text_column``, prompt, question or instruction) and chosen,
+      rejected strings (TRL's standard form);
+    * the same with chosen and rejected as role/content turns, or a prompt of turns (TRL's
+      conversational form, UltraFeedback): the last user turn is the prompt, the last
+      assistant turn the response;
+    * chosen and rejected whole transcripts without a prompt (Anthropic HH-RLHF): the
+      prompt is their text up to the last ``Assistant:``.
+
+    A label column (``data.label_column``) is kept, for label-skewed partitioners.
+    """
+    columns = dd["train"].column_names
+    prompt = next((c for c in (cfg.text_column, *PREFERENCE_PROMPTS) if c in columns), None)
+    label = cfg.label_column if cfg.label_column in columns else None
+
+    def convert(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {"text": [], CHOSEN: [], REJECTED: []}
+        for i in range(len(rows[CHOSEN])):
+            good, bad = rows[CHOSEN][i], rows[REJECTED][i]
+            if prompt is not None:
+                text = _last_turn(rows[prompt][i], "user")
+            elif isinstance(good, str) and HH_ASSISTANT in good:
+                cut = good.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
+                text, good, bad = (
+                    good[:cut],
+                    good[cut:],
+                    bad[cut:] if bad[:cut] == good[:cut] else bad,
+                )
+            else:
+                text = _last_turn(good, "user")
+            out["text"].append(text)
+            out[CHOSEN].append(_last_turn(good, "assistant").strip())
+            out[REJECTED].append(_last_turn(bad, "assistant").strip())
+        if label is not None:
+            out["label"] = rows[label]
+        return out
+
+    return dd.map(convert, batched=True, remove_columns=columns)
+
+
+def _last_turn(value: Any, role: str) -> str:
+    """A string as it is; from role/content turns, the content of the last ``role`` turn."""
+    if isinstance(value, list):
+        turns = [t for t in value if isinstance(t, dict) and t.get("role") == role]
+        return str(turns[-1].get("content", "")) if turns else ""
+    return "" if value is None else str(value)
 
 
 def _from_alpaca(dd: datasets.DatasetDict) -> datasets.DatasetDict:

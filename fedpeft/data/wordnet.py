@@ -137,3 +137,29 @@ def read_noun_conversations(wordnet_dir: Path = WORDNET_DIR) -> list[list[dict[s
             ]
         )
     return conversations
+
+
+def read_noun_preferences(seed: int = 2024) -> tuple[list[str], list[str], list[str], list[int]]:
+    """Return (instructions, chosen, rejected, supersense labels): a preference per synset.
+
+    Chosen is the synset's definition, as in ``wordnet-definitions``; rejected is the
+    whole gloss of another noun, drawn with a fixed seed among the glosses that carry
+    quoted example sentences: a wrong answer, and a rambling one. Wrong is what a capable
+    model learns to avoid; rambling (quotes, semicolons) is what even a random tiny model
+    can learn to avoid, so DPO's loss visibly falls offline.
+    """
+    import random
+
+    rng = random.Random(seed)
+    records = list(noun_synsets())
+    rambling = [gloss for _, gloss, _ in records if '; "' in gloss]
+    instructions, chosen, rejected, labels = [], [], [], []
+    for lemma, gloss, label in records:
+        other = gloss
+        while other == gloss:
+            other = rambling[rng.randrange(len(rambling))]
+        instructions.append(f"Define the word {lemma.replace('_', ' ')}.")
+        chosen.append(definition_of(gloss))
+        rejected.append(other)
+        labels.append(label)
+    return instructions, chosen, rejected, labels

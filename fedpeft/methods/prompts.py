@@ -17,7 +17,7 @@ from fedpeft.config import PeftSection, ScenarioError
 from fedpeft.methods.lowrank import targets
 from fedpeft.methods.registry import MethodContext, register_method
 
-TEXT = frozenset({"seq-cls", "causal-lm"})
+TEXT = frozenset({"seq-cls", "causal-lm", "dpo"})
 NO_EMBEDDINGS = "it prepends virtual tokens and an image model has no token embeddings"
 
 

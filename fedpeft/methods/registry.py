@@ -18,7 +18,7 @@ from peft import PeftConfig
 from fedpeft.config import PeftSection, ScenarioError
 
 Kind = Literal["peft", "fedpeft", "full"]
-TASKS = frozenset({"seq-cls", "causal-lm", "image-cls"})
+TASKS = frozenset({"seq-cls", "causal-lm", "dpo", "image-cls"})
 FAMILIES = ("reparameterised", "additive", "selective", "hybrid", "full")
 
 
@@ -26,7 +26,7 @@ FAMILIES = ("reparameterised", "additive", "selective", "hybrid", "full")
 class MethodContext:
     """What a method needs to know about the model it adapts."""
 
-    task: str  # seq-cls | causal-lm | image-cls
+    task: str  # seq-cls | causal-lm | dpo | image-cls
     peft_task_type: str | None  # peft's TaskType for the task (None for image-cls)
     head_modules: tuple[str, ...]  # freshly initialised task head(s), trained from scratch
     model_type: str  # transformers' config.model_type (bert, llama, vit, gpt2, ...)

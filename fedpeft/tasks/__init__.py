@@ -29,6 +29,7 @@ from fedpeft.tasks.causal_lm import (
     prompt_and_completion,
     prompt_ids,
 )
+from fedpeft.tasks.dpo import DirectPreferenceOptimization
 from fedpeft.tasks.image_cls import (
     ImageClassification,
     ImagePrep,
@@ -81,6 +82,7 @@ def load_processor(cfg: ModelSection) -> Any:
 
 register_task(SequenceClassification())
 register_task(CausalLanguageModeling())
+register_task(DirectPreferenceOptimization())
 register_task(ImageClassification())
 
 __all__ = [
@@ -89,6 +91,7 @@ __all__ = [
     "TASKS",
     "Batch",
     "CausalLanguageModeling",
+    "DirectPreferenceOptimization",
     "Collate",
     "ImageClassification",
     "ImagePrep",

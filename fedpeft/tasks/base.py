@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from fedpeft.config import DataSection, ScenarioError
+from fedpeft.config import DataSection, ScenarioError, TrainSection
 from fedpeft.data import COLUMN_KEYS
 from fedpeft.model_sources import load_tokenizer
 
@@ -79,11 +79,19 @@ class Task(abc.ABC):
         device: torch.device,
         generate: int = 0,
         max_new_tokens: int = 32,
+        dpo_beta: float = 0.1,
     ) -> dict[str, float]:
         """Score ``model`` on ``data``: ``eval_loss``, ``eval_accuracy`` and task extras.
 
-        ``generate`` and ``max_new_tokens`` only matter to generative tasks.
+        ``generate`` and ``max_new_tokens`` only matter to generative tasks, ``dpo_beta``
+        to ``dpo``.
         """
+
+    def objective(
+        self, train: TrainSection
+    ) -> Callable[[torch.nn.Module, Batch], torch.Tensor] | None:
+        """The loss a training step minimises; None: the model's own loss on ``labels``."""
+        return None
 
 
 class TextTask(Task):

@@ -215,7 +215,7 @@ def encode_example(
     return prompt + completion, [IGNORE_INDEX] * len(prompt) + completion
 
 
-def _pad(
+def pad_rows(
     sequences: list[list[int]], value: int, left: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence; return (tensor, attention mask)."""
@@ -250,7 +250,7 @@ class CausalLanguageModeling(TextTask):
     head_modules = ()  # the LM head is pretrained: nothing starts from scratch
     has_token_embeddings = True
     auto_model = AutoModelForCausalLM
-    columns = ("text", "response")
+    columns: tuple[str, ...] = ("text", "response")
 
     def model_from_config(self, config: PretrainedConfig, num_labels: int) -> PreTrainedModel:
         """A random decoder; ``num_labels`` does not apply (the vocabulary is the output)."""
@@ -270,8 +270,8 @@ class CausalLanguageModeling(TextTask):
                 pairs = [encode_conversation(tokenizer, m, max_length) for m in rows[MESSAGES]]
             else:
                 pairs = self._pairs(tokenizer, rows, max_length)
-            input_ids, mask = _pad([ids for ids, _ in pairs], pad)
-            labels, _ = _pad([lab for _, lab in pairs], IGNORE_INDEX)
+            input_ids, mask = pad_rows([ids for ids, _ in pairs], pad)
+            labels, _ = pad_rows([lab for _, lab in pairs], IGNORE_INDEX)
             return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
         return collate
@@ -304,6 +304,7 @@ class CausalLanguageModeling(TextTask):
         device: torch.device,
         generate: int = 0,
         max_new_tokens: int = 32,
+        dpo_beta: float = 0.1,
     ) -> dict[str, float]:
         """Response-token loss, perplexity, next-token accuracy and generation exact match.
 
@@ -383,7 +384,7 @@ def generate_responses(
     prompts = [_fit(ids, [], max_length)[0] for ids in prompts]
     out: list[list[int]] = []
     for idx in chunks(range(len(prompts)), batch_size):
-        input_ids, mask = _pad([prompts[i] for i in idx], pad, left=True)
+        input_ids, mask = pad_rows([prompts[i] for i in idx], pad, left=True)
         generated = model.generate(  # type: ignore[operator]
             input_ids=input_ids.to(device),
             attention_mask=mask.to(device),

@@ -137,6 +137,7 @@ class ImageClassification(Task):
         device: torch.device,
         generate: int = 0,
         max_new_tokens: int = 32,
+        dpo_beta: float = 0.1,
     ) -> dict[str, float]:
         """Mean cross-entropy and accuracy, in data order."""
         collate = self.make_collate(processor, max_length)

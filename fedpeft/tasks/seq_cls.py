@@ -51,6 +51,7 @@ class SequenceClassification(TextTask):
         device: torch.device,
         generate: int = 0,
         max_new_tokens: int = 32,
+        dpo_beta: float = 0.1,
     ) -> dict[str, float]:
         """Mean cross-entropy and accuracy.
 
