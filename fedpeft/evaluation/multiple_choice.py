@@ -253,22 +253,37 @@ def prompt_text(
     return chat, letters
 
 
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """``[BOS]`` if the tokenizer puts one before a text by default (Llama 3), else ``[]``.
+
+    The harness's default too: it encodes with the tokenizer's own special tokens.
+    """
+    bos = tokenizer.bos_token_id
+    if not isinstance(bos, int):
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
 def encode_requests(
-    tokenizer: PreTrainedTokenizerBase, context: str, continuations: list[str]
+    tokenizer: PreTrainedTokenizerBase,
+    context: str,
+    continuations: list[str],
+    bos: list[int] | None = None,
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids of (context, continuation) per choice, split as lm-evaluation-harness does.
 
     Trailing spaces of the context move to the continuation; the whole text is tokenized
-    and the context's own tokens are cut off its front. The tokenizer's BOS (if any) leads.
+    and the context's own tokens are cut off its front. ``bos`` (default:
+    :func:`leading_bos`) leads.
     """
+    bos = leading_bos(tokenizer) if bos is None else bos
     spaces = len(context) - len(context.rstrip(" "))
     if spaces:
         context, continuations = context[:-spaces], [context[-spaces:] + c for c in continuations]
-    bos = [tokenizer.bos_token_id] if isinstance(tokenizer.bos_token_id, int) else []
     texts = [context] + [context + c for c in continuations]
-    head, *wholes = (
-        bos + list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]
-    )
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    head, *wholes = (bos + list(ids) for ids in encoded)
     return [(whole[: len(head)], whole[len(head) :]) for whole in wholes]
 
 
@@ -299,8 +314,9 @@ def choice_loglikelihoods(
     """
     model.eval()
     rows: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # ids, (req, choice, cont)
+    bos = leading_bos(tokenizer)
     for r, (context, continuations) in enumerate(requests):
-        pairs = encode_requests(tokenizer, context, continuations)
+        pairs = encode_requests(tokenizer, context, continuations, bos)
         shared = all(len(cont) == 1 and ctx == pairs[0][0] for ctx, cont in pairs)
         if shared and pairs[0][0]:
             rows.append((pairs[0][0] + [0], [(r, c, cont) for c, (_, cont) in enumerate(pairs)]))
