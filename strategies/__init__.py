@@ -48,6 +48,9 @@ class StrategySpec:
     weighted_sum: bool = False
     #: why clients get new LoRA factors every round (error feedback cannot apply); "" if not
     new_factors_each_round: str = ""
+    #: folds each round's update into the frozen base weights (FLoRA, FedEx-LoRA), so the
+    #: base is no longer the pretrained model DPO takes as its reference
+    changes_base: bool = False
     #: the rule's client-side work (HetLoRA's self-pruning); the default does nothing
     client_hook: ClientHook = ClientHook()
 
@@ -64,6 +67,7 @@ def register_strategy(
     lora_only: bool = False,
     weighted_sum: bool = False,
     new_factors_each_round: str = "",
+    changes_base: bool = False,
     client_hook: ClientHook | None = None,
 ) -> StrategySpec:
     """Register a strategy builder and its capabilities; a duplicate or bad name fails."""
@@ -79,6 +83,7 @@ def register_strategy(
         lora_only=lora_only,
         weighted_sum=weighted_sum,
         new_factors_each_round=new_factors_each_round,
+        changes_base=changes_base,
         client_hook=client_hook or ClientHook(),
     )
     STRATEGIES[name] = spec
@@ -148,6 +153,13 @@ def check_compatible(spec: StrategySpec, scenario: Scenario) -> None:
         )
     if scenario.privacy.secure_aggregation:
         check_secure_aggregation(spec, scenario)
+    if spec.changes_base and scenario.model.task == "dpo":
+        raise ScenarioError(
+            f"strategy.name={spec.name!r} folds each round's update into the frozen base "
+            "weights, and model.task='dpo' takes that base (the adapter switched off) as its "
+            "reference model, which would then move every round; use a strategy that keeps "
+            "the base, e.g. fedavg, fedit, ffa_lora or flexlora"
+        )
     if spec.new_factors_each_round and scenario.compression.error_feedback:
         raise ScenarioError(
             f"strategy.name={spec.name!r} {spec.new_factors_each_round}, so an "

@@ -58,4 +58,5 @@ register_strategy(
     "FedIT plus the exact residual folded into the frozen base weights",
     build_fedex_lora,
     lora_only=True,
+    changes_base=True,
 )

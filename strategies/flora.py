@@ -96,4 +96,5 @@ register_strategy(
     heterogeneous_ranks=True,
     lora_only=True,
     new_factors_each_round="restarts LoRA every round",
+    changes_base=True,
 )

@@ -108,6 +108,12 @@ def stack_factors(
     return stacked_b, stacked_a
 
 
+def _check_factors(B: Tensor, A: Tensor) -> None:
+    """Refuse a (B, A) that is not d x r and r x k."""
+    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} are not LoRA factors")
+
+
 def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD ``U diag(S) V^T`` of ``B @ A`` without forming the d x k product.
 
@@ -115,8 +121,7 @@ def factored_svd(B: Tensor, A: Tensor, rank: int | None = None) -> tuple[Tensor,
     ``O((d + k) m^2)``. Returns ``(U, S, V)`` with ``S`` descending and at most
     ``min(m, d, k)`` components (the product has no more), cut to ``rank`` when given.
     """
-    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} are not LoRA factors")
+    _check_factors(B, A)
     if rank is not None and rank < 0:
         raise ValueError(f"rank must be non-negative, got {rank}")
     # reduced QR gives Q (d x min(d, m)) and R (min(d, m) x m), so m > d or m > k is fine
@@ -156,8 +161,7 @@ def randomized_svd(
     same factors (a resumed run stays bit-identical). Returns ``(U, S, V)`` as
     :func:`factored_svd`, cut to ``rank``.
     """
-    if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
-        raise ValueError(f"B {tuple(B.shape)} and A {tuple(A.shape)} are not LoRA factors")
+    _check_factors(B, A)
     oversample = rank + EXTRA_COLUMNS if oversample is None else oversample
     if rank < 0 or oversample < 0 or power_iterations < 0:
         raise ValueError(

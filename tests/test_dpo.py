@@ -118,6 +118,17 @@ def test_a_method_peft_cannot_switch_off_is_refused() -> None:
         dpo_objective(base, batch, beta=0.1)
 
 
+@pytest.mark.parametrize("strategy", ["flora", "fedex_lora"])
+def test_strategies_that_fold_into_the_base_are_refused(strategy: str) -> None:
+    from fedpeft.config import load_scenario
+    from fedpeft.strategies import build_strategy
+
+    scenario = load_scenario("llm-dpo", [f'strategy.name="{strategy}"'])
+    with pytest.raises(ScenarioError, match="reference model") as err:
+        build_strategy(scenario)
+    assert "\n" not in str(err.value)
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

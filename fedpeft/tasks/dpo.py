@@ -7,8 +7,8 @@ Rafailov et al. (2023): for a prompt x with a chosen response y_w and a rejected
 
 with log-probabilities summed over the response tokens (TRL's ``sigmoid`` loss). The
 reference model is the base itself with the adapter switched off (peft's
-``disable_adapter``): no second model is loaded. Under FLoRA and FedEx-LoRA, which fold
-each round's update into the frozen weights, the reference is that folded model.
+``disable_adapter``): no second model is loaded. Strategies that fold each round's update
+into the frozen weights (FLoRA, FedEx-LoRA) would move that reference, and are refused.
 
 A batch holds the chosen sequences of its pairs, then the rejected ones, each prompt plus
 response with the prompt labelled -100 (the causal-lm task's encoding). Scored on held-out

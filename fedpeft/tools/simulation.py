@@ -79,8 +79,11 @@ def simulate(
         records.RUN_RESUME: resume,
         records.RUN_COMMAND: command,
     }
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
     if scenario.simulation.engine == "in-process":
-        simulate_in_process(scenario, run_config, verbose)
+        run_config[records.RUN_ENGINE] = "in-process"
+        simulate_in_process(scenario, server_context(run_config))
         return
     import ray
     from flwr.simulation.run_simulation import _run_simulation
@@ -89,13 +92,9 @@ def simulate(
     from fedpeft.clients.app import app as client_app
     from fedpeft.server.app import app as server_app
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     if address := scenario.simulation.ray_address:
         join_cluster(address, verbose)
-    context = Context(
-        run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
-    )
+    context = server_context(run_config)
     backend_config = {
         "client_resources": {
             "num_cpus": scenario.simulation.cpus_per_client,
@@ -140,9 +139,12 @@ def simulate(
             ray.shutdown()
 
 
-def simulate_in_process(
-    scenario: Scenario, run_config: dict[str, bool | float | int | str], verbose: bool
-) -> None:
+def server_context(run_config: dict[str, bool | float | int | str]) -> Context:
+    """The ServerApp's Context: the run's config, nothing else (no node, no state yet)."""
+    return Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+
+
+def simulate_in_process(scenario: Scenario, context: Context) -> None:
     """The same ServerApp and ClientApp, with every virtual client served in this process.
 
     :class:`fedpeft.server.inprocess.InProcessGrid` hands each message to the ClientApp
@@ -154,16 +156,7 @@ def simulate_in_process(
     from fedpeft.server.app import main as server_main
     from fedpeft.server.inprocess import InProcessGrid
 
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     step(f"serving {scenario.data.num_clients} virtual clients in this process, one by one")
-    context = Context(
-        run_id=0,
-        node_id=0,
-        node_config={},
-        state=RecordDict(),
-        run_config={**run_config, records.RUN_ENGINE: "in-process"},
-    )
     server_main(InProcessGrid(client_app, scenario.data.num_clients), context)
 
 

@@ -204,6 +204,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         return 0
     from fedpeft import scenarios
     from fedpeft.data import BUNDLED
+    from fedpeft.evaluation.multiple_choice import BUNDLED_BENCHMARKS
     from fedpeft.methods import METHODS
     from fedpeft.models import ALIASES
     from fedpeft.strategies import STRATEGIES
@@ -226,5 +227,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {text}")
     print("model aliases:")
     for name, (_, _, text) in ALIASES.items():
+        print(f"  {name:<16} {text}")
+    print("benchmarks (fedpeft eval --benchmark, [eval] benchmarks; also files and hub ids):")
+    for name, text in BUNDLED_BENCHMARKS.items():
         print(f"  {name:<16} {text}")
     return 0
