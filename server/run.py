@@ -262,6 +262,12 @@ class RoundRecorder:
         self.benchmarks = [
             load_benchmark(n, scenario.eval.questions) for n in scenario.eval.benchmarks
         ]
+        keys = [metric_name(n) for n in scenario.eval.benchmarks]
+        if len(set(keys)) < len(keys):
+            raise ScenarioError(
+                f"eval.benchmarks={scenario.eval.benchmarks} gives two of them the same "
+                f"metrics.jsonl key ({', '.join(keys)}); rename a file"
+            )
         self.initial_metrics: dict[str, float] = {}
         self.done = checkpoint.progress if checkpoint else Progress(0, new_run_tag(), [], {}, 0.0)
         if checkpoint is not None:

@@ -110,12 +110,14 @@ def test_the_reference_is_the_base_model_with_the_adapter_off() -> None:
     assert not torch.allclose(policy, want, atol=1e-3)
 
 
-def test_a_method_peft_cannot_switch_off_is_refused() -> None:
-    base = tiny_llama()
-    collate = get_task("dpo").make_collate(load_tokenizer("tiny-llama"), 32)
-    batch = collate({"text": ["Define x."], "chosen": ["a"], "rejected": ["b"]})
-    with pytest.raises(ScenarioError, match="needs a peft method"):
-        dpo_objective(base, batch, beta=0.1)
+@pytest.mark.parametrize("method", ["full", "bitfit", ["lora", "prompt_tuning"]])
+def test_a_method_peft_cannot_switch_off_wholly_is_refused(method) -> None:
+    from fedpeft.methods import check_methods
+
+    with pytest.raises(ScenarioError, match="switching peft's adapter off") as err:
+        check_methods(PeftSection(method=method), "dpo")
+    assert "\n" not in str(err.value)
+    check_methods(PeftSection(method="lora"), "dpo")  # one peft method is fine
 
 
 @pytest.mark.parametrize("strategy", ["flora", "fedex_lora"])
@@ -170,6 +172,22 @@ def test_preference_layouts_become_prompt_chosen_rejected(tmp_path: Path, row) -
     else:
         assert got["text"] == "\n\nHuman: Define dog.\n\nAssistant:"
     get_task("dpo").check_data(data, DataSection(name=str(path)))
+
+
+def test_hh_transcripts_that_part_early_split_at_their_common_prompt(tmp_path: Path) -> None:
+    row = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: bye\n\nAssistant: ciao",
+        "rejected": "\n\nHuman: hi\n\nAssistant: go away",
+    }
+    path = write_jsonl(tmp_path / "hh.jsonl", [row] * 4)
+    got = load_task_data(DataSection(name=str(path))).train[0]
+    assert got["text"] == "\n\nHuman: hi\n\nAssistant:"
+    assert got["chosen"] == "hello\n\nHuman: bye\n\nAssistant: ciao"
+    assert got["rejected"] == "go away"
+    unrelated = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: c"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [unrelated] * 4)
+    with pytest.raises(ScenarioError, match="share no prompt"):
+        load_task_data(DataSection(name=str(path)))
 
 
 def test_dpo_refuses_data_without_pairs(tmp_path: Path) -> None:

@@ -138,6 +138,33 @@ def test_local_files_with_choice_lists_or_lettered_columns(tmp_path: Path) -> No
     assert mc.metric_name("cais/mmlu:all") == "eval_cais_mmlu_all_accuracy"
 
 
+def test_csv_choices_as_json_and_blank_lettered_cells(tmp_path: Path) -> None:
+    listed = tmp_path / "listed.csv"
+    listed.write_text('question,choices,answer\nq?,"[""x"", ""y""]",1\n')
+    lettered = tmp_path / "lettered.csv"
+    lettered.write_text("question,A,B,C,D,answer\nq?,1,2,3,,B\nr?,5,6,7,8,D\n")
+
+    assert mc.load_benchmark(str(listed)).questions[0].choices == ("x", "y")
+    rows = mc.load_benchmark(str(lettered)).questions
+    assert [q.choices for q in rows] == [("1", "2", "3"), ("5", "6", "7", "8")]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,choices,answer\nq?,x or y,0\n")
+    with pytest.raises(ScenarioError, match="choices is not a list"):
+        mc.load_benchmark(str(bad))
+
+
+def test_a_chat_template_that_writes_its_bos_gets_no_second_one() -> None:
+    import copy
+
+    tok = copy.deepcopy(load_tokenizer("tiny-llama"))
+    tok.bos_token = tok.cls_token  # BERT's tokenizer then "adds a BOS" by default: [CLS]
+    assert mc.leading_bos(tok) == [tok.cls_token_id]
+    ((plain, _),) = mc.encode_requests(tok, "hi there", [" a"])
+    ((chat, _),) = mc.encode_requests(tok, "[CLS] hi there", [" a"])
+    assert plain[0] == tok.cls_token_id and plain[1] != tok.cls_token_id
+    assert chat[0] == tok.cls_token_id and chat[1] != tok.cls_token_id
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
@@ -171,11 +198,12 @@ def test_prompt_files_of_every_layout(tmp_path: Path) -> None:
     rows = read_prompts(path)
     assert [r["turns"] for r in rows] == [
         ["Define the word dog."],
-        ["Translate.\n\nchien"],
+        ["Translate."],
         ["Define cat.", "Name a broader word."],
         ["Hi"],
     ]
     assert [r["question_id"] for r in rows] == [1, 2, 81, 4]
+    assert [r["context"] for r in rows] == [None, "chien", None, None]  # Alpaca's input
     path.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
     with pytest.raises(ScenarioError, match="line 2: needs a prompt"):
         read_prompts(path)
@@ -265,3 +293,21 @@ def test_benchmarks_need_a_language_model() -> None:
 
     with pytest.raises(ScenarioError, match="eval.benchmarks"):
         load_scenario("smoke", ['eval.benchmarks=["wordnet-mc"]'])
+
+
+def test_the_chat_template_wraps_the_question_as_a_user_turn() -> None:
+    import copy
+
+    tok = copy.deepcopy(load_tokenizer("tiny-llama"))
+    q = mc.Question("1 + 1 =", ("2", "5"), 0)
+    with pytest.raises(ScenarioError, match="has no chat template"):
+        mc.prompt_text(q, [], tok, chat_template=True)
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+
+    text, continuations = mc.prompt_text(q, [], tok, chat_template=True)
+
+    assert text == "<user>1 + 1 =\nA. 2\nB. 5\nAnswer:</s><assistant>"
+    assert continuations == ["A", "B"]  # the letter opens the assistant's turn

@@ -356,13 +356,8 @@ def _from_preferences(dd: datasets.DatasetDict, cfg: DataSection) -> datasets.Da
             good, bad = rows[CHOSEN][i], rows[REJECTED][i]
             if prompt is not None:
                 text = _last_turn(rows[prompt][i], "user")
-            elif isinstance(good, str) and HH_ASSISTANT in good:
-                cut = good.rfind(HH_ASSISTANT) + len(HH_ASSISTANT)
-                text, good, bad = (
-                    good[:cut],
-                    good[cut:],
-                    bad[cut:] if bad[:cut] == good[:cut] else bad,
-                )
+            elif isinstance(good, str) and isinstance(bad, str):
+                text, good, bad = _split_transcripts(good, bad, cfg.name, i)
             else:
                 text = _last_turn(good, "user")
             out["text"].append(text)
@@ -373,6 +368,23 @@ def _from_preferences(dd: datasets.DatasetDict, cfg: DataSection) -> datasets.Da
         return out
 
     return dd.map(convert, batched=True, remove_columns=columns)
+
+
+def _split_transcripts(good: str, bad: str, source: str, row: int) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of two whole transcripts (Anthropic HH-RLHF).
+
+    The prompt is their common text up to its last ``Assistant:``, as TRL's
+    ``extract_prompt`` takes it; two transcripts without one are one error line.
+    """
+    common = len(os.path.commonprefix([good, bad]))
+    cut = good.rfind(HH_ASSISTANT, 0, common)
+    if cut < 0:
+        raise ScenarioError(
+            f"data set {source!r}: row {row + 1}'s chosen and rejected transcripts share no "
+            "prompt ending in 'Assistant:'; give a prompt column"
+        )
+    cut += len(HH_ASSISTANT)
+    return good[:cut], good[cut:], bad[cut:]
 
 
 def _last_turn(value: Any, role: str) -> str:

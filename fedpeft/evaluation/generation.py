@@ -9,8 +9,10 @@ A prompt line is one of::
 and may carry ``question_id`` (kept; else the line number). Each answer line has
 ``question_id``, ``model_id``, the ``prompt`` and MT-Bench's ``choices``: ``[{"index": 0,
 "turns": [answer per user turn]}]``, with ``answer`` the last of them. A prompt is
-written as training wrote it: the tokenizer's chat template (ChatML for a tokenizer
-without one) for conversations and when asked, else fedpeft's plain prompt.
+written as training wrote it: one turn as the causal-lm task writes its prompts (the
+tokenizer's chat template, else fedpeft's plain prompt, Alpaca's for Alpaca rows);
+conversations, and any prompt with ``--chat-template``, by the chat template (ChatML for a
+tokenizer without one).
 """
 
 from __future__ import annotations
@@ -60,7 +62,13 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
             raise ScenarioError(
                 f"{path}, line {number}: needs a prompt, instruction, turns or messages key"
             )
-        out.append({"question_id": row.get("question_id", number), "row": row, "turns": turns})
+        out.append(
+            {
+                "question_id": row.get("question_id", number),
+                "turns": turns,
+                "context": _alpaca_input(row),
+            }
+        )
     if not out:
         raise ScenarioError(f"prompts file {path} has no prompts")
     return out
@@ -72,18 +80,28 @@ def _user_turns(row: dict[str, Any]) -> list[str]:
     if isinstance(row.get("messages"), list):
         return [str(m.get("content", "")) for m in row["messages"] if m.get("role") == "user"]
     text = row.get("prompt", row.get("instruction"))
-    if text is None:
-        return []
-    context = row.get("input")
-    return [f"{text}\n\n{context}" if context else str(text)]
+    return [] if text is None else [str(text)]
+
+
+def _alpaca_input(row: dict[str, Any]) -> str | None:
+    """Alpaca's ``input`` of an instruction row ("" when it has none); None for any other."""
+    return str(row.get("input") or "") if "instruction" in row and "prompt" not in row else None
 
 
 def _prompt(
-    tokenizer: PreTrainedTokenizerBase, history: list[dict[str, str]], sampling: Sampling
+    tokenizer: PreTrainedTokenizerBase,
+    history: list[dict[str, str]],
+    sampling: Sampling,
+    context: str | None = None,
 ) -> list[int]:
-    """Token ids the model continues: plain prompt for one turn, else the chat template."""
+    """Token ids the model continues, as training wrote its prompts.
+
+    One turn: :func:`~fedpeft.tasks.causal_lm.prompt_ids` (the tokenizer's chat template,
+    else fedpeft's plain prompt, or Alpaca's with ``context``); several turns, or
+    ``--chat-template``: the chat template (ChatML for a tokenizer without one).
+    """
     if len(history) == 1 and not sampling.chat_template:
-        return prompt_ids(tokenizer, history[0]["content"])
+        return prompt_ids(tokenizer, history[0]["content"], context)
     text = render_chat(tokenizer, history, generation=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -95,15 +113,19 @@ def answer(
     turns: list[str],
     sampling: Sampling,
     device: torch.device,
+    context: str | None = None,
 ) -> list[str]:
-    """The model's answer to each user turn, each following the earlier answers."""
+    """The model's answer to each user turn, each following the earlier answers.
+
+    ``context`` is an Alpaca row's ``input`` (None for any other row).
+    """
     model.eval()
     stops = [s for s in [stop_id(tokenizer)] if s is not None]
     history: list[dict[str, str]] = []
     answers = []
     for turn in turns:
         history.append({"role": "user", "content": turn})
-        ids = torch.as_tensor([_prompt(tokenizer, history, sampling)], device=device)
+        ids = torch.as_tensor([_prompt(tokenizer, history, sampling, context)], device=device)
         sample = sampling.temperature > 0
         out = model.generate(  # type: ignore[operator]
             input_ids=ids,
@@ -135,10 +157,11 @@ def write_answers(
     """Answer every prompt of ``prompts`` into ``target`` (JSONL); return how many."""
     rows = read_prompts(prompts)
     torch.manual_seed(sampling.seed)
+    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for row in rows:
-            answers = answer(model, tokenizer, row["turns"], sampling, device)
+            answers = answer(model, tokenizer, row["turns"], sampling, device, row["context"])
             line = {
                 "question_id": row["question_id"],
                 "model_id": model_id,

@@ -14,7 +14,8 @@ A question is written as lm-evaluation-harness writes MMLU::
 scored by the model's log-likelihood of its letter (`` A``, `` B``, ...) after that
 prompt, and the highest wins: the harness's ``acc``. Context and continuation are
 tokenized as the harness does (the whole text, then the context's tokens cut off), so a
-model scores the same here as there.
+model scores the same here as there with the chat template off (on, the harness writes
+the description as a system turn; here it opens the user's turn).
 
 Every choice of a question shares its prompt. When each letter is one token (the usual
 case) a question is one sequence: one forward pass of a batch of questions scores all
@@ -28,6 +29,7 @@ answer (an index or a letter) and optionally a subject.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import string
@@ -128,9 +130,7 @@ def _questions(rows: datasets.Dataset, source: str) -> list[Question]:
         )
     out = []
     for i, row in enumerate(rows.with_format("arrow")[:].to_pylist()):
-        choices = tuple(
-            str(c) for c in (row["choices"] if "choices" in row else [row[c] for c in lettered])
-        )
+        choices = _choices(row, lettered, source, i)
         out.append(
             Question(
                 str(row["question"]),
@@ -140,6 +140,29 @@ def _questions(rows: datasets.Dataset, source: str) -> list[Question]:
             )
         )
     return out
+
+
+def _choices(row: dict[str, Any], lettered: list[str], source: str, index: int) -> tuple[str, ...]:
+    """A row's choices: its ``choices`` list (a csv holds it as JSON text) or lettered cells.
+
+    Empty lettered cells are dropped (a set with fewer choices in some rows); a csv's
+    whole-number cells read as floats are written back as integers.
+    """
+    if "choices" in row:
+        value = row["choices"]
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if not isinstance(value, list):
+            raise ScenarioError(
+                f"benchmark {source}: row {index + 1}'s choices is not a list (in a csv, write "
+                'it as JSON: ["a", "b"]) or use columns A, B, ...'
+            )
+        return tuple(str(c) for c in value)
+    cells = [row[c] for c in lettered if row[c] is not None and str(row[c]).strip() != ""]
+    return tuple(str(int(c)) if isinstance(c, float) and c.is_integer() else str(c) for c in cells)
 
 
 def _answer_index(answer: Any, choices: tuple[str, ...], source: str, row: int) -> int:
@@ -273,12 +296,15 @@ def encode_requests(
 ) -> list[tuple[list[int], list[int]]]:
     """Token ids of (context, continuation) per choice, split as lm-evaluation-harness does.
 
-    Trailing spaces of the context move to the continuation; the whole text is tokenized
-    and the context's own tokens are cut off its front. ``bos`` (default:
-    :func:`leading_bos`) leads.
+    Trailing whitespace of the context moves to the continuation; the whole text is
+    tokenized and the context's own tokens are cut off its front. ``bos`` (default:
+    :func:`leading_bos`) leads, unless the context already starts with it (a chat template
+    that writes its own BOS).
     """
     bos = leading_bos(tokenizer) if bos is None else bos
-    spaces = len(context) - len(context.rstrip(" "))
+    if bos and tokenizer.bos_token and context.startswith(str(tokenizer.bos_token)):
+        bos = []
+    spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuations = context[:-spaces], [context[-spaces:] + c for c in continuations]
     texts = [context] + [context + c for c in continuations]

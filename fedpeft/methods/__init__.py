@@ -90,6 +90,12 @@ def check_methods(cfg: PeftSection, task: str) -> list[MethodSpec]:
                 f"peft.method {spec.name!r} cannot apply to model.task={task!r}{why}; "
                 f"methods for {task}: {', '.join(able)}"
             )
+    if task == "dpo" and (len(specs) > 1 or specs[0].kind != "peft"):
+        raise ScenarioError(
+            f"model.task='dpo' takes its reference model by switching peft's adapter off, "
+            f"which peft.method={cfg.label!r} cannot do wholly; use one peft method (lora, "
+            "dora, ia3, prompt_tuning, ...)"
+        )
     if len(specs) > 1:
         for spec in specs:
             if spec.no_hybrid:

@@ -15,7 +15,7 @@ from typing import Any
 
 from fedpeft.adapter_files import META_FILE, load_adapter
 from fedpeft.config import GENERATIVE_TASKS, ScenarioError
-from fedpeft.evaluation.generation import Sampling, write_answers
+from fedpeft.evaluation.generation import Sampling, read_prompts, write_answers
 from fedpeft.evaluation.multiple_choice import load_benchmark, score_benchmark
 from fedpeft.model_sources import load_tokenizer
 from fedpeft.models import resolve_device
@@ -59,7 +59,9 @@ def evaluate_run(
     """Score ``benchmarks`` and answer ``prompts`` with the run's adapter; return eval.json."""
     if not benchmarks and prompts is None:
         raise ScenarioError("nothing to do: give --benchmark NAME_OR_PATH and/or --generate FILE")
-    loaded = [load_benchmark(name, questions) for name in benchmarks]  # bad names fail first
+    loaded = [load_benchmark(name, questions) for name in benchmarks]  # bad input fails first
+    if prompts is not None:
+        read_prompts(prompts)
     model, tokenizer, meta = load_run_model(run_dir, device)
     target = run_dir / EVAL_FILE
     record = json.loads(target.read_text()) if target.is_file() else {"benchmarks": {}}
