@@ -29,14 +29,17 @@ def tiny():
     return model, load_tokenizer("tiny-llama")
 
 
-def by_hand(model, tokenizer, context: str, continuation: str) -> float:
+def by_hand(model, tokenizer, context: str, continuation: str, limit: int = 128) -> float:
     """log p(continuation | context): one unpadded sequence, the split written out.
 
     As lm-evaluation-harness: the whole text is tokenized and the context's tokens cut
-    off its front; the continuation's tokens are scored one by one.
+    off its front; a text over ``limit`` + 1 tokens (the tiny Llama's 128 positions) loses
+    its oldest ones; the continuation's tokens are scored one by one.
     """
     whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
     head = len(tokenizer(context, add_special_tokens=False)["input_ids"])
+    cut = max(0, len(whole) - (limit + 1))
+    whole, head = whole[cut:], head - cut
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([whole])).logits[0]
     total = 0.0
@@ -65,6 +68,23 @@ def test_loglikelihoods_equal_a_hand_computation_for_letters_and_texts(tiny) -> 
         assert alone == pytest.approx(want, abs=1e-4)
     assert any(
         len(tok(c, add_special_tokens=False)["input_ids"]) > 1 for _, cs in texts for c in cs
+    )
+
+
+def test_a_long_context_loses_its_oldest_tokens(tiny) -> None:
+    model, tok = tiny
+    q = mc.load_benchmark("wordnet-mc", 1).questions[0]
+    request = mc.prompt_text(q, [], tok, chat_template=False)
+
+    short = mc.choice_loglikelihoods(
+        model, tok, [request], batch_size=1, device=torch.device("cpu"), max_length=20
+    )[0]
+
+    assert short == pytest.approx(
+        [by_hand(model, tok, request[0], c, 20) for c in request[1]], abs=1e-4
+    )
+    assert short != pytest.approx(
+        [by_hand(model, tok, request[0], c) for c in request[1]], abs=1e-3
     )
 
 
@@ -311,3 +331,11 @@ def test_the_chat_template_wraps_the_question_as_a_user_turn() -> None:
 
     assert text == "<user>1 + 1 =\nA. 2\nB. 5\nAnswer:</s><assistant>"
     assert continuations == ["A", "B"]  # the letter opens the assistant's turn
+
+
+def test_a_set_without_dev_split_lends_its_other_questions_as_shots() -> None:
+    qs = [mc.Question(f"q{i}", ("a", "b"), 0, "s" if i < 3 else "t") for i in range(5)]
+    bench = mc.Benchmark("file", qs, [])
+    assert mc.few_shot_examples(qs[0], bench, 2) == [qs[1], qs[2]]
+    assert mc.few_shot_examples(qs[3], bench, 3) == [qs[4], qs[0], qs[1]]  # own subject first
+    assert mc.few_shot_examples(qs[3], bench, 0) == []

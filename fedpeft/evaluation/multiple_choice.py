@@ -330,13 +330,16 @@ def choice_loglikelihoods(
     *,
     batch_size: int,
     device: torch.device,
+    max_length: int | None = None,
 ) -> list[list[float]]:
     """Log p(continuation | context) of each (context, continuations) request's choices.
 
     A request whose continuations are single tokens after one shared context is one
     sequence (its last position scores every choice); any other is one sequence per
     choice. Sequences run ``batch_size`` at a time in order of length, right-padded, and
-    the LM head computes logits only at the positions scored (``logits_to_keep``).
+    the LM head computes logits only at the positions scored (``logits_to_keep``). A
+    sequence longer than ``max_length`` (default: the model's ``max_position_embeddings``)
+    loses its oldest context tokens, as in the harness.
     """
     model.eval()
     rows: list[tuple[list[int], list[tuple[int, int, list[int]]]]] = []  # ids, (req, choice, cont)
@@ -348,6 +351,9 @@ def choice_loglikelihoods(
             rows.append((pairs[0][0] + [0], [(r, c, cont) for c, (_, cont) in enumerate(pairs)]))
         else:
             rows.extend((ctx + cont, [(r, c, cont)]) for c, (ctx, cont) in enumerate(pairs))
+    limit = max_length or getattr(getattr(model, "config", None), "max_position_embeddings", 0)
+    if limit:  # the input is a row without its last token: keep at most limit of those
+        rows = [(ids[-(limit + 1) :], targets) for ids, targets in rows]
     rows.sort(key=lambda row: len(row[0]))
     scores = [[0.0] * len(c) for _, c in requests]
     pad, shift = int(tokenizer.pad_token_id or 0), _virtual_tokens(model)
