@@ -48,6 +48,7 @@ from fedpeft.config import ScenarioError
 from fedpeft.data import wordnet
 from fedpeft.data.files import LOCAL_SUFFIXES, read_local_file
 from fedpeft.tasks.base import chunks
+from fedpeft.tasks.causal_lm import pad_rows
 
 LETTERS = string.ascii_uppercase
 WORDNET_MC = "wordnet-mc"
@@ -359,10 +360,7 @@ def choice_loglikelihoods(
     pad, shift = int(tokenizer.pad_token_id or 0), _virtual_tokens(model)
     for idx in chunks(range(len(rows)), batch_size):
         seqs = [rows[i][0][:-1] for i in idx]  # the last token predicts nothing we score
-        input_ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for j, s in enumerate(seqs):
-            input_ids[j, : len(s)], mask[j, : len(s)] = torch.as_tensor(s), 1
+        input_ids, mask = pad_rows(seqs, pad)
         spans = {  # (row, choice) -> positions predicting its continuation's tokens
             (j, t): range(len(rows[i][0]) - 1 - len(cont), len(rows[i][0]) - 1)
             for j, i in enumerate(idx)
