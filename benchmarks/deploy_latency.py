@@ -2,13 +2,16 @@
 
     .venv/bin/python benchmarks/deploy_latency.py [--rounds 4] [--nodes 2] [--model minilm]
 
-Runs one scenario twice with the same clients, data and rounds: on Flower's Simulation
-Engine (``fedpeft run``: Ray workers that live for the whole run) and as a deployment on
-127.0.0.1 (``fedpeft deploy local``: a SuperLink, SuperNodes, and a fresh ``flwr-clientapp``
-process for every message, as Flower 1.42 runs them). It then times what such a fresh
-process pays before it trains, each part apart, with and without the node's partition
-cache. Results go to ``benchmarks/results/deploy_latency.{json,md}``; the ratios are
-measured within one invocation because absolute times drift on shared machines.
+Runs one scenario with the same clients, data and rounds on Flower's Simulation Engine
+(``fedpeft run``: Ray workers that live for the whole run) and as deployments on 127.0.0.1
+(``fedpeft deploy local``: a SuperLink, SuperNodes, and a fresh ``flwr-clientapp`` process
+for every message, as Flower 1.42 runs them): with each node's long-lived trainer (the
+default), with the trainer and a 0.2 s wait between a node's empty pulls
+(``--poll-interval 0.2``; Flower's is a fixed 3 s), and with ``--no-trainer`` (the
+per-message process loads the model itself). It then times what a fresh process pays:
+the whole ClientApp's imports and loads, and the forwarder's own cost. Results go to
+``benchmarks/results/deploy_latency.{json,md}``; the differences are measured within one
+invocation because absolute times drift on shared machines.
 """
 
 from __future__ import annotations
@@ -47,6 +50,38 @@ cached_peft_model(sc.model, sc.peft_for_rank(sc.max_rank), len(names), sc.seed)
 t4 = time.perf_counter()
 print(json.dumps({"imports": t1 - t0, "data_set": t2 - t1, "partition": t3 - t2,
                   "model_and_tokenizer": t4 - t3, "total": t4 - t0}))
+"""
+
+
+FORWARDER = r"""
+import json, sys, tempfile, threading, time
+from pathlib import Path
+t0 = time.perf_counter()
+import fedpeft.clients.forwarder as forwarder  # all a flwr-clientapp process imports with a trainer
+t1 = time.perf_counter()
+assert "torch" not in sys.modules, "the forwarder imported torch"
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from fedpeft import records
+from fedpeft.clients.channel import private_socket_path
+from fedpeft.clients.trainer import Trainer
+from fedpeft.config import load_scenario
+from fedpeft.server.inprocess import _ensure_task_identity
+_ensure_task_identity(1)
+sock = private_socket_path(Path(tempfile.mkdtemp(prefix="fedpeft-bench-")))
+trainer = Trainer(sock, 600)
+threading.Thread(target=trainer.serve_forever, daemon=True).start()
+sc = load_scenario("smoke", json.loads(sys.argv[1]))
+content = RecordDict({records.CONFIG: ConfigRecord({records.SCENARIO: sc.to_json()})})
+node = {records.NODE_PARTITION_ID: 0, records.NODE_NUM_PARTITIONS: 2}
+times = []
+for _ in range(20):
+    msg = Message(content, dst_node_id=1, message_type="query")
+    msg.metadata.__dict__.update(_message_id="m", _run_id=1)
+    ctx = Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config={})
+    t = time.perf_counter()
+    forwarder.ask_trainer(sock, msg, ctx)
+    times.append(time.perf_counter() - t)
+print(json.dumps({"imports": t1 - t0, "exchange": sorted(times)[len(times) // 2]}))
 """
 
 
@@ -105,32 +140,28 @@ def main() -> None:
         f"federation.clients_per_round={nodes}",
     ]
     set_args = [a for s in sets for a in ("--set", s)]
+    variants = {
+        "trainer": [],
+        "trainer, --poll-interval 0.2": ["--poll-interval", "0.2"],
+        "--no-trainer": ["--no-trainer"],
+    }
     with tempfile.TemporaryDirectory(prefix="fedpeft-latency-") as tmp:
         work = Path(tmp)
         sim_wall = fedpeft("run", "smoke", *set_args, "--out", str(work / "sim"), cwd=work)
-        dep_wall = fedpeft(
-            "deploy",
-            "local",
-            "smoke",
-            "--nodes",
-            str(args.nodes),
-            *set_args,
-            "--out",
-            str(work / "dep"),
-            cwd=work,
-        )
-        sim, dep = rounds_of(work / "sim"), rounds_of(work / "dep")
-        deployment = json.loads((work / "dep" / "deploy" / "deployment.json").read_text())
+        sim = rounds_of(work / "sim")
+        deployments = {}
+        for i, (name, options) in enumerate(variants.items()):
+            out = work / f"dep{i}"
+            wall = fedpeft(
+                "deploy", "local", "smoke", "--nodes", str(nodes), *options, *set_args,
+                "--out", str(out), cwd=work,
+            )  # fmt: skip
+            deployments[name] = deployment_result(rounds_of(out), out, wall, sim)
         cache = work / "cache"
         cold = {"uncached": cold_start(sets, False, cache)}
         cold_start(sets, True, cache)  # fills the node's partition cache
         cold["cached"] = cold_start(sets, True, cache)
-
-    def later(rows: list[dict], key: str) -> float:
-        return statistics.mean(r[key] for r in rows[1:]) if len(rows) > 1 else rows[0][key]
-
-    def handler(rows: list[dict]) -> float:
-        return statistics.mean(c["train_seconds"] for r in rows[1:] for c in r["client_metrics"])
+        forwarder = forwarder_cost(sets)
 
     result = {
         "command": "python benchmarks/deploy_latency.py " + " ".join(sys.argv[1:]),
@@ -143,57 +174,100 @@ def main() -> None:
             "round_seconds_after_first": later(sim, "round_seconds"),
             "client_handler_seconds": handler(sim),
         },
-        "deployment": {
-            "wall_seconds": dep_wall,
-            "round_seconds_after_first": later(dep, "round_seconds"),
-            "client_handler_seconds": handler(dep),
-            "setup_seconds": deployment["setup_seconds"],
-        },
+        "deployments": deployments,
+        # the default deployment (with trainers), as the acceptance figures read it
+        "extra_seconds_per_round": deployments["trainer"]["extra_seconds_per_round"],
+        "model_loads_per_node": deployments["trainer"]["model_loads_per_node"],
+        "forwarder_seconds_per_message": forwarder,
         "clientapp_cold_start_seconds": cold,
     }
-    result["overhead_per_round_seconds"] = (
-        result["deployment"]["round_seconds_after_first"]
-        - result["simulation"]["round_seconds_after_first"]
-    )
-    result["round_ratio"] = (
-        result["deployment"]["round_seconds_after_first"]
-        / result["simulation"]["round_seconds_after_first"]
-    )
     save_results("deploy_latency", result, render(result))
     print(render(result))
 
 
+def later(rows: list[dict], key: str) -> float:
+    """Mean of ``key`` over the rounds after the first (the first loads models)."""
+    return statistics.mean(r[key] for r in rows[1:]) if len(rows) > 1 else rows[0][key]
+
+
+def handler(rows: list[dict]) -> float:
+    """Mean seconds of the training handler, over the rounds after the first."""
+    return statistics.mean(c["train_seconds"] for r in rows[1:] for c in r["client_metrics"])
+
+
+def deployment_result(rows: list[dict], out: Path, wall: float, sim: list[dict]) -> dict:
+    """One deployment's figures, against the simulated run ``sim``."""
+    record = json.loads((out / "deploy" / "deployment.json").read_text())
+    loads: dict[int, int] = {}
+    for row in rows:
+        for c in row["client_metrics"]:
+            loads[c["partition-id"]] = max(loads.get(c["partition-id"], 0), c["model_loads"])
+    per_round = later(rows, "round_seconds")
+    return {
+        "wall_seconds": wall,
+        "setup_seconds": record["setup_seconds"],
+        "round_seconds_after_first": per_round,
+        "client_handler_seconds": handler(rows),
+        "extra_seconds_per_round": per_round - later(sim, "round_seconds"),
+        "round_ratio": per_round / later(sim, "round_seconds"),
+        # a process without a trainer loads once per message: count the messages then
+        "model_loads_per_node": max(loads.values()) if record.get("trainers") else len(rows),
+    }
+
+
+def forwarder_cost(sets: list[str]) -> dict[str, float]:
+    """What the forwarder costs a message: its imports, and one exchange with a trainer."""
+    proc = subprocess.run(
+        [sys.executable, "-c", FORWARDER, json.dumps(sets)],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=HERE.parent,
+    )
+    result: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
 def render(r: dict) -> str:
-    sim, dep, cold = r["simulation"], r["deployment"], r["clientapp_cold_start_seconds"]
+    sim, cold, fwd = (
+        r["simulation"],
+        r["clientapp_cold_start_seconds"],
+        r["forwarder_seconds_per_message"],
+    )
     rows = "\n".join(
         f"| {part} | {cold['uncached'][part]:.2f} | {cold['cached'][part]:.2f} |"
         for part in ("imports", "data_set", "partition", "model_and_tokenizer", "total")
+    )
+    deployed = "\n".join(
+        f"| deployment, {name} | {d['round_seconds_after_first']:.2f} | "
+        f"{d['extra_seconds_per_round']:+.2f} | {d['round_ratio']:.2f}x | "
+        f"{d['client_handler_seconds']:.2f} | {d['model_loads_per_node']} | "
+        f"{d['wall_seconds']:.1f} (setup {d['setup_seconds']:.1f}) |"
+        for name, d in r["deployments"].items()
     )
     return f"""# Deployment round latency against simulation
 
 `{r["command"]}` on {r["machine"]}, {r["date"]}. Scenario: {r["scenario"]}.
 
-| | simulation (Ray) | deployment (127.0.0.1, TLS + node auth) |
-|---|---|---|
-| seconds per round, after the first | {sim["round_seconds_after_first"]:.2f} | {dep["round_seconds_after_first"]:.2f} |
-| client handler seconds (train message) | {sim["client_handler_seconds"]:.2f} | {dep["client_handler_seconds"]:.2f} |
-| whole command, seconds | {sim["wall_seconds"]:.1f} | {dep["wall_seconds"]:.1f} (setup {dep["setup_seconds"]:.1f}) |
+| engine | seconds per round, after the first | extra vs simulation | ratio | train handler seconds | model loads per node | whole command, seconds |
+|---|---|---|---|---|---|---|
+| simulation (Ray) | {sim["round_seconds_after_first"]:.2f} | | | {sim["client_handler_seconds"]:.2f} | 1 | {sim["wall_seconds"]:.1f} |
+{deployed}
 
-Deployment costs **{r["overhead_per_round_seconds"]:.2f} s more per round**
-({r["round_ratio"]:.2f}x the simulated round).
+With its trainer, a deployed round costs **{r["extra_seconds_per_round"]:.2f} s more** than a
+simulated one and each node loads its model **{r["model_loads_per_node"]}** time(s) per run.
+The forwarder that Flower starts for each message imports in
+{fwd["imports"]:.2f} s (no torch, no transformers) and hands a message to the trainer and
+back in {fwd["exchange"] * 1000:.1f} ms. What remains per round is Flower's: a fresh
+`flwr-clientapp` process per message and the SuperNode's fixed 3 s wait between empty
+pulls (1.5 s on average before a message is picked up; `--poll-interval` shortens it).
 
-What a fresh `flwr-clientapp` process pays before it trains (seconds; one process, in order):
+Without a trainer (`--no-trainer`), each fresh `flwr-clientapp` process pays this before
+it trains (seconds; one process, in order):
 
 | part | first message | later messages (partition cache) |
 |---|---|---|
 {rows}
-
-Where a deployed round's time goes: Flower 1.42 starts a fresh `flwr-clientapp` process
-for every message (no long-lived ClientApp outside its Kubernetes executor), which pays the
-imports above, and a SuperNode waits a fixed 3 s between empty pulls. fedpeft cuts what is
-its own: the node's partition cache, a lazy flwr-datasets import, memory-mapped weights,
-reply polling every 0.05-0.5 s instead of Flower's 3 s (`PollingGrid`), a 0.1 s SuperExec
-poll, and one core per node when `deploy local` runs several nodes on one machine.
 """  # noqa: E501
 
 

@@ -196,11 +196,22 @@ def local_data(job: Job, context: Context) -> tuple[datasets.Dataset, datasets.D
     """
     node = context.node_config
     data = job.scenario.data
-    if (path := node.get(records.NODE_DATA_PATH)) is not None:
-        return node_split(data, str(path), load_task_data(data).label_names or None)
-    folder = node.get(records.NODE_STATE_DIR)
-    cache = Path(str(folder)) / "cache" if folder is not None else None
-    return client_split(data, job.scenario.seed, job.partition_id, cache_dir=cache)
+    path, folder = node.get(records.NODE_DATA_PATH), node.get(records.NODE_STATE_DIR)
+    key = repr((data, job.scenario.seed, job.partition_id, path, folder))
+    if key not in PARTITIONS:  # a long-lived process (a node's trainer) splits once per run
+        if path is not None:
+            parts = node_split(data, str(path), load_task_data(data).label_names or None)
+        else:
+            cache = Path(str(folder)) / "cache" if folder is not None else None
+            parts = client_split(data, job.scenario.seed, job.partition_id, cache_dir=cache)
+        if len(PARTITIONS) >= 4:
+            PARTITIONS.pop(next(iter(PARTITIONS)))
+        PARTITIONS[key] = parts
+    return PARTITIONS[key]
+
+
+#: this process's latest client splits (train, held-out), by data set, seed, partition, node
+PARTITIONS: dict[str, tuple[datasets.Dataset, datasets.Dataset]] = {}
 
 
 @app.train()

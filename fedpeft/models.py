@@ -16,6 +16,7 @@ are re-exported here, where a model's callers look for them.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import logging
 from typing import Any
@@ -210,6 +211,20 @@ def cached_peft_model(
         _CACHE["initial:" + key] = get_adapter_state(model)
         LOADS["base_model"] += 1
     return _CACHE[key]
+
+
+def free_cached_models() -> int:
+    """Drop this process's cached models and give their memory back (GPU memory too).
+
+    A deployed node's trainer calls it when a new run starts or the node falls idle.
+    Returns how many models were dropped.
+    """
+    dropped = sum(1 for key in _CACHE if not key.startswith("initial:"))
+    _CACHE.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return dropped
 
 
 def initial_adapter_state(

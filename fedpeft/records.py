@@ -55,6 +55,7 @@ NODE_RANK = "rank"  # a node's own LoRA rank, for heterogeneous-rank strategies
 NODE_STATE_DIR = "state-dir"  # where a real node keeps its per-client state
 NODE_DEVICE = "device"  # a real node's own torch device (cpu, cuda:N, mps)
 NODE_DATA_PATH = "data-path"  # a real node's own data file, in place of its partition
+NODE_TRAINER_SOCKET = "trainer-socket"  # a deployed node's trainer (fedpeft.clients.trainer)
 
 # Run-config keys (pyproject's [tool.flwr.app.config])
 RUN_SCENARIO = "scenario"

@@ -10,9 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -191,10 +193,30 @@ def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refu
     assert all(proc.poll() is not None for _, proc in procs.started)
 
 
+def _kill_trainer_in_round_one(log: Path, killed: list[int], done: threading.Event) -> None:
+    """Kill the trainer writing ``log`` once it has started a round-1 training message."""
+    while not done.is_set():
+        text = log.read_text() if log.exists() else ""
+        if "train message (round 1) starts" in text:
+            pid = int(re.findall(r"listening on .* \(pid (\d+)\)", text)[0])
+            os.kill(pid, signal.SIGKILL)  # a trainer this test's deployment started
+            killed.append(pid)
+            return
+        time.sleep(0.05)
+
+
 def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
     tmp_path,
 ) -> None:
+    """Also: node 0's trainer is killed mid-round; the round counts it failed, then it is back."""
     out = tmp_path / "out"
+    killed: list[int] = []
+    done = threading.Event()
+    killer = threading.Thread(
+        target=_kill_trainer_in_round_one,
+        args=(out / "deploy/logs/trainer-0.log", killed, done),
+    )
+    killer.start()
     proc = run_fedpeft(
         "deploy",
         "local",
@@ -203,20 +225,30 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
         "2",
         "--unregistered",
         "1",
+        "--set",
+        "federation.rounds=3",
         "--out",
         str(out),
         cwd=tmp_path,
         timeout=420,
     )
+    done.set()
+    killer.join()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the outputs of a simulation, from a deployment with TLS and node authentication
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert len(killed) == 1
+    assert rows[0]["clients_failed"] == 1  # the node whose trainer died mid-message
+    assert [c["partition-id"] for c in rows[0]["client_metrics"]] == [1]
+    for row in rows[1:]:  # its trainer was restarted: both nodes train again
+        assert row["clients_sampled"] == 2 and row["clients_failed"] == 0
+        assert sorted(c["partition-id"] for c in row["client_metrics"]) == [0, 1]
+        # each trainer built its model once and kept it (node 0's new trainer: once too)
+        assert [c["model_loads"] for c in row["client_metrics"]] == [1, 1]
     for row in rows:
         assert CONTRACT_ROW_KEYS <= set(row)
-        assert row["clients_sampled"] == 2 and row["clients_failed"] == 0
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
-        assert sorted(c["partition-id"] for c in row["client_metrics"]) == [0, 1]
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["engine"] == "deployment" and summary["secure"] is True
@@ -229,6 +261,7 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
     assert len({n["node_id"] for n in record["nodes"]}) == 2
     stranger_log = Path(record["strangers"][0]["log"]).read_text()
     assert "Failed to activate SuperNode" in stranger_log
+    assert [t["restarts"] for t in record["trainers"]] == [1, 0]
     # every process it started was stopped (run_fedpeft also checks none is left)
     assert all(not psutil.pid_exists(p["pid"]) or _is_zombie(p["pid"]) for p in record["stopped"])
 

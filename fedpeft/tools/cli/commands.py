@@ -115,7 +115,12 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 def cmd_deploy_supernode(args: argparse.Namespace) -> int:
     """``fedpeft deploy supernode``: this process becomes a SuperNode."""
-    from fedpeft.tools.deploy import SuperNodeOptions, deploy_env, supernode_command
+    from fedpeft.tools.deploy import (
+        SuperNodeOptions,
+        deploy_env,
+        run_supernode_with_trainer,
+        supernode_command,
+    )
 
     opts = SuperNodeOptions(
         superlink=args.superlink,
@@ -129,10 +134,13 @@ def cmd_deploy_supernode(args: argparse.Namespace) -> int:
         rank=args.rank,
         state_dir=Path(args.state_dir) if args.state_dir else None,
         data=Path(args.data) if args.data else None,
+        poll_interval=args.poll_interval,
     )
-    cmd = supernode_command(opts)
-    print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    os.execve(cmd[0], cmd, deploy_env())  # the SuperNode takes this process (and its PID)
+    if args.no_trainer:
+        cmd = supernode_command(opts)
+        print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+        os.execve(cmd[0], cmd, deploy_env())  # the SuperNode takes this process (and its PID)
+    return run_supernode_with_trainer(opts, deploy_env())
 
 
 def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None) -> Scenario:
@@ -159,7 +167,14 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         sizes.append(f"federation.clients_per_round={args.nodes}")
         scenario = _deploy_scenario(args, sizes)
     out_dir = Path(args.out) if args.out else default_out_dir(scenario)
-    summary = deploy_local(scenario, args.nodes, out_dir, strangers=args.unregistered)
+    summary = deploy_local(
+        scenario,
+        args.nodes,
+        out_dir,
+        strangers=args.unregistered,
+        trainer=not args.no_trainer,
+        poll_interval=args.poll_interval,
+    )
     final = summary["final"].get("eval_accuracy", float("nan"))
     print(
         f"fedpeft deploy: done: {summary['rounds_completed']} rounds on {args.nodes} "

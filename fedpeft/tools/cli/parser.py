@@ -209,6 +209,7 @@ def _add_deploy_supernode(dsub: SubParsers) -> None:
     node.add_argument(
         "--data", metavar="PATH", help="the node's own csv/jsonl/parquet data, not partition I"
     )
+    _add_node_options(node)
     node.set_defaults(func=commands.cmd_deploy_supernode)
 
 
@@ -252,7 +253,23 @@ def _add_deploy_local(dsub: SubParsers) -> None:
         metavar="K",
         help="also start K nodes with unregistered keys (refused)",
     )
+    _add_node_options(dloc)
     dloc.set_defaults(func=commands.cmd_deploy_local)
+
+
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    """How a SuperNode serves its messages: ``--no-trainer`` and ``--poll-interval``."""
+    parser.add_argument(
+        "--no-trainer",
+        action="store_true",
+        help="no long-lived trainer: Flower's ClientApp process loads the model per message",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        metavar="S",
+        help="seconds a node waits after an empty pull (default: Flower's fixed 3 s)",
+    )
 
 
 def _add_data_preview(dsub: SubParsers) -> None:

@@ -48,6 +48,7 @@ from fedpeft.tools.deploy.submit import (
     write_connection,
     write_run_config,
 )
+from fedpeft.tools.deploy.trainer import TrainerSupervisor, run_supernode_with_trainer
 
 __all__ = [
     "APP_CONFIG",
@@ -63,6 +64,7 @@ __all__ = [
     "Processes",
     "SuperLinkOptions",
     "SuperNodeOptions",
+    "TrainerSupervisor",
     "check_superlink_address",
     "deploy_env",
     "deploy_local",
@@ -73,6 +75,7 @@ __all__ = [
     "make_certs",
     "make_node_key",
     "node_config",
+    "run_supernode_with_trainer",
     "submit_run",
     "superlink_command",
     "supernode_command",

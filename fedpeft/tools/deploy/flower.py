@@ -120,6 +120,8 @@ class SuperNodeOptions:
     rank: int | None = None  # this node's LoRA rank, for heterogeneous-rank strategies
     state_dir: Path | None = None  # per-client state (personal factors, codec residuals)
     data: Path | None = None  # this node's own csv/jsonl/parquet file, in place of a partition
+    trainer_socket: Path | None = None  # the node's trainer (None: a ClientApp per message)
+    poll_interval: float | None = None  # seconds between empty pulls (None: Flower's 3 s)
 
 
 def node_config(opts: SuperNodeOptions) -> str:
@@ -144,13 +146,25 @@ def node_config(opts: SuperNodeOptions) -> str:
         if not opts.data.is_file():
             raise DeployError(f"--data {opts.data}: no such file")
         pairs.append(f'data-path="{opts.data.resolve()}"')
+    if opts.trainer_socket is not None:
+        pairs.append(f'trainer-socket="{opts.trainer_socket}"')
     return " ".join(pairs)
 
 
 def supernode_command(opts: SuperNodeOptions) -> list[str]:
-    """The ``flower-supernode`` command line: TLS and a node key unless ``insecure``."""
+    """The ``flower-supernode`` command line: TLS and a node key unless ``insecure``.
+
+    With ``poll_interval`` the node runs through :mod:`fedpeft.tools.deploy.poll`, which
+    says so in its log and shortens Flower's fixed 3 s wait between empty pulls.
+    """
+    if opts.poll_interval is None:
+        program = [flower_bin("flower-supernode")]
+    elif 0 < opts.poll_interval <= 3:
+        program = [sys.executable, "-m", "fedpeft.tools.deploy.poll", str(opts.poll_interval)]
+    else:
+        raise DeployError(f"--poll-interval {opts.poll_interval}: expected seconds in (0, 3]")
     cmd = [
-        flower_bin("flower-supernode"),
+        *program,
         "--superlink",
         opts.superlink,
         "--port",

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
+import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +32,7 @@ from fedpeft.tools.deploy.flower import (
 )
 from fedpeft.tools.deploy.processes import Processes, free_port, last_line, wait_for_text
 from fedpeft.tools.deploy.submit import submit_run, write_connection
+from fedpeft.tools.deploy.trainer import TrainerSupervisor, sigterm_as_interrupt
 
 READY_SUPERLINK = "Uvicorn running on https://"
 READY_SUPERNODE = "SuperNode ID"
@@ -41,13 +40,23 @@ REFUSED_SUPERNODE = "Failed to activate SuperNode"
 
 
 def deploy_local(
-    scenario: Scenario, nodes: int, out_dir: Path, *, strangers: int = 0, wait_s: float = 90.0
+    scenario: Scenario,
+    nodes: int,
+    out_dir: Path,
+    *,
+    strangers: int = 0,
+    wait_s: float = 90.0,
+    trainer: bool = True,
+    poll_interval: float | None = None,
 ) -> dict[str, Any]:
     """Run ``scenario`` on a TLS, authenticated deployment of ``nodes`` SuperNodes here.
 
     ``strangers`` extra SuperNodes start with keys that were never registered; the
-    SuperLink must refuse them while the run goes on. Returns the run's summary.json,
-    after writing ``deploy/deployment.json`` (ports, PIDs, node ids, refusals, timings).
+    SuperLink must refuse them while the run goes on. Each node has its trainer
+    (:mod:`fedpeft.tools.deploy.trainer`) unless ``trainer`` is False; ``poll_interval``
+    shortens Flower's 3 s wait between a node's empty pulls. Returns the run's
+    summary.json, after writing ``deploy/deployment.json`` (ports, PIDs, node ids,
+    refusals, trainers, timings).
     """
     if scenario.data.num_clients != nodes:
         raise DeployError(f"data.num_clients={scenario.data.num_clients} but --nodes {nodes}")
@@ -58,9 +67,9 @@ def deploy_local(
     # N nodes share this machine's cores: torch's default (every core per process) would
     # oversubscribe them when several ClientApps train at once
     env.setdefault("FEDPEFT_THREADS_PER_CLIENT", str(max(1, (os.cpu_count() or 1) // nodes)))
-    federation = _Federation(work, Processes(env, cwd=work), wait_s)
+    federation = _Federation(work, Processes(env, cwd=work), wait_s, trainer, poll_interval)
     clock = time.perf_counter()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         try:
             address = federation.start_superlink()
             joining = federation.start_nodes(address, nodes)
@@ -82,6 +91,9 @@ class _Federation:
     work: Path
     procs: Processes
     wait_s: float  # how long a process may take to say it is up (or refused)
+    trainer: bool  # a long-lived trainer per node (False: a ClientApp process per message)
+    poll_interval: float | None  # the nodes' wait between empty pulls (None: Flower's 3 s)
+    trainers: list[TrainerSupervisor] = field(default_factory=list)
     # what deploy/deployment.json says: ports, PIDs, node ids, refusals, timings
     record: dict[str, Any] = field(
         default_factory=lambda: {"nodes": [], "strangers": [], "secure": True}
@@ -119,6 +131,8 @@ class _Federation:
         keypairs = [make_node_key(self.work / "keys" / f"node-{i}") for i in range(nodes)]
         _register([pub for _, pub in keypairs], self.procs.env, self.work)
         _print(f"registered {nodes} node keys")
+        if self.trainer:
+            self.start_trainers(nodes)
         starting = []
         for i, (private, _) in enumerate(keypairs):
             opts = SuperNodeOptions(
@@ -129,11 +143,27 @@ class _Federation:
                 key=private,
                 port=free_port(),
                 state_dir=self.work / "nodes" / f"node-{i}",
+                trainer_socket=self.trainers[i].socket if self.trainers else None,
+                poll_interval=self.poll_interval,
             )
             log = self.logs / f"supernode-{i}.log"
             proc = self.procs.start(f"supernode-{i}", supernode_command(opts), log)
             starting.append((i, proc, log, opts.port))
         return starting
+
+    def start_trainers(self, nodes: int) -> None:
+        """Start one trainer per node, each on a socket in a private folder of its own."""
+        for i in range(nodes):
+            # a short path: a Unix socket's path may not exceed about 100 bytes
+            folder = Path(tempfile.mkdtemp(prefix="fedpeft-trainer-"))
+            supervisor = TrainerSupervisor(
+                self.procs, folder, self.logs / f"trainer-{i}.log", name=f"trainer-{i}"
+            )
+            supervisor.launch()
+            self.trainers.append(supervisor)
+        for supervisor in self.trainers:
+            supervisor.wait_ready(self.wait_s)
+        _print(f"{nodes} node trainers up (the model loads once per node and run)")
 
     def start_strangers(
         self, address: str, nodes: int, strangers: int
@@ -203,7 +233,14 @@ class _Federation:
 
     def stop(self, clock: float) -> None:
         """Stop every process started here, then write deploy/deployment.json."""
+        for supervisor in self.trainers:
+            supervisor.stop()
         self.procs.stop_all()
+        for supervisor in self.trainers:
+            supervisor.remove_socket_folder()
+        self.record["trainers"] = [
+            {"log": str(t.log), "restarts": t.restarts} for t in self.trainers
+        ]
         self.record["stopped"] = [
             {"name": name, "pid": p.pid, "exit_code": p.returncode}
             for name, p in self.procs.started
@@ -211,20 +248,6 @@ class _Federation:
         self.record["wall_seconds"] = time.perf_counter() - clock
         self.work.mkdir(parents=True, exist_ok=True)
         (self.work / "deployment.json").write_text(json.dumps(self.record, indent=2) + "\n")
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Let SIGTERM unwind like Ctrl-C, so the processes get stopped on either."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _print(text: str) -> None:

@@ -48,10 +48,12 @@ class Processes:
     cwd: Path
     started: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
 
-    def start(self, name: str, cmd: list[str], log: Path) -> subprocess.Popen:
-        """Start ``cmd`` with its output in ``log``."""
+    def start(
+        self, name: str, cmd: list[str], log: Path, *, append: bool = False
+    ) -> subprocess.Popen:
+        """Start ``cmd`` with its output in ``log`` (after what it holds, with ``append``)."""
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("w") as out:
+        with log.open("a" if append else "w") as out:
             proc = subprocess.Popen(
                 cmd,
                 stdout=out,

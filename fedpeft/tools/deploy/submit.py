@@ -36,7 +36,7 @@ def _toml_value(value: str | bool) -> str:
 def write_app(folder: Path) -> Path:
     """Write the Flower app that ``flwr run`` packs (a FAB holding only this pyproject.toml).
 
-    Its components, ``fedpeft.server.app:app`` and ``fedpeft.clients.app:app``, are
+    Its components, ``fedpeft.server.app:app`` and ``fedpeft.clients.forwarder:app``, are
     imported from the fedpeft installed next to the SuperLink and every SuperNode, so the
     FAB carries no code and the run uses exactly the fedpeft those machines have.
     """
@@ -52,7 +52,7 @@ def write_app(folder: Path) -> Path:
         "dependencies = []\n\n"
         '[tool.flwr.app]\npublisher = "fedpeft"\n\n'
         '[tool.flwr.app.components]\nserverapp = "fedpeft.server.app:app"\n'
-        'clientapp = "fedpeft.clients.app:app"\n\n'
+        'clientapp = "fedpeft.clients.forwarder:app"\n\n'
         f"[tool.flwr.app.config]\n{config}\n",
         encoding="utf-8",
     )

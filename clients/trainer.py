@@ -1,0 +1,136 @@
+"""A deployed node's trainer: one long-lived process that keeps the model loaded.
+
+``fedpeft deploy supernode`` starts it next to ``flower-supernode`` (and restarts it if it
+dies). Each message's ClientApp process is a thin forwarder
+(:mod:`fedpeft.clients.forwarder`); the work happens here, in the full ClientApp with all
+its mods (compression, DP, SecAgg+, faults), so the base model, its quantisation and the
+tokenised partition are built once per run instead of once per message. The models are
+dropped, and their memory (GPU memory too) given back, when a message of another run
+arrives or when the node has been idle for ``--idle-free-s`` seconds.
+
+Run as ``python -m fedpeft.clients.trainer --socket PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from flwr.app import Message
+
+from fedpeft import models, records
+from fedpeft.clients.app import PARTITIONS
+from fedpeft.clients.app import app as client_app
+from fedpeft.clients.channel import (
+    FAILED,
+    OK,
+    READY,
+    decode_exchange,
+    encode_exchange,
+    listen,
+    peer_uid,
+    recv_frame,
+    send_frames,
+)
+
+
+class Trainer:
+    """Serves one message per connection on a private Unix socket."""
+
+    def __init__(self, socket_path: Path, idle_free_s: float) -> None:
+        self.server = listen(socket_path)
+        self.idle_free_s = idle_free_s
+        self.run_id: int | None = None  # the run whose models are loaded
+        self.messages = 0
+        self._stopped = threading.Event()
+
+    def serve_forever(self) -> None:
+        """Accept and answer messages until the process is stopped."""
+        self.server.settimeout(self.idle_free_s)
+        while not self._stopped.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:  # idle: the run has most likely ended
+                self._free(f"idle for {self.idle_free_s:g} s")
+                continue
+            except OSError:
+                if self._stopped.is_set():  # stop() closed the socket
+                    return
+                raise
+            with conn:
+                conn.settimeout(None)
+                self.serve_one(conn)
+
+    def stop(self) -> None:
+        """Stop serving (from another thread); the models stay cached until freed."""
+        self._stopped.set()
+        self.server.close()
+
+    def serve_one(self, conn: socket.socket) -> None:
+        """Answer one forwarder: its message through the full ClientApp."""
+        if (uid := peer_uid(conn)) != os.getuid():
+            _say(f"refused a connection from uid {uid} (not this node's user)")
+            return
+        message, context = decode_exchange(recv_frame(conn), recv_frame(conn))
+        run_id = message.metadata.run_id
+        if run_id != self.run_id:
+            self._free(f"run {run_id} starts")
+            self.run_id = run_id
+        kind = message.metadata.message_type
+        _say(f"run {run_id}: {kind} message (round {_round_of(message)}) starts")
+        started = time.perf_counter()
+        try:
+            reply = client_app(message, context)
+        except Exception as err:  # noqa: BLE001 - the forwarder turns it into Flower's error reply
+            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+            send_frames(conn, FAILED, reason.encode())
+            _say(f"{kind} message failed: {type(err).__name__}: {err}")
+            return
+        self.messages += 1
+        send_frames(conn, OK, *encode_exchange(reply, context))
+        _say(
+            f"run {run_id}: {kind} message done in "
+            f"{time.perf_counter() - started:.2f} s (model loads so far: "
+            f"{models.LOADS['base_model']})"
+        )
+
+    def _free(self, why: str) -> None:
+        PARTITIONS.clear()
+        if dropped := models.free_cached_models():
+            _say(f"{why}: dropped {dropped} cached model(s) and freed their memory")
+        self.run_id = None
+
+
+def _round_of(message: Message) -> str:
+    """The server round a message belongs to ("-" before the rounds, e.g. node queries)."""
+    config = message.content.config_records.get(records.CONFIG) if message.has_content() else None
+    return str(config.get(records.SERVER_ROUND, "-")) if config is not None else "-"
+
+
+def _say(text: str) -> None:
+    print(f"fedpeft trainer: {text}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m fedpeft.clients.trainer --socket PATH [--idle-free-s S]``."""
+    parser = argparse.ArgumentParser(prog="python -m fedpeft.clients.trainer")
+    parser.add_argument("--socket", required=True, type=Path, help="the node's private socket")
+    parser.add_argument(
+        "--idle-free-s",
+        type=float,
+        default=600.0,
+        help="free the loaded models after this many seconds without a message",
+    )
+    args = parser.parse_args(argv)
+    trainer = Trainer(args.socket, args.idle_free_s)
+    print(f"{READY} {args.socket} (pid {os.getpid()})", flush=True)
+    trainer.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

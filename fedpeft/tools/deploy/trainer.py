@@ -1,0 +1,133 @@
+"""Each SuperNode's trainer process: started with the node, restarted if it dies, stopped with it.
+
+The trainer (:mod:`fedpeft.clients.trainer`) keeps the model loaded across messages; the
+node's per-message ClientApps forward to it over a private Unix socket. A watcher thread
+restarts a trainer that exits while its node is up, so a crash costs the message under
+way (the round counts the node failed) and nothing after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from fedpeft.clients.channel import READY, private_socket_path
+from fedpeft.tools.deploy.errors import DeployError
+from fedpeft.tools.deploy.flower import SuperNodeOptions, supernode_command
+from fedpeft.tools.deploy.processes import Processes, last_line, wait_for_text
+
+
+class TrainerSupervisor:
+    """Keeps one node's trainer running; every process it starts is in ``procs.started``."""
+
+    def __init__(self, procs: Processes, folder: Path, log: Path, name: str = "trainer") -> None:
+        self.procs = procs
+        self.socket = private_socket_path(folder)
+        self.log = log
+        self.name = name
+        self.restarts = 0
+        self._proc: subprocess.Popen | None = None
+        self._stopping = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"{name}-watch")
+
+    def command(self) -> list[str]:
+        """The trainer's command line."""
+        return [sys.executable, "-m", "fedpeft.clients.trainer", "--socket", str(self.socket)]
+
+    def launch(self) -> subprocess.Popen:
+        """Start the trainer (it listens once torch is imported: :meth:`wait_ready`)."""
+        return self._spawn()
+
+    def wait_ready(self, wait_s: float = 120.0) -> None:
+        """Wait until the trainer listens; from then on, restart it whenever it exits."""
+        assert self._proc is not None, "launch() first"
+        if not wait_for_text(self.log, READY, self._proc, wait_s):
+            raise DeployError(f"the node's trainer did not start: {last_line(self.log)}")
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """No more restarts; the caller's ``procs.stop_all()`` stops the process itself."""
+        self._stopping.set()
+        if self._watcher.is_alive():
+            self._watcher.join()
+
+    def remove_socket_folder(self) -> None:
+        """Delete the socket's private folder (once the trainer is stopped)."""
+        shutil.rmtree(self.socket.parent, ignore_errors=True)
+
+    @property
+    def pid(self) -> int | None:
+        """The running trainer's PID."""
+        return self._proc.pid if self._proc is not None else None
+
+    def _spawn(self) -> subprocess.Popen:
+        # appended, so a restart keeps the log of the trainer that died
+        self._proc = self.procs.start(self.name, self.command(), self.log, append=True)
+        return self._proc
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(0.5):
+            proc = self._proc
+            if proc is not None and proc.poll() is not None and not self._stopping.is_set():
+                self.restarts += 1
+                with self.log.open("a") as out:
+                    out.write(
+                        f"fedpeft trainer: exited with code {proc.returncode}; restarting "
+                        f"(restart {self.restarts})\n"
+                    )
+                self._spawn()
+
+
+def run_supernode_with_trainer(opts: SuperNodeOptions, env: dict[str, str]) -> int:
+    """``fedpeft deploy supernode``: the node's trainer and ``flower-supernode``, as one.
+
+    Both stop when either this process is interrupted (Ctrl-C, SIGTERM) or the SuperNode
+    exits; the trainer is restarted whenever it dies while the node is up. The trainer's
+    log is ``trainer.log`` in the node's state folder (else in the current folder).
+    Returns the SuperNode's exit status.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="fedpeft-trainer-"))  # 0700, and a short path
+    log_dir = opts.state_dir if opts.state_dir is not None else Path.cwd()
+    procs = Processes(env, cwd=Path.cwd())
+    supervisor = TrainerSupervisor(procs, folder, log_dir / "trainer.log")
+    opts = dataclasses.replace(opts, trainer_socket=supervisor.socket)
+    cmd = supernode_command(opts)
+    with sigterm_as_interrupt():
+        try:
+            supervisor.launch()
+            print(f"fedpeft: node trainer starting (log: {supervisor.log})", file=sys.stderr)
+            supervisor.wait_ready()
+            print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+            node = subprocess.Popen(cmd, env=env, start_new_session=True)
+            procs.started.append(("supernode", node))
+            return node.wait()
+        except KeyboardInterrupt:
+            return 130
+        finally:
+            supervisor.stop()
+            procs.stop_all()
+            supervisor.remove_socket_folder()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Let SIGTERM unwind like Ctrl-C, so the processes started here get stopped on either."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,178 @@
+"""A deployed node's trainer and the forwarder Flower starts per message, over a real socket.
+
+The deployment itself (a trainer killed mid-round, restarted, the model loaded once per
+node) is checked in test_deploy; here the channel, the forwarder and the trainer's
+caching are checked in process, each against the ClientApp called directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+
+from fedpeft import models, records
+from fedpeft.clients.app import app as client_app
+from fedpeft.clients.channel import private_socket_path, recv_frame
+from fedpeft.clients.forwarder import ask_trainer, forward
+from fedpeft.clients.trainer import Trainer
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
+from fedpeft.config import load_scenario
+from fedpeft.data import load_task_data
+from fedpeft.models import initial_adapter_state
+from fedpeft.strategies.testing import ensure_task_identity
+from fedpeft.tools.deploy import DeployError, SuperNodeOptions, supernode_command
+from fedpeft.tools.deploy.poll import shortened_time
+
+SCENARIO = load_scenario("smoke", ["train.local_steps=2"])
+
+
+def _train_message(run_id: int = 1) -> Message:
+    ensure_task_identity()
+    labels = load_task_data(SCENARIO.data).num_labels
+    peft = SCENARIO.peft_for_rank(SCENARIO.max_rank)
+    initial = initial_adapter_state(SCENARIO.model, peft, labels, SCENARIO.seed)
+    config = ConfigRecord({records.SCENARIO: SCENARIO.to_json(), records.SERVER_ROUND: 1})
+    content = RecordDict({records.ARRAYS: state_to_arrayrecord(initial), records.CONFIG: config})
+    message = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+    message.metadata.__dict__.update(_message_id=f"m{run_id}", _run_id=run_id)
+    return message
+
+
+def _context(socket_path: Path | None = None, run_id: int = 1) -> Context:
+    node = {records.NODE_PARTITION_ID: 1, records.NODE_NUM_PARTITIONS: 2}
+    if socket_path is not None:
+        node[records.NODE_TRAINER_SOCKET] = str(socket_path)
+    return Context(run_id=run_id, node_id=7, node_config=node, state=RecordDict(), run_config={})
+
+
+@pytest.fixture
+def trainer():
+    """A trainer serving on a private socket from a thread of this process."""
+    folder = Path(tempfile.mkdtemp(prefix="fedpeft-test-"))  # short: socket paths are limited
+    served = Trainer(private_socket_path(folder), idle_free_s=600)
+    threading.Thread(target=served.serve_forever, daemon=True).start()
+    yield served
+    served.stop()
+
+
+def _arrays(reply: Message) -> dict[str, np.ndarray]:
+    state = arrayrecord_to_state(reply.content.array_records[records.ARRAYS])
+    return {k: v.numpy() for k, v in state.items()}
+
+
+def test_a_forwarded_message_gets_the_reply_the_clientapp_gives_directly(trainer):
+    direct = client_app(_train_message(), _context())
+    context = _context(Path(trainer.server.getsockname()))
+    forwarded = forward(_train_message(), context)
+
+    assert forwarded.metadata.reply_to_message_id == "m1"
+    assert forwarded.metadata.message_type == MessageType.TRAIN
+    mine, theirs = _arrays(forwarded), _arrays(direct)
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        np.testing.assert_array_equal(mine[key], theirs[key])
+    metrics = forwarded.content.metric_records[records.METRICS]
+    assert metrics[records.PARTITION_ID] == 1
+    assert (
+        metrics[records.TRAIN_LOSS]
+        == direct.content.metric_records[records.METRICS][records.TRAIN_LOSS]
+    )
+    assert trainer.messages == 1
+
+
+def test_the_trainer_keeps_its_model_within_a_run_and_loads_afresh_for_a_new_one(trainer):
+    path = Path(trainer.server.getsockname())
+    first_run, second_run = [_train_message(run_id=1) for _ in range(3)], _train_message(run_id=2)
+    before = models.LOADS["base_model"]
+    for message in first_run:
+        forward(message, _context(path, run_id=1))
+    assert models.LOADS["base_model"] == before + 1  # one load for three messages
+    forward(second_run, _context(path, run_id=2))
+    assert models.LOADS["base_model"] == before + 2  # another run: dropped and built again
+    assert trainer.run_id == 2
+
+
+def test_the_socket_is_private_to_this_user(trainer):
+    path = Path(trainer.server.getsockname())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_a_trainer_that_dies_mid_message_fails_that_message_in_one_line(tmp_path):
+    folder = Path(tempfile.mkdtemp(prefix="fedpeft-test-"))
+    path = private_socket_path(folder)
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+
+    def dies_after_reading() -> None:  # what a SIGKILLed trainer looks like to the forwarder
+        conn, _ = server.accept()
+        recv_frame(conn), recv_frame(conn)
+        conn.close()
+
+    threading.Thread(target=dies_after_reading, daemon=True).start()
+    with pytest.raises(RuntimeError, match="trainer died while handling this message"):
+        ask_trainer(path, _train_message(), _context(path))
+    server.close()
+
+
+def test_an_error_in_the_trainer_reaches_the_forwarder_with_its_reason(trainer):
+    path = Path(trainer.server.getsockname())
+    bad = _train_message()
+    bad.content.config_records[records.CONFIG][records.SCENARIO] = "{not json"
+    with pytest.raises(RuntimeError, match="the node's trainer failed"):
+        forward(bad, _context(path))
+    forward(_train_message(), _context(path))  # and it serves the next message
+    assert trainer.messages == 1
+
+
+def test_the_forwarder_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, fedpeft.clients.forwarder; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().replace("'", '"')) == []
+
+
+def test_poll_interval_shortens_only_flowers_empty_pull_wait(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)
+    fake_time = shortened_time(0.2)
+    fake_time.sleep(3)
+    fake_time.sleep(0.5)
+    assert slept == [0.2, 0.5]
+    assert fake_time.monotonic is not None  # the rest of the time module is there
+
+    opts = SuperNodeOptions(superlink="127.0.0.1:1", partition_id=0, num_partitions=1)
+    command = supernode_command(SuperNodeOptions(**{**opts.__dict__, "insecure": True}))
+    assert command[0].endswith("flower-supernode")
+    fast = SuperNodeOptions(**{**opts.__dict__, "insecure": True, "poll_interval": 0.2})
+    assert supernode_command(fast)[1:4] == ["-m", "fedpeft.tools.deploy.poll", "0.2"]
+    with pytest.raises(DeployError, match="--poll-interval 5"):
+        supernode_command(SuperNodeOptions(**{**fast.__dict__, "poll_interval": 5.0}))
+
+
+def test_a_node_with_a_trainer_names_its_socket_in_the_node_config():
+    opts = SuperNodeOptions(
+        superlink="127.0.0.1:1",
+        partition_id=0,
+        num_partitions=1,
+        insecure=True,
+        trainer_socket=Path("/tmp/fedpeft-trainer-x/trainer.sock"),
+    )
+    command = supernode_command(opts)
+    node_config = command[command.index("--node-config") + 1]
+    assert 'trainer-socket="/tmp/fedpeft-trainer-x/trainer.sock"' in node_config.split()
+    assert os.sep in node_config
