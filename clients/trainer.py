@@ -113,7 +113,9 @@ def _round_of(message: Message) -> str:
 
 
 def _say(text: str) -> None:
-    print(f"fedpeft trainer: {text}", flush=True)
+    now = time.time()
+    stamp = time.strftime("%H:%M:%S", time.localtime(now)) + f".{int(now % 1 * 1000):03d}"
+    print(f"{stamp} fedpeft trainer: {text}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
