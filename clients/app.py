@@ -39,7 +39,7 @@ from fedpeft.clients.privacy import local_dp_mod
 from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import PeftSection, Scenario
-from fedpeft.data import client_split, load_task_data, node_split
+from fedpeft.data import client_split, forget_loaded_data, load_task_data, node_split
 from fedpeft.lora import lora_alpha_for, lora_scaling
 from fedpeft.methods import before_round
 from fedpeft.models import (
@@ -51,7 +51,7 @@ from fedpeft.models import (
 from fedpeft.state import ClientStateStore
 from fedpeft.strategies import get_strategy
 from fedpeft.strategies.client_hook import ClientHook
-from fedpeft.tasks import get_task
+from fedpeft.tasks import forget_processors, get_task
 from fedpeft.train import (
     TrainResult,
     evaluate,
@@ -212,6 +212,16 @@ def local_data(job: Job, context: Context) -> tuple[datasets.Dataset, datasets.D
 
 #: this process's latest client splits (train, held-out), by data set, seed, partition, node
 PARTITIONS: dict[str, tuple[datasets.Dataset, datasets.Dataset]] = {}
+
+
+def forget_data_and_processors() -> None:
+    """Drop this process's loaded data sets, partitioners and tokenizers.
+
+    A node's trainer calls it between runs, with :func:`fedpeft.models.free_cached_models`.
+    """
+    PARTITIONS.clear()
+    forget_loaded_data()
+    forget_processors()
 
 
 @app.train()

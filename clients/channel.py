@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 from pathlib import Path
 
@@ -33,6 +34,9 @@ READY = "fedpeft trainer: listening on"  # the trainer's first line, once it acc
 class ChannelClosed(ConnectionError):
     """The other end went away before a whole frame arrived."""
 
+    def __init__(self, text: str = "the other end closed the channel mid-message") -> None:
+        super().__init__(text)
+
 
 def send_frames(conn: socket.socket, *frames: bytes) -> None:
     """Write each frame as its 8-byte length and its bytes."""
@@ -50,7 +54,7 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
     while left:
         chunk = conn.recv(min(left, 1 << 20))
         if not chunk:
-            raise ChannelClosed("the trainer closed the channel mid-message")
+            raise ChannelClosed()
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
@@ -79,9 +83,19 @@ def private_socket_path(folder: Path) -> Path:
     return folder / "trainer.sock"
 
 
+#: a Unix socket's path must fit in ``sockaddr_un.sun_path`` (108 bytes on Linux, 104 on macOS)
+MAX_SOCKET_PATH = 100
+
+
 def listen(path: Path) -> socket.socket:
     """A listening Unix socket at ``path`` that only this user may connect to (0600)."""
-    if path.exists() or path.is_symlink():
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"socket path {path} is longer than {MAX_SOCKET_PATH} bytes; use a shorter TMPDIR"
+        )
+    if path.is_symlink() or (path.exists() and not stat.S_ISSOCK(path.stat().st_mode)):
+        raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+    if path.exists():
         path.unlink()  # a socket left by a trainer that was killed
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)  # created 0600: no window in which others could connect
@@ -94,8 +108,15 @@ def listen(path: Path) -> socket.socket:
     return server
 
 
-def peer_uid(conn: socket.socket) -> int:
-    """The uid of the process at the other end of a Unix socket (Linux ``SO_PEERCRED``)."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
+def peer_uid(conn: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket (Linux ``SO_PEERCRED``).
+
+    None where the platform has no ``SO_PEERCRED`` (macOS): there the socket's 0600 mode
+    in a 0700 folder is the whole protection.
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    creds = conn.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("iII"))
+    _, uid, _ = struct.unpack("iII", creds)
     return int(uid)

@@ -4,7 +4,7 @@
 dies). Each message's ClientApp process is a thin forwarder
 (:mod:`fedpeft.clients.forwarder`); the work happens here, in the full ClientApp with all
 its mods (compression, DP, SecAgg+, faults), so the base model, its quantisation and the
-tokenised partition are built once per run instead of once per message. The models are
+client's data split are built once per run instead of once per message. The models are
 dropped, and their memory (GPU memory too) given back, when a message of another run
 arrives or when the node has been idle for ``--idle-free-s`` seconds.
 
@@ -22,10 +22,11 @@ import traceback
 from pathlib import Path
 
 from flwr.app import Message
+from google.protobuf.message import DecodeError
 
 from fedpeft import models, records
-from fedpeft.clients.app import PARTITIONS
 from fedpeft.clients.app import app as client_app
+from fedpeft.clients.app import forget_data_and_processors
 from fedpeft.clients.channel import (
     FAILED,
     OK,
@@ -37,6 +38,9 @@ from fedpeft.clients.channel import (
     recv_frame,
     send_frames,
 )
+
+#: seconds a forwarder may take to send its message once connected
+REQUEST_TIMEOUT_S = 60.0
 
 
 class Trainer:
@@ -63,20 +67,29 @@ class Trainer:
                     return
                 raise
             with conn:
-                conn.settimeout(None)
-                self.serve_one(conn)
+                try:
+                    self.serve_one(conn)
+                except (OSError, DecodeError) as err:  # a forwarder that went away, or garbage
+                    _say(f"dropped a connection: {type(err).__name__}: {err}")
 
     def stop(self) -> None:
         """Stop serving (from another thread); the models stay cached until freed."""
         self._stopped.set()
+        try:
+            self.server.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
+        except OSError:
+            pass
         self.server.close()
 
     def serve_one(self, conn: socket.socket) -> None:
         """Answer one forwarder: its message through the full ClientApp."""
-        if (uid := peer_uid(conn)) != os.getuid():
+        uid = peer_uid(conn)
+        if uid is not None and uid != os.getuid():
             _say(f"refused a connection from uid {uid} (not this node's user)")
             return
+        conn.settimeout(REQUEST_TIMEOUT_S)  # a stalled caller cannot hold the node
         message, context = decode_exchange(recv_frame(conn), recv_frame(conn))
+        conn.settimeout(None)
         run_id = message.metadata.run_id
         if run_id != self.run_id:
             self._free(f"run {run_id} starts")
@@ -100,7 +113,7 @@ class Trainer:
         )
 
     def _free(self, why: str) -> None:
-        PARTITIONS.clear()
+        forget_data_and_processors()
         if dropped := models.free_cached_models():
             _say(f"{why}: dropped {dropped} cached model(s) and freed their memory")
         self.run_id = None
@@ -110,6 +123,19 @@ def _round_of(message: Message) -> str:
     """The server round a message belongs to ("-" before the rounds, e.g. node queries)."""
     config = message.content.config_records.get(records.CONFIG) if message.has_content() else None
     return str(config.get(records.SERVER_ROUND, "-")) if config is not None else "-"
+
+
+def _exit_with(parent_pid: int) -> None:
+    """Exit this process as soon as ``parent_pid`` is gone (its launcher was SIGKILLed)."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent_pid:  # re-parented: the launcher died
+                _say(f"the node's launcher (pid {parent_pid}) is gone; exiting")
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def _say(text: str) -> None:
@@ -125,10 +151,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--idle-free-s",
         type=float,
-        default=600.0,
-        help="free the loaded models after this many seconds without a message",
+        default=float(os.environ.get("FEDPEFT_TRAINER_IDLE_FREE_S", "600")),
+        help="free the loaded models after this many seconds without a message "
+        "(default: $FEDPEFT_TRAINER_IDLE_FREE_S or 600)",
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, help="exit when this process (the node's launcher) is gone"
     )
     args = parser.parse_args(argv)
+    if args.parent_pid is not None:
+        _exit_with(args.parent_pid)
     trainer = Trainer(args.socket, args.idle_free_s)
     print(f"{READY} {args.socket} (pid {os.getpid()})", flush=True)
     trainer.serve_forever()

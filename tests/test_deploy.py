@@ -227,6 +227,8 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
         "1",
         "--set",
         "federation.rounds=3",
+        "--set",
+        "train.local_steps=20",  # a round-1 message long enough to be killed in
         "--out",
         str(out),
         cwd=tmp_path,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import stat
 import subprocess
@@ -23,7 +24,7 @@ from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedpeft import models, records
 from fedpeft.clients.app import app as client_app
-from fedpeft.clients.channel import private_socket_path, recv_frame
+from fedpeft.clients.channel import ChannelClosed, private_socket_path, recv_frame, send_frames
 from fedpeft.clients.forwarder import ask_trainer, forward
 from fedpeft.clients.trainer import Trainer
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
@@ -64,6 +65,7 @@ def trainer():
     threading.Thread(target=served.serve_forever, daemon=True).start()
     yield served
     served.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _arrays(reply: Message) -> dict[str, np.ndarray]:
@@ -125,6 +127,37 @@ def test_a_trainer_that_dies_mid_message_fails_that_message_in_one_line(tmp_path
     with pytest.raises(RuntimeError, match="trainer died while handling this message"):
         ask_trainer(path, _train_message(), _context(path))
     server.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_the_trainer_outlives_a_forwarder_that_vanishes(trainer):
+    path = Path(trainer.server.getsockname())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:  # connects, sends nothing
+        gone.connect(str(path))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as garbage:
+        garbage.connect(str(path))
+        send_frames(garbage, b"not a message", b"not a context")
+        with pytest.raises(ChannelClosed):
+            recv_frame(garbage)  # the trainer drops it without an answer
+    reply = forward(_train_message(), _context(path))  # and serves the next message
+    assert reply.content.metric_records[records.METRICS][records.PARTITION_ID] == 1
+    assert trainer.messages == 1
+
+
+def test_the_context_state_comes_back_from_the_trainer(trainer):
+    path = Path(trainer.server.getsockname())
+    context = _context(path)
+    context.state["mine"] = ConfigRecord({"kept": 3})
+    probe = Message(
+        RecordDict({records.CONFIG: ConfigRecord({records.SCENARIO: SCENARIO.to_json()})}),
+        dst_node_id=7,
+        message_type=MessageType.QUERY,
+    )
+    probe.metadata.__dict__.update(_message_id="q1", _run_id=1)
+    reply = forward(probe, context)
+    assert reply.metadata.reply_to_message_id == "q1"
+    assert reply.content.metric_records[records.METRICS][records.PARTITION_ID] == 1
+    assert context.state["mine"]["kept"] == 3  # the state the trainer saw, handed back
 
 
 def test_an_error_in_the_trainer_reaches_the_forwarder_with_its_reason(trainer):

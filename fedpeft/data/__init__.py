@@ -512,6 +512,11 @@ def _load_uncached(cfg: DataSection) -> datasets.DatasetDict:
 _CACHE: dict[tuple[Any, ...], Any] = {}
 
 
+def forget_loaded_data() -> None:
+    """Drop this process's loaded data sets and partitioners (they reload on next use)."""
+    _CACHE.clear()
+
+
 def load_task_data(cfg: DataSection) -> TaskData:
     """Load (once per process) the train and held-out splits of ``cfg.name``."""
     columns = tuple(getattr(cfg, key) for key in COLUMN_KEYS.values())

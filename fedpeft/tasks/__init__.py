@@ -69,6 +69,11 @@ def check_scenario(scenario: Scenario) -> None:
 _PROCESSORS: dict[tuple[str, str], Any] = {}
 
 
+def forget_processors() -> None:
+    """Drop this process's loaded tokenizers and image processors."""
+    _PROCESSORS.clear()
+
+
 def load_processor(cfg: ModelSection) -> Any:
     """The task's input processor for ``cfg.name`` (a tokenizer, or an image preparation).
 

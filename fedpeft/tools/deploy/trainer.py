@@ -9,6 +9,7 @@ way (the round counts the node failed) and nothing after it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import shlex
 import shutil
 import signal
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,8 +43,16 @@ class TrainerSupervisor:
         self._watcher = threading.Thread(target=self._watch, daemon=True, name=f"{name}-watch")
 
     def command(self) -> list[str]:
-        """The trainer's command line."""
-        return [sys.executable, "-m", "fedpeft.clients.trainer", "--socket", str(self.socket)]
+        """The trainer's command line (it exits by itself if this process dies)."""
+        return [
+            sys.executable,
+            "-m",
+            "fedpeft.clients.trainer",
+            "--socket",
+            str(self.socket),
+            "--parent-pid",
+            str(os.getpid()),
+        ]
 
     def launch(self) -> subprocess.Popen:
         """Start the trainer (it listens once torch is imported: :meth:`wait_ready`)."""
@@ -76,16 +86,33 @@ class TrainerSupervisor:
         return self._proc
 
     def _watch(self) -> None:
+        """Restart the trainer whenever it exits.
+
+        At once the first time; while it keeps dying within a minute of its start, after
+        a pause that doubles up to 30 s.
+        """
+        pause, started = 0.0, time.monotonic()
         while not self._stopping.wait(0.5):
             proc = self._proc
-            if proc is not None and proc.poll() is not None and not self._stopping.is_set():
-                self.restarts += 1
-                with self.log.open("a") as out:
-                    out.write(
-                        f"fedpeft trainer: exited with code {proc.returncode}; restarting "
-                        f"(restart {self.restarts})\n"
-                    )
+            if proc is None or proc.poll() is None:
+                continue
+            pause = 0.0 if time.monotonic() - started > 60 else min(max(2 * pause, 1.0), 30.0)
+            self.restarts += 1
+            self._note(
+                f"exited with code {proc.returncode}; restarting in {pause:g} s "
+                f"(restart {self.restarts})"
+            )
+            if self._stopping.wait(pause):
+                return
+            try:
                 self._spawn()
+            except OSError as err:  # the dead process stays current: the next pass retries
+                self._note(f"could not restart: {err}")
+            started = time.monotonic()
+
+    def _note(self, text: str) -> None:
+        with self.log.open("a") as out:
+            out.write(f"fedpeft trainer: {text}\n")
 
 
 def run_supernode_with_trainer(opts: SuperNodeOptions, env: dict[str, str]) -> int:
