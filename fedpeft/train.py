@@ -205,8 +205,7 @@ def train_steps(
     grad_sums = [torch.zeros_like(p) for p in params] if track_gradient else []
     reset_peak_memory(device)
     model.train()
-    total_loss, seen = 0.0, 0
-    stream = batches(data, batch_size, seed)
+    total_loss, seen, stream = 0.0, 0, batches(data, batch_size, seed)
     started = time.perf_counter()
     rates = [lr_at(step) if lr_at is not None else lr for step in range(steps)]
     for step in range(steps):

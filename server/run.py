@@ -478,13 +478,7 @@ def run_federation(
         eval_examples=len(server.test),
         label_names=server.label_names,
     )
-    write_outputs(
-        out_dir,
-        scenario,
-        summary,
-        recorder.log.rows,
-        command=command,
-        rounds_seconds=rounds_seconds,
-    )
+    rows = recorder.log.rows
+    write_outputs(out_dir, scenario, summary, rows, command=command, rounds_seconds=rounds_seconds)
     recorder.close()  # after a failure: TensorBoard flushed each round, W&B ends at exit
     return summary

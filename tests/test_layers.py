@@ -247,3 +247,34 @@ def test_the_cycle_check_finds_a_cycle_and_only_a_cycle(sources, cycle):
         for name, src in sources.items()
     }
     assert bool(import_cycle(graph)) == cycle
+
+
+#: a long file says why at the top, in its module docstring, with these words
+LONG_ON_PURPOSE = "Longer than 500 lines on purpose"
+
+
+def _source_files() -> list[Path]:
+    """Every Python source of the package, each once (fedpeft/ links the top folders)."""
+    found = {
+        p.resolve()
+        for folder in PACKAGES
+        if folder != "scenarios"
+        for p in (ROOT / folder).rglob("*.py")
+    }
+    return sorted(found)
+
+
+def test_no_source_file_over_500_lines_nor_function_over_80_unless_it_says_why() -> None:
+    too_long = []
+    for path in _source_files():
+        source = path.read_text()
+        tree = ast.parse(source)
+        docstring = ast.get_docstring(tree) or ""
+        if source.count("\n") > 500 and LONG_ON_PURPOSE not in docstring:
+            too_long.append(f"{path.relative_to(ROOT)}: {source.count(chr(10))} lines")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 80:
+                    too_long.append(f"{path.relative_to(ROOT)}: {node.name}() {length} lines")
+    assert not too_long, "\n".join(too_long)

@@ -3,6 +3,9 @@
 Numeric bounds are declared on the field (``setting(8, "...", ge=1)``) and checked by
 :func:`fedpeft.config.fields.check_bounds`; a section's ``__post_init__`` keeps only the
 rules that tie several keys together.
+
+Longer than 500 lines on purpose: this file is the reference of every scenario key, read
+top to bottom in the order of a scenario file; split, a reader would hunt for a table.
 """
 
 from __future__ import annotations
