@@ -67,8 +67,8 @@ from fedpeft import records
 from fedpeft.clients.channel import private_socket_path
 from fedpeft.clients.trainer import Trainer
 from fedpeft.config import load_scenario
-from fedpeft.server.inprocess import _ensure_task_identity
-_ensure_task_identity(1)
+from fedpeft.strategies.testing import ensure_task_identity
+ensure_task_identity()
 sock = private_socket_path(Path(tempfile.mkdtemp(prefix="fedpeft-bench-")))
 trainer = Trainer(sock, 600)
 threading.Thread(target=trainer.serve_forever, daemon=True).start()

@@ -21,7 +21,6 @@ import time
 import traceback
 from pathlib import Path
 
-from flwr.app import Message
 from google.protobuf.message import DecodeError
 
 from fedpeft import models, records
@@ -95,7 +94,7 @@ class Trainer:
             self._free(f"run {run_id} starts")
             self.run_id = run_id
         kind = message.metadata.message_type
-        _say(f"run {run_id}: {kind} message (round {_round_of(message)}) starts")
+        _say(f"run {run_id}: {kind} message (round {records.round_of(message)}) starts")
         started = time.perf_counter()
         try:
             reply = client_app(message, context)
@@ -117,12 +116,6 @@ class Trainer:
         if dropped := models.free_cached_models():
             _say(f"{why}: dropped {dropped} cached model(s) and freed their memory")
         self.run_id = None
-
-
-def _round_of(message: Message) -> str:
-    """The server round a message belongs to ("-" before the rounds, e.g. node queries)."""
-    config = message.content.config_records.get(records.CONFIG) if message.has_content() else None
-    return str(config.get(records.SERVER_ROUND, "-")) if config is not None else "-"
 
 
 def _exit_with(parent_pid: int) -> None:

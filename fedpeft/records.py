@@ -65,3 +65,9 @@ RUN_ENGINE = "engine"  # "deployment" or "simulation"; empty: told from the Grid
 RUN_SECURE = "secure"  # the submitter's word that TLS and SuperNode authentication are on
 RUN_RESUME = "resume"  # carry on from the out-dir's checkpoint (``fedpeft run --resume``)
 RUN_COMMAND = "command"  # the command line that started the run (the adapter's model card)
+
+
+def round_of(message: Any) -> int:
+    """The server round of a Flower message: its config's ``server-round`` (0 without one)."""
+    config = message.content.config_records.get(CONFIG) if message.has_content() else None
+    return int(str(config.get(SERVER_ROUND, 0))) if config is not None else 0

@@ -41,7 +41,8 @@ from fedpeft.codecs.compression import (
     state_digest,
 )
 from fedpeft.config import CompressionSection
-from fedpeft.server.grid import CountingGrid, DelegatingGrid, round_of
+from fedpeft.records import round_of
+from fedpeft.server.grid import CountingGrid, DelegatingGrid
 from fedpeft.state import ClientStateStore
 
 logger = logging.getLogger(__name__)

@@ -54,12 +54,6 @@ def is_training(messages: list[Message]) -> bool:
     return bool(messages) and messages[0].metadata.message_type == MessageType.TRAIN
 
 
-def round_of(message: Message) -> int:
-    """The server round of an instruction: its config's ``server-round`` (0 without one)."""
-    config = message.content.config_records.get(records.CONFIG)
-    return int(str(config.get(records.SERVER_ROUND, 0))) if config is not None else 0
-
-
 def _short(reason: str | None, limit: int = 300) -> str:
     """The informative tail of an error reason (Ray wraps the real error in a long preamble)."""
     text = " ".join((reason or "unknown error").split())
@@ -162,7 +156,7 @@ class PollingGrid(DelegatingGrid):
         """Push ``messages``; pull replies until all are in or ``timeout`` seconds pass."""
         messages = list(messages)
         training = is_training(messages)
-        server_round = round_of(messages[0]) if training else 0
+        server_round = records.round_of(messages[0]) if training else 0
         waiting = set(self._grid.push_messages(messages))
         sampled, started = len(waiting), time.monotonic()
         deadline = None if timeout is None else started + timeout

@@ -31,7 +31,8 @@ from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.faults import strikes
 from fedpeft.privacy import change_norm, clip_update, update_changes
-from fedpeft.server.grid import CountingGrid, DelegatingGrid, is_training, round_of
+from fedpeft.records import round_of
+from fedpeft.server.grid import CountingGrid, DelegatingGrid, is_training
 from fedpeft.train import examples_seen
 
 logger = logging.getLogger(__name__)

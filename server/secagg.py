@@ -55,7 +55,8 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 from fedpeft import records
 from fedpeft.codecs import message_state, state_to_arrayrecord
 from fedpeft.config import Scenario
-from fedpeft.server.grid import CountingGrid, DelegatingGrid, _short, is_training, round_of
+from fedpeft.records import round_of
+from fedpeft.server.grid import CountingGrid, DelegatingGrid, _short, is_training
 
 logger = logging.getLogger(__name__)
 
