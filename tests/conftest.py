@@ -14,6 +14,26 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slowest tests first (``@pytest.mark.slow(seconds)``: about what each takes alone
+    on 2 cores): pytest-xdist hands tests out one at a time in this order, so the long ones
+    start early, on every worker, instead of ending the suite on one."""
+
+    def seconds(item: pytest.Item) -> float:
+        mark = item.get_closest_marker("slow")
+        return float(mark.args[0]) if mark is not None and mark.args else 0.0
+
+    items.sort(key=seconds, reverse=True)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_plots_in_process(monkeypatch):
+    """Runs in this process skip their two PNGs (matplotlib: about 0.6 s a run, and the suite
+    runs some two hundred). Runs in fresh processes draw them, and test_e2e, test_deploy and
+    test_compare check them there."""
+    monkeypatch.setattr("fedpeft.server.outputs.plot_run", lambda *args, **kwargs: [])
+
+
 @pytest.fixture
 def quiet_env(monkeypatch):
     """For ``fedpeft.tools.cli.main([...])`` in process: undo the settings it makes."""

@@ -14,6 +14,7 @@ import uuid
 from pathlib import Path
 
 import psutil
+import pytest
 from procs import kill_pids, pids_marked, run_fedpeft
 
 from fedpeft.tools.deploy import free_port
@@ -53,6 +54,7 @@ def _names(pids: set[int]) -> list[str]:
     return sorted(names)
 
 
+@pytest.mark.slow(50)
 def test_smoke_on_a_two_node_ray_cluster_spreads_and_leaves_it_running(tmp_path: Path) -> None:
     marker = uuid.uuid4().hex
     env = {**os.environ, "FEDPEFT_TEST_RUN": marker, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -116,6 +118,7 @@ def test_smoke_on_a_two_node_ray_cluster_spreads_and_leaves_it_running(tmp_path:
     assert not pids_marked(marker)
 
 
+@pytest.mark.slow(10)
 def test_an_address_where_no_cluster_listens_fails_in_one_line(tmp_path: Path) -> None:
     port = free_port()  # nothing listens there
     proc = run_fedpeft(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedpeft.config import ScenarioError
+from fedpeft.tools.cli import main
 from fedpeft.tools.compare import (
     Cell,
     parse_vary,
@@ -230,11 +231,12 @@ def _compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 CELLS = ["fedsa_lora", "flora", "hetlora"]
 
 
-def test_compare_end_to_end(tmp_path):
-    bad = _compare("smoke", "--strategies", "fedavg,nosuch", cwd=tmp_path)
-    assert bad.returncode == 2
-    lines = bad.stderr.strip().splitlines()
-    assert len(lines) == 1 and "nosuch" in lines[0], bad.stderr
+@pytest.mark.slow(65)
+def test_compare_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["compare", "smoke", "--strategies", "fedavg,nosuch"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "nosuch" in lines[0], lines
     assert not (tmp_path / "runs").exists()
 
     out = tmp_path / "cmp"
@@ -263,9 +265,10 @@ def test_compare_end_to_end(tmp_path):
     assert 0.0 <= fedsa["final"]["personal_accuracy"] <= 1.0
     for png in ("accuracy_vs_round.png", "accuracy_vs_megabytes.png"):
         assert (out / "plots" / png).read_bytes()[:8] == PNG
-    # rerun into the same folder: the finished cells are kept, not run again
+    # rerun into the same folder (in process: nothing starts): the finished cells are kept
     table_before = (out / "comparison.csv").read_text()
-    again = _compare(*args, "--out", str(out), cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stderr.count("finished before, kept") == len(CELLS), again.stderr[-3000:]
+    capsys.readouterr()
+    assert main(["compare", *args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished before, kept") == len(CELLS), err[-3000:]
     assert (out / "comparison.csv").read_text() == table_before

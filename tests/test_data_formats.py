@@ -199,6 +199,7 @@ def test_the_bundled_chats_follow_a_definition_with_a_broader_word():
     ]
 
 
+@pytest.mark.slow(40)
 def test_llm_chat_learns_its_conversations_in_process(tmp_path):
     from fedpeft.clients.app import app as client_app
     from fedpeft.server.inprocess import InProcessGrid

@@ -131,6 +131,7 @@ def test_supernode_command_carries_the_node_config_and_refuses_what_cannot_work(
             supernode_command(bad)
 
 
+@pytest.mark.slow(15)
 def test_a_registered_node_joins_a_tls_superlink_and_an_unregistered_one_is_refused(
     tmp_path,
 ) -> None:
@@ -205,6 +206,7 @@ def _kill_trainer_in_round_one(log: Path, killed: list[int], done: threading.Eve
         time.sleep(0.05)
 
 
+@pytest.mark.slow(100)
 def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
     tmp_path,
 ) -> None:
@@ -226,7 +228,7 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
         "--unregistered",
         "1",
         "--set",
-        "federation.rounds=3",
+        "federation.rounds=2",
         "--set",
         "train.local_steps=20",  # a round-1 message long enough to be killed in
         "--out",
@@ -239,11 +241,11 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     # the outputs of a simulation, from a deployment with TLS and node authentication
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
+    assert [r["round"] for r in rows] == [1, 2]
     assert len(killed) == 1
     assert rows[0]["clients_failed"] == 1  # the node whose trainer died mid-message
     assert [c["partition-id"] for c in rows[0]["client_metrics"]] == [1]
-    for row in rows[1:]:  # its trainer was restarted: both nodes train again
+    for row in rows[1:]:  # its trainer was restarted: both nodes train in round 2
         assert row["clients_sampled"] == 2 and row["clients_failed"] == 0
         assert sorted(c["partition-id"] for c in row["client_metrics"]) == [0, 1]
         # each trainer built its model once and kept it (node 0's new trainer: once too)
@@ -275,6 +277,7 @@ def _is_zombie(pid: int) -> bool:
         return True
 
 
+@pytest.mark.slow(50)
 def test_an_interrupted_deploy_local_stops_every_process_it_started(tmp_path) -> None:
     code = interrupt_fedpeft(
         "deploy",

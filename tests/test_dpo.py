@@ -210,6 +210,7 @@ def test_wordnet_preferences_prefer_the_words_own_definition() -> None:
     assert len(set(labels)) == len(wordnet.NOUN_SUPERSENSES)
 
 
+@pytest.mark.slow(45)
 def test_llm_dpo_runs_and_its_dpo_loss_falls(tmp_path: Path, quiet_env) -> None:
     out = tmp_path / "run"
     fewer = ["federation.rounds=2", "train.local_steps=4", "data.eval_examples=32"]

@@ -41,6 +41,7 @@ TASK = {
 }
 
 
+@pytest.mark.slow(35)
 def test_the_harness_agrees_with_fedpeft_eval(tmp_path: Path, monkeypatch) -> None:
     import lm_eval  # a dev dependency (pyproject.toml), so CI runs this
     from lm_eval.tasks import TaskManager

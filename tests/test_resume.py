@@ -72,6 +72,7 @@ def crash_and_resume(sets: list[str], tmp_path: Path) -> tuple[Path, Path]:
     ],
     ids=["fedsa-topk-ef", "fedadam", "hetlora-ranks", "fedex-downlink-delta"],
 )
+@pytest.mark.slow(10)
 def test_crash_and_resume_is_bit_identical(sets: list[str], tmp_path: Path) -> None:
     straight, resumed = crash_and_resume(sets, tmp_path)
     assert (resumed / ADAPTER).read_bytes() == (straight / ADAPTER).read_bytes()
@@ -145,14 +146,23 @@ def test_cli_resume_takes_no_other_settings(tmp_path: Path, capsys, quiet_env) -
     assert "drop the scenario" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow(170)
 def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     tmp_path: Path, capsys, quiet_env
 ) -> None:
     """The acceptance test: Flower's Simulation Engine, the server SIGKILLed in round 2."""
     killed, straight = tmp_path / "killed", tmp_path / "intact"  # equal lengths (see above)
     saved = killed / CHECKPOINT / "progress.pkl"
+    one_actor = ["--set", "simulation.cpus_per_client=2"]  # on 2 cores: 1 Ray worker, not 2
     lines = sigkill_fedpeft(
-        "run", "smoke-resume", "--out", str(killed), cwd=tmp_path, after="round 1/4", file=saved
+        "run",
+        "smoke-resume",
+        *one_actor,
+        "--out",
+        str(killed),
+        cwd=tmp_path,
+        after="round 1/4",
+        file=saved,
     )
     assert not (killed / "summary.json").exists(), "".join(lines)
     last = checkpointed(killed)[1]  # 1, unless round 2 finished in the moment the kill took
@@ -163,6 +173,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(
     done = run_fedpeft(
         "run",
         "smoke-resume",
+        *one_actor,
         "--set",
         "faults.server_crash_round=0",
         "--out",
