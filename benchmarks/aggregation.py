@@ -15,13 +15,24 @@
 
 ``--quick`` runs K = 10 and 100 for MiniLM, K = 10 for 7B, and one dense SVD.
 Results go to ``benchmarks/results/aggregation.{json,md}``.
+
+3. Replies folded as they arrive (``--shapes 7b --clients 100,1000 --strategies
+   fedavg,fedit,flexlora,flora,fedex_lora``): each cell runs in a fresh process, whose
+   client updates are generated one at a time while ``aggregate_train`` reads them from an
+   iterator (never all in memory). ``seconds`` leaves out the time spent generating;
+   ``peak_extra_mib`` is the resident set's rise during the call and ``peak_rss_mb`` the
+   process's peak (Python, torch and Flower included). The rows go into the same JSON,
+   under ``streaming``, next to the results of 1 and 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import logging
+import resource
+import subprocess
 import sys
 import threading
 import time
@@ -131,6 +142,91 @@ def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
     return rows
 
 
+def stream_cell(shape: str, k: int, name: str) -> dict:
+    """One strategy's ``aggregate_train`` over K lazily generated replies (a child process)."""
+    from collections.abc import Iterator
+
+    from flwr.app import ConfigRecord, Message
+
+    from fedpeft.codecs import state_to_arrayrecord
+    from fedpeft.config import load_scenario
+    from fedpeft.strategies import build_strategy
+    from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
+
+    ensure_task_identity()
+    layers, d, r, _ = SHAPES[shape]
+    sets = [
+        f'strategy.name="{name}"',
+        f"peft.r={r}",
+        f"peft.alpha={2 * r}",
+        f"data.num_clients={k}",
+        f"federation.clients_per_round={k}",
+    ]
+    strategy = build_strategy(load_scenario("smoke", sets))
+    configured = strategy.configure_train(
+        1, state_to_arrayrecord(adapter(shape, 10**6)), ConfigRecord(), StaticGrid(range(1, k + 1))
+    )
+    list(configured)
+    generating = 0.0
+
+    def replies() -> Iterator[Message]:
+        nonlocal generating
+        for i in range(k):
+            started = time.perf_counter()
+            reply = train_reply(adapter(shape, i), 8 + i % 5, i + 1)
+            generating += time.perf_counter() - started
+            yield reply
+            del reply
+
+    gc.collect()
+    start_mb = psutil.Process().memory_info().rss / 2**20
+    with PeakRSS() as memory:
+        started = time.perf_counter()
+        strategy.aggregate_train(1, replies())
+        seconds = time.perf_counter() - started - generating
+    method = getattr(strategy, "svd_methods", None)
+    return {
+        "shape": shape,
+        "clients": k,
+        "strategy": name,
+        "seconds": seconds,
+        "generating_seconds": generating,
+        "peak_extra_mib": memory.mib,
+        "start_rss_mb": start_mb,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "svd": ", ".join(f"{m} x{n}" for m, n in sorted(method.items())) if method else "",
+    }
+
+
+def streaming(shapes: list[str], counts: list[int], names: list[str]) -> list[dict]:
+    """Every (shape, K, strategy) cell in its own process, so each peak is its own."""
+    rows = []
+    for shape in shapes:
+        for k in counts:
+            for name in names:
+                cell = f"{shape}:{k}:{name}"
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--cell", cell], capture_output=True, text=True
+                )
+                if proc.returncode:
+                    row = {"shape": shape, "clients": k, "strategy": name}
+                    row["error"] = (proc.stderr.strip().splitlines() or ["killed"])[-1][:300]
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                print(
+                    f"{shape:4} K={k:<5} {name:11} "
+                    + (
+                        f"{row['seconds']:7.2f} s  +{row['peak_extra_mib']:6.0f} MiB  "
+                        f"peak {row['peak_rss_mb']:6.0f} MB  {row['svd']}"
+                        if "error" not in row
+                        else f"failed: {row['error']}"
+                    ),
+                    flush=True,
+                )
+    return rows
+
+
 def dense_against_factored(counts: list[int], d: int = 4096, r: int = 16) -> list[dict]:
     """One module: FlexLoRA's SVD and FedEx-LoRA's residual, factored and dense."""
     from fedpeft.strategies.lora_math import factored_svd, fedex_residual, stack_factors
@@ -188,18 +284,52 @@ def dense_against_factored(counts: list[int], d: int = 4096, r: int = 16) -> lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes (a few minutes)")
+    parser.add_argument("--shapes", help="streaming cells: shapes, e.g. 7b or minilm,7b")
+    parser.add_argument("--clients", default="100,1000", help="streaming cells: K values")
+    parser.add_argument(
+        "--strategies",
+        default="fedavg,fedit,flexlora,flora,fedex_lora",
+        help="streaming cells: registered strategy names",
+    )
+    parser.add_argument("--cell", help=argparse.SUPPRESS)  # SHAPE:K:STRATEGY, in a child
     args = parser.parse_args()
     logging.getLogger("flwr").setLevel(logging.WARNING)  # no per-call INFO lines
+    if args.cell:
+        shape, k, name = args.cell.split(":")
+        print(json.dumps(stream_cell(shape, int(k), name)))
+        return
+    if args.shapes:
+        rows = streaming(
+            args.shapes.split(","),
+            [int(k) for k in args.clients.split(",")],
+            args.strategies.split(","),
+        )
+        path = HERE / "results" / "aggregation.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        # cells of earlier invocations stay unless rerun (1,000 updates run apart, say)
+        cells = {(r["shape"], r["clients"], r["strategy"]): r for r in record.get("streaming", [])}
+        cells.update({(r["shape"], r["clients"], r["strategy"]): r for r in rows})
+        record["streaming"] = sorted(cells.values(), key=lambda r: (r["shape"], r["clients"]))
+        command = "python benchmarks/aggregation.py " + " ".join(sys.argv[1:])
+        commands = [c for c in record.get("streaming_commands", []) if c != command]
+        record["streaming_commands"] = [*commands, command]
+        record["streaming_date"] = time.strftime("%Y-%m-%d")
+        record.setdefault("machine", f"{machine()}, torch {torch.__version__}")
+        save_results("aggregation", record, markdown(record))
+        return
     minilm = [10, 100] if args.quick else [10, 100, 1000]
     seven_b = [10] if args.quick else [10, 100]
     rows = strategy_costs("minilm", minilm) + strategy_costs("7b", seven_b)
     svd = dense_against_factored([10] if args.quick else [10, 100])
+    path = HERE / "results" / "aggregation.json"
+    earlier = json.loads(path.read_text()) if path.exists() and not args.quick else {}
     record = {
         "command": "python benchmarks/aggregation.py" + (" --quick" if args.quick else ""),
         "machine": f"{machine()}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "strategies": rows,
         "svd": svd,
+        **{k: v for k, v in earlier.items() if k.startswith("streaming")},
     }
     save_results("aggregation", record, markdown(record))
 
@@ -245,7 +375,35 @@ def markdown(record: dict) -> str:
             f"{r['flexlora_speedup']:.0f}x | {r['flexlora_rel_diff']:.1e} | "
             f"{r['fedex_factored_s']:.4f} | {r['fedex_dense_s']:.3f} | {r['fedex_rel_diff']:.1e} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + streaming_markdown(record)) + "\n"
+
+
+def streaming_markdown(record: dict) -> list[str]:
+    """The streaming cells' table, when the record has them."""
+    if not record.get("streaming"):
+        return []
+    lines = [
+        "",
+        "## Replies folded as they arrive",
+        "",
+        " and ".join(f"`{c}`" for c in record["streaming_commands"])
+        + f", {record['streaming_date']}: one process per cell; the updates are generated one"
+        " at a time (time not counted) and read from an iterator.",
+        "",
+        "| shape | clients | strategy | seconds | MiB grown in the call | process peak MB | SVD |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["streaming"]:
+        if "error" in r:
+            lines.append(
+                f"| {r['shape']} | {r['clients']} | {r['strategy']} | failed: {r['error']} | | | |"
+            )
+            continue
+        lines.append(
+            f"| {r['shape']} | {r['clients']} | {r['strategy']} | {r['seconds']:.1f} | "
+            f"{r['peak_extra_mib']:.0f} | {r['peak_rss_mb']:.0f} | {r['svd'] or '-'} |"
+        )
+    return lines
 
 
 if __name__ == "__main__":

@@ -46,6 +46,9 @@ class StrategySpec:
     #: its rule is a weighted sum of what clients send, so DP noise in shares and secure
     #: aggregation (the server sees only the sum) hold for it
     weighted_sum: bool = False
+    #: folds each reply into running sums as it arrives (:mod:`fedpeft.strategies.fold`):
+    #: the server holds one reply at a time, whatever the number of clients
+    streams_replies: bool = False
     #: why clients get new LoRA factors every round (error feedback cannot apply); "" if not
     new_factors_each_round: str = ""
     #: folds each round's update into the frozen base weights (FLoRA, FedEx-LoRA), so the
@@ -66,6 +69,7 @@ def register_strategy(
     heterogeneous_ranks: bool = False,
     lora_only: bool = False,
     weighted_sum: bool = False,
+    streams_replies: bool = False,
     new_factors_each_round: str = "",
     changes_base: bool = False,
     client_hook: ClientHook | None = None,
@@ -82,6 +86,7 @@ def register_strategy(
         heterogeneous_ranks=heterogeneous_ranks,
         lora_only=lora_only,
         weighted_sum=weighted_sum,
+        streams_replies=streams_replies,
         new_factors_each_round=new_factors_each_round,
         changes_base=changes_base,
         client_hook=client_hook or ClientHook(),

@@ -5,7 +5,11 @@ PEFT-aware rules need more: a node may receive only some factors (FFA-LoRA sends
 keep others to itself (FedSA-LoRA's B), train a different rank (FlexLoRA, HetLoRA), or
 get a truncation made for its rank. :class:`AdapterStrategy` keeps the whole global
 adapter on the server, builds one message per node from :meth:`down_state` and
-:meth:`instructions`, and leaves the rule itself to :meth:`aggregate_states`.
+:meth:`instructions`, and folds each reply into the rule as it arrives
+(:meth:`start_aggregation`, :meth:`fold`, :meth:`finish_aggregation`; by default exact
+running weighted sums, so the server holds one reply at a time). A rule that needs the
+round's replies at once subclasses :class:`HoldsReplies` and implements
+:meth:`aggregate_states`.
 
 Instructions travel in the ConfigRecord and are read by the ClientApp (``clients/app.py``):
 which factors to train, which to send back and which to keep locally.
@@ -22,14 +26,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedpeft import records
 from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, factor_of, lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.lora import lora_alpha_for, lora_scaling
-from fedpeft.strategies.guard import check_train_replies
+from fedpeft.strategies.fold import WeightedSums, fold_replies
 from fedpeft.strategies.lora_math import stack_factors
 
 ALL_FACTORS = "lora_A,lora_B,head"
@@ -67,6 +71,26 @@ class AdapterStrategy(FedAvg):
         """ConfigRecord entries telling the client what to train, send and keep."""
         return instruct(ALL_FACTORS)
 
+    def start_aggregation(self, server_round: int) -> None:
+        """Before a round's first reply (default: empty running sums)."""
+        self._sums = WeightedSums()
+
+    def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
+        """Take in one valid reply, which is dropped after this call.
+
+        Default: add it to exact running sums (:class:`fedpeft.strategies.fold.WeightedSums`).
+        """
+        self._sums.add(state, weight, node_id)
+
+    def finish_aggregation(self, server_round: int) -> None:
+        """After the round's last reply: update ``self.global_state``.
+
+        Default: the example-weighted mean of whatever the clients sent replaces those
+        tensors of the global adapter (FedIT, and FFA/FedSA/RoLoRA on their subsets).
+        """
+        sums, self._sums = self._sums, WeightedSums()  # let the round's sums go
+        self.global_state = {**self.global_state, **sums.mean()}
+
     def aggregate_states(
         self,
         server_round: int,
@@ -74,12 +98,11 @@ class AdapterStrategy(FedAvg):
         weights: list[float],
         node_ids: list[int],
     ) -> None:
-        """Fold the clients' replies into ``self.global_state``.
-
-        Default: the example-weighted mean of whatever the clients sent replaces those
-        tensors of the global adapter (FedIT, and FFA/FedSA/RoLoRA on their subsets).
-        """
-        self.global_state = {**self.global_state, **weighted_average(states, weights)}
+        """A whole round's replies at once (tests, notebooks): folded one by one."""
+        self.start_aggregation(server_round)
+        for state, weight, node_id in zip(states, weights, node_ids, strict=True):
+            self.fold(server_round, state, weight, node_id)
+        self.finish_aggregation(server_round)
 
     def product_sums(
         self, states: list[AdapterState], weights: list[float]
@@ -172,7 +195,14 @@ class AdapterStrategy(FedAvg):
         if message_type == MessageType.TRAIN:
             self.last_trained = list(node_ids)
         messages = []
+        # nodes given the same state share one ArrayRecord (each Message is serialised on
+        # its own when sent): hundreds of nodes cost one copy of a 7B adapter, not hundreds.
+        # The state is kept with its record, so its id cannot be reused by another.
+        packed: dict[int, tuple[AdapterState, ArrayRecord]] = {}
         for node_id in node_ids:
+            state = self.down_state(server_round, node_id)
+            if id(state) not in packed:
+                packed[id(state)] = (state, state_to_arrayrecord(state))
             node_config = ConfigRecord(
                 {
                     **dict(config),
@@ -182,9 +212,7 @@ class AdapterStrategy(FedAvg):
             )
             content = RecordDict(
                 {
-                    self.arrayrecord_key: state_to_arrayrecord(
-                        self.down_state(server_round, node_id)
-                    ),
+                    self.arrayrecord_key: packed[id(state)][1],
                     self.configrecord_key: node_config,
                 }
             )
@@ -226,25 +254,66 @@ class AdapterStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Apply the rule to the valid replies; return the new full adapter for evaluation.
+        """Fold the valid replies into the rule as they come; return the new full adapter.
 
-        Replies no rule can use (NaN or inf, unusable example counts) raise AggregationError.
+        ``replies`` may be an iterator: each reply is checked, folded and dropped before
+        the next is read (:func:`fedpeft.strategies.fold.fold_replies`). Replies no rule can
+        use (NaN or inf, unusable example counts) raise AggregationError.
         """
-        # Flower's own logging of results and failures; the checks are check_train_replies'
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        if not valid:
+        started = False
+
+        def fold(msg: Message, weight: float) -> None:
+            nonlocal started
+            if not started:
+                self.start_aggregation(server_round)
+                started = True
+            node = msg.metadata.src_node_id
+            metrics = msg.content.metric_records.get(records.METRICS)
+            if metrics is not None and records.CLIENT_RANK in metrics:
+                self.node_ranks[node] = int(str(metrics[records.CLIENT_RANK]))
+            state = arrayrecord_to_state(msg.content.array_records[self.arrayrecord_key])
+            self.fold(server_round, state, weight, node)
+
+        metrics = fold_replies(replies, self.weighted_by_key, fold)
+        if metrics is None:
             return None, None
-        weights = check_train_replies(valid, self.weighted_by_key)
-        states, node_ids = [], []
-        for msg in valid:
-            metrics = msg.content.metric_records[records.METRICS]
-            if records.CLIENT_RANK in metrics:
-                self.node_ranks[msg.metadata.src_node_id] = int(str(metrics[records.CLIENT_RANK]))
-            states.append(arrayrecord_to_state(msg.content.array_records[self.arrayrecord_key]))
-            node_ids.append(msg.metadata.src_node_id)
-        self.aggregate_states(server_round, states, weights, node_ids)
-        metrics = aggregate_metricrecords([m.content for m in valid], self.weighted_by_key)
+        self.finish_aggregation(server_round)
         return state_to_arrayrecord(self.eval_state()), metrics
+
+
+class HoldsReplies(AdapterStrategy):
+    """A rule that needs every reply of the round at once: it holds them until the last.
+
+    Subclasses implement :meth:`aggregate_states`; memory grows with the number of clients
+    (their factors, not dense matrices).
+    """
+
+    def start_aggregation(self, server_round: int) -> None:
+        """Start holding this round's replies."""
+        self._held: tuple[list[AdapterState], list[float], list[int]] = ([], [], [])
+
+    def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
+        """Hold the reply until the round's last."""
+        states, weights, node_ids = self._held
+        states.append(state)
+        weights.append(weight)
+        node_ids.append(node_id)
+
+    def finish_aggregation(self, server_round: int) -> None:
+        """Apply the rule to every held reply, then let them go."""
+        states, weights, node_ids = self._held
+        self._held = ([], [], [])
+        self.aggregate_states(server_round, states, weights, node_ids)
+
+    def aggregate_states(
+        self,
+        server_round: int,
+        states: list[AdapterState],
+        weights: list[float],
+        node_ids: list[int],
+    ) -> None:
+        """The rule, on the round's replies (each subclass implements it)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement aggregate_states")
 
 
 def instruct(

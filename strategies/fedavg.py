@@ -1,28 +1,60 @@
 """FedAvg, FedProx, FedAvgM and the robust rules: Flower's own strategies, registered.
 
 On adapter tensors, FedAvg is FedIT (Zhang et al., 2024): the LoRA factors A and B are
-averaged separately, weighted by each client's ``num-examples``.
+averaged separately, weighted by each client's ``num-examples``. FedAvg and FedProx fold
+each reply into running sums as it arrives (:mod:`fedpeft.strategies.fold`); the others
+run Flower's code, which holds every reply of the round (the median and the trimmed mean
+need them all at once).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr
 from flwr.serverapp.strategy import Strategy
 
+from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
+from fedpeft.strategies.fold import WeightedSums, fold_replies
 from fedpeft.strategies.guard import GuardedReplies
 
 
+class FoldedMean(flwr.FedAvg):
+    """Flower's FedAvg rule, each reply folded into exact running sums as it arrives.
+
+    Put it first among the bases. Unusable replies raise AggregationError, as in
+    :class:`GuardedReplies`; the mean is accumulated in float64 and divided once.
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The example-weighted mean of the replies' arrays, and of their metrics."""
+        sums = WeightedSums()
+
+        def fold(msg: Message, weight: float) -> None:
+            for record in msg.content.array_records.values():
+                sums.add(arrayrecord_to_state(record), weight, msg.metadata.src_node_id)
+
+        metrics = fold_replies(replies, self.weighted_by_key, fold)
+        if metrics is None:
+            return None, None
+        return state_to_arrayrecord(sums.mean()), metrics
+
+
+class FedAvg(FoldedMean):
+    """Flower's FedAvg, folding replies as they arrive; unusable ones raise AggregationError."""
+
+
+class FedProx(FoldedMean, flwr.FedProx):
+    """Flower's FedProx, folding replies as they arrive; unusable ones raise AggregationError."""
+
+
 # Flower's rules as they are, refusing replies they cannot use (strategies.guard)
-class FedAvg(GuardedReplies, flwr.FedAvg):
-    """Flower's FedAvg; unusable replies raise AggregationError."""
-
-
-class FedProx(GuardedReplies, flwr.FedProx):
-    """Flower's FedProx; unusable replies raise AggregationError."""
 
 
 class FedAvgM(GuardedReplies, flwr.FedAvgM):
@@ -61,9 +93,14 @@ register_strategy(
     "weighted average of adapter tensors (FedIT on LoRA)",
     build_fedavg,
     weighted_sum=True,
+    streams_replies=True,
 )
 register_strategy(
-    "fedprox", "FedAvg + client-side proximal term (mu)", build_fedprox, weighted_sum=True
+    "fedprox",
+    "FedAvg + client-side proximal term (mu)",
+    build_fedprox,
+    weighted_sum=True,
+    streams_replies=True,
 )
 register_strategy("fedavgm", "FedAvg with server momentum", build_fedavgm)
 

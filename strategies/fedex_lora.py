@@ -16,12 +16,12 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
-from fedpeft.strategies.adapter_strategy import AdapterStrategy, lora_factors, weighted_average
+from fedpeft.strategies.adapter_strategy import HoldsReplies, lora_factors, weighted_average
 from fedpeft.strategies.flora import export_with_base
 from fedpeft.strategies.lora_math import accumulate_factors, fedex_residual
 
 
-class FedExLoRA(AdapterStrategy):
+class FedExLoRA(HoldsReplies):
     """FedEx-LoRA: FedIT's averages plus the residual folded into the frozen base."""
 
     def aggregate_states(

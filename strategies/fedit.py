@@ -33,4 +33,5 @@ register_strategy(
     "FedAvg on the LoRA factors A and B (baseline, inexact)",
     build_fedit,
     weighted_sum=True,
+    streams_replies=True,
 )

@@ -64,4 +64,5 @@ register_strategy(
     build_fedsa_lora,
     lora_only=True,
     weighted_sum=True,
+    streams_replies=True,
 )

@@ -42,4 +42,5 @@ register_strategy(
     build_ffa_lora,
     lora_only=True,
     weighted_sum=True,
+    streams_replies=True,
 )

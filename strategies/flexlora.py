@@ -5,9 +5,14 @@ rank: ``alpha / r_i``, or ``alpha / sqrt(r_i)`` with rsLoRA), takes its SVD and 
 client the best rank-``r_j`` approximation split into LoRA factors: ``B = U S / s_j``,
 ``A = V^T`` as the authors' code does (``strategy.svd_split = "left"``), or sqrt(S) into
 both (``"sqrt"``). The SVD is computed from the stacked factors, never from the d x k
-matrix: exactly (QR + a small core SVD) while the stacked rank is small, and by a seeded
-randomised range finder when hundreds of clients make it large (``strategy.flexlora_svd``,
-:func:`fedpeft.strategies.lora_math.top_svd`). The sum is exact; redistribution truncates.
+matrix (``strategy.flexlora_svd``): exactly (QR + a small core SVD) while the stacked rank
+is small; by a seeded randomised range finder with power iterations when many clients make
+it large (:func:`fedpeft.strategies.lora_math.top_svd`); and, when the round's factors
+would not fit in ``HELD_FACTORS_BYTES``, by a streaming SVD folded as the replies
+arrive (:class:`fedpeft.strategies.lora_math.StreamingSVD`), so that the server's memory
+no longer grows with the clients. The first two hold the round's factors and are exact to
+the sum; the streaming SVD is exact while the sum's rank is at most ``4 r_max``, and as
+close beyond as the spectrum decays.
 
 Nodes that have not replied yet get the largest rank's factors; a client keeps the
 leading components (the rank-r_j truncation, since SVD components are ordered). After a
@@ -24,11 +29,16 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
-from fedpeft.strategies.adapter_strategy import AdapterStrategy
-from fedpeft.strategies.lora_math import top_svd, truncate_to_rank
+from fedpeft.strategies.adapter_strategy import HoldsReplies, select
+from fedpeft.strategies.fold import WeightedSums
+from fedpeft.strategies.lora_math import StreamingSVD, svd_costs, top_svd, truncate_to_rank
+
+#: ``auto`` streams the replies when holding a round's factors (float64, as the exact
+#: and randomised paths hold them) would take more than this
+HELD_FACTORS_BYTES = 1 << 30
 
 
-class FlexLoRA(AdapterStrategy):
+class FlexLoRA(HoldsReplies):
     """FlexLoRA: SVD of the weighted sum of B_i A_i; client j gets its rank-r_j truncation."""
 
     heterogeneous_ranks = True
@@ -37,8 +47,20 @@ class FlexLoRA(AdapterStrategy):
         super().__init__(scenario, sampling)
         self.svd: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.svd_methods: dict[str, int] = {}  # method -> matrices it decomposed, so far
+        self.streaming: StreamingSVD | None = None  # this round's, when it streams
+        self.truncations: dict[int, AdapterState] = {}  # rank -> factors, this round
 
     def _factors(self, rank: int) -> AdapterState:
+        """The rank-``rank`` truncation, one object per rank until the next aggregation.
+
+        Nodes of one rank then share one ArrayRecord (:meth:`AdapterStrategy._messages`).
+        """
+        cache = self.__dict__.setdefault("truncations", {})  # a checkpoint may predate it
+        if rank not in cache:
+            cache[rank] = self._truncate(rank)
+        return cache[rank]
+
+    def _truncate(self, rank: int) -> AdapterState:
         state = dict(self.global_state)
         if not self.svd:
             return state
@@ -54,6 +76,63 @@ class FlexLoRA(AdapterStrategy):
         """The node's own rank's truncation (the largest rank until the node has replied)."""
         return self._factors(self.node_ranks.get(node_id, self.scenario.max_rank))
 
+    def method(self) -> str:
+        """How this round's SVD is found: ``strategy.flexlora_svd``, or what ``auto`` picks.
+
+        Auto, from the sampled clients' ranks and the adapter's shapes: exact while its flop
+        count is the smaller, the randomised range finder while the factors fit in
+        :data:`HELD_FACTORS_BYTES`, the streaming SVD beyond.
+        """
+        chosen = self.scenario.strategy.flexlora_svd
+        if chosen != "auto":
+            return chosen
+        stacked = sum(self.node_ranks.get(n, self.scenario.max_rank) for n in self.last_trained)
+        shapes = [
+            (self.global_state[b].shape[0], self.global_state[a].shape[1])
+            for a, b in lora_pairs(list(self.global_state)).values()
+        ]
+        if sum(8 * stacked * (d + k) for d, k in shapes) > HELD_FACTORS_BYTES:
+            return "streaming"
+        costs = [svd_costs(d, k, stacked, self.scenario.max_rank) for d, k in shapes]
+        exact = sum(c["exact"] for c in costs) <= sum(c["randomized"] for c in costs)
+        return "exact" if exact else "randomized"
+
+    def start_aggregation(self, server_round: int) -> None:
+        """Hold the round's replies, or start a streaming SVD that takes each as it comes."""
+        if self.method() == "streaming":
+            self._start_streaming()
+        else:
+            self.streaming = None
+            super().start_aggregation(server_round)
+
+    def _start_streaming(self) -> None:
+        self.streaming = StreamingSVD(self.scenario.max_rank)
+        self.heads, self.total = WeightedSums(), 0.0
+
+    def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
+        """Fold ``weight * s_i * B_i A_i`` into each module's streaming SVD (or hold it)."""
+        if self.streaming is None:
+            super().fold(server_round, state, weight, node_id)
+            return
+        for module, (a_key, b_key) in lora_pairs(list(state)).items():
+            a = state[a_key]
+            self.streaming.add(module, state[b_key], a, weight * self.scaling(a.shape[0]))
+        self.heads.add(select(state, {"head"}), weight, node_id)
+        self.total += weight
+
+    def finish_aggregation(self, server_round: int) -> None:
+        """SVD of each module's weighted sum of products; the head is averaged."""
+        if self.streaming is None:
+            super().finish_aggregation(server_round)
+            return
+        for module in self.streaming.modules:
+            self.svd[module] = self.streaming.top_svd(module, 1.0 / self.total)
+        count = self.svd_methods.get("streaming", 0) + len(self.streaming.modules)
+        self.svd_methods["streaming"] = count
+        if self.heads.sums:
+            self.global_state.update(self.heads.mean())
+        self.streaming, self.truncations = None, {}
+
     def aggregate_states(
         self,
         server_round: int,
@@ -61,14 +140,26 @@ class FlexLoRA(AdapterStrategy):
         weights: list[float],
         node_ids: list[int],
     ) -> None:
-        """Exact weighted sum of products, kept as its SVD; the head is averaged."""
-        method, seed = self.scenario.strategy.flexlora_svd, self.scenario.seed + server_round
+        """Exact weighted sum of products, kept as its SVD; the head is averaged.
+
+        The SVD is exact or randomised per module as ``strategy.flexlora_svd`` says (auto:
+        the cheaper); with ``streaming`` the replies go through the streaming SVD one by one.
+        """
+        method = self.scenario.strategy.flexlora_svd
+        if method == "streaming":
+            self._start_streaming()
+            for state, weight, node_id in zip(states, weights, node_ids, strict=True):
+                self.fold(server_round, state, weight, node_id)
+            self.finish_aggregation(server_round)
+            return
+        seed = self.scenario.seed + server_round
         for module, stacked_b, stacked_a in self.product_sums(states, weights):
             self.svd[module], used = top_svd(
                 stacked_b, stacked_a, self.scenario.max_rank, method, seed
             )
             self.svd_methods[used] = self.svd_methods.get(used, 0) + 1
         self.average_heads(states, weights)
+        self.truncations = {}
 
     def eval_state(self) -> AdapterState:
         """The server model's (largest-rank) truncation."""

@@ -17,11 +17,11 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
-from fedpeft.strategies.adapter_strategy import AdapterStrategy, select
+from fedpeft.strategies.adapter_strategy import HoldsReplies, select
 from fedpeft.strategies.lora_math import accumulate_factors
 
 
-class FLoRA(AdapterStrategy):
+class FLoRA(HoldsReplies):
     """FLoRA: stack B_i and p_i s_i A_i (exact sum of products), merge into the base."""
 
     heterogeneous_ranks = True

@@ -3,9 +3,10 @@
 In a fedpeft run the server's validating Grid (``server/reliability.py``) rejects such
 replies before a strategy sees them. A strategy called directly (a test, a notebook, another
 server) must still not turn them into silent NaN, a ``LinAlgError`` or a
-``ZeroDivisionError`` depending on its rule: each one checks its training replies with
-:func:`check_train_replies` first, and Flower's own rules get the check through
-:class:`GuardedReplies`.
+``ZeroDivisionError`` depending on its rule: the rules that fold replies as they arrive
+check each one with :func:`reply_weight` and :func:`check_finite`
+(:func:`fedpeft.strategies.fold.fold_replies`), and Flower's own rules get
+:func:`check_train_replies` through :class:`GuardedReplies`.
 """
 
 from __future__ import annotations

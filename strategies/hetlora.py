@@ -23,7 +23,7 @@ from fedpeft.adapters import AdapterState, lora_pairs
 from fedpeft.config import Scenario
 from fedpeft.state import scalar
 from fedpeft.strategies import register_strategy
-from fedpeft.strategies.adapter_strategy import ALL_FACTORS, AdapterStrategy, instruct, lora_factors
+from fedpeft.strategies.adapter_strategy import ALL_FACTORS, HoldsReplies, instruct, lora_factors
 from fedpeft.strategies.client_hook import ClientHook, Regulariser
 from fedpeft.strategies.lora_math import (
     hetlora_aggregate,
@@ -33,7 +33,7 @@ from fedpeft.strategies.lora_math import (
 )
 
 
-class HetLoRA(AdapterStrategy):
+class HetLoRA(HoldsReplies):
     """HetLoRA: zero-pad to r_max, norm-weighted average, truncate to each client's rank."""
 
     heterogeneous_ranks = True

@@ -40,4 +40,5 @@ register_strategy(
     build_rolora,
     lora_only=True,
     weighted_sum=True,
+    streams_replies=True,
 )

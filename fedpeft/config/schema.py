@@ -237,10 +237,12 @@ class StrategySection(Section, table="strategy"):
     personal_head: bool = setting(
         True, "FedSA-LoRA: each client keeps its own task head (the authors' code), not averaged"
     )
-    flexlora_svd: Literal["auto", "exact", "randomized"] = setting(
+    flexlora_svd: Literal["auto", "exact", "randomized", "streaming"] = setting(
         "auto",
         "FlexLoRA: top singular triplets exactly (factored QR + SVD), by a randomised range "
-        "finder (many clients), or auto: whichever is cheaper for the round's stacked rank",
+        "finder (many clients), by a streaming SVD folded as replies arrive (flat memory, "
+        "for hundreds of large clients), or auto: exact or randomised, whichever is "
+        "cheaper, while the round's factors fit in 1 GiB, streaming beyond",
     )
 
 

@@ -115,6 +115,7 @@ def targets() -> list[Row]:
     return [
         *_overhead_rows(),
         *_aggregation_rows(),
+        *_streaming_rows(),
         *_memory_rows(),
         *_deploy_rows(),
         *_baseline_rows(),
@@ -177,6 +178,61 @@ def _aggregation_rows() -> list[Row]:
             "met"
             if ("7b", 1000) in sizes
             else "gap: 1000 7B-shaped updates are 33 GB, more than this machine's memory",
+        ),
+    ]
+
+
+def _streaming_rows() -> list[Row]:
+    """Issue 22's targets: replies folded as they arrive, 100 and 1,000 7B-shaped updates."""
+    agg = _load("aggregation")
+    cells = {
+        (r["clients"], r["strategy"]): r
+        for r in (agg or {}).get("streaming", [])
+        if r["shape"] == "7b"
+    }
+    if not cells:
+        return []
+
+    def show(k: int, name: str) -> str:
+        r = cells.get((k, name))
+        if r is None:
+            return f"{name} not run"
+        if "error" in r:
+            return f"{name} failed"
+        return f"{name} {r['seconds']:.1f} s (+{r['peak_extra_mib'] / 1024:.1f} GiB)"
+
+    limits = {"flexlora": 10.0, "flora": 30.0, "fedex_lora": 30.0}
+    hundred = [
+        n for n in ("fedavg", "fedit", "flexlora", "flora", "fedex_lora") if (100, n) in cells
+    ]
+    late = [
+        n
+        for n in hundred
+        if "error" in cells[(100, n)]
+        or cells[(100, n)]["seconds"] > limits.get(n, float("inf"))
+        or cells[(100, n)]["peak_extra_mib"] > 1.5 * 1024
+    ]
+    thousand = [n for n in ("fedavg", "fedit", "flexlora") if (1000, n) in cells]
+    heavy = [
+        n
+        for n in thousand
+        if "error" in cells[(1000, n)] or cells[(1000, n)]["peak_rss_mb"] > 16 * 1024
+    ]
+    missing = [n for n in ("fedavg", "fedit", "flexlora") if (1000, n) not in cells]
+    return [
+        (
+            "100 7B-shaped updates folded as they arrive",
+            "FlexLoRA <= 10 s, FLoRA and FedEx-LoRA <= 30 s; <= 1.5 GB above the start",
+            "; ".join(show(100, n) for n in hundred),
+            "met" if not late else f"gap: {', '.join(late)}",
+        ),
+        (
+            "1,000 7B-shaped updates",
+            "fedavg, fedit and flexlora complete, peak < 16 GB",
+            "; ".join(
+                f"{n} {cells[(1000, n)].get('peak_rss_mb', 0) / 1024:.1f} GB peak" for n in thousand
+            ),
+            "met" if not heavy and not missing else f"gap: {', '.join(heavy + missing)}",
         ),
     ]
 
