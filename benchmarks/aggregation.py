@@ -91,14 +91,34 @@ class PeakRSS:
         self.mib = (self.peak - self.start) / 2**20
 
 
-def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
-    """Time and memory of each registered strategy's aggregate_train on K updates."""
+def configured_strategy(name: str, shape: str, k: int, current: dict[str, torch.Tensor]):
+    """The named strategy for K clients of ``shape``, after round 1's configure_train."""
     from flwr.app import ConfigRecord
 
     from fedpeft.codecs import state_to_arrayrecord
     from fedpeft.config import load_scenario
-    from fedpeft.strategies import STRATEGIES, build_strategy
-    from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
+    from fedpeft.strategies import build_strategy
+    from fedpeft.strategies.testing import StaticGrid
+
+    r = SHAPES[shape][2]
+    sets = [
+        f'strategy.name="{name}"',
+        f"peft.r={r}",
+        f"peft.alpha={2 * r}",
+        f"data.num_clients={k}",
+        f"federation.clients_per_round={k}",
+    ]
+    strategy = build_strategy(load_scenario("smoke", sets))
+    grid = StaticGrid(range(1, k + 1))
+    list(strategy.configure_train(1, state_to_arrayrecord(current), ConfigRecord(), grid))
+    return strategy
+
+
+def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
+    """Time and memory of each registered strategy's aggregate_train on K updates."""
+
+    from fedpeft.strategies import STRATEGIES
+    from fedpeft.strategies.testing import ensure_task_identity, train_reply
 
     ensure_task_identity()  # Messages need a run identity outside a running app
     rows = []
@@ -107,16 +127,7 @@ def strategy_costs(shape: str, counts: list[int]) -> list[dict]:
         states = [adapter(shape, seed) for seed in range(k)]
         current = adapter(shape, 10_000)
         for name, spec in sorted(STRATEGIES.items()):
-            sets = [
-                f'strategy.name="{name}"',
-                f"peft.r={r}",
-                f"peft.alpha={2 * r}",
-                f"data.num_clients={k}",
-                f"federation.clients_per_round={k}",
-            ]
-            strategy = build_strategy(load_scenario("smoke", sets))
-            grid = StaticGrid(range(1, k + 1))
-            list(strategy.configure_train(1, state_to_arrayrecord(current), ConfigRecord(), grid))
+            strategy = configured_strategy(name, shape, k, current)
             replies = [train_reply(s, 8 + i % 5, i + 1) for i, s in enumerate(states)]
             gc.collect()
             with PeakRSS() as memory:
@@ -146,27 +157,12 @@ def stream_cell(shape: str, k: int, name: str) -> dict:
     """One strategy's ``aggregate_train`` over K lazily generated replies (a child process)."""
     from collections.abc import Iterator
 
-    from flwr.app import ConfigRecord, Message
+    from flwr.app import Message
 
-    from fedpeft.codecs import state_to_arrayrecord
-    from fedpeft.config import load_scenario
-    from fedpeft.strategies import build_strategy
-    from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
+    from fedpeft.strategies.testing import ensure_task_identity, train_reply
 
     ensure_task_identity()
-    layers, d, r, _ = SHAPES[shape]
-    sets = [
-        f'strategy.name="{name}"',
-        f"peft.r={r}",
-        f"peft.alpha={2 * r}",
-        f"data.num_clients={k}",
-        f"federation.clients_per_round={k}",
-    ]
-    strategy = build_strategy(load_scenario("smoke", sets))
-    configured = strategy.configure_train(
-        1, state_to_arrayrecord(adapter(shape, 10**6)), ConfigRecord(), StaticGrid(range(1, k + 1))
-    )
-    list(configured)
+    strategy = configured_strategy(name, shape, k, adapter(shape, 10**6))
     generating = 0.0
 
     def replies() -> Iterator[Message]:

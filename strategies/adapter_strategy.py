@@ -356,11 +356,7 @@ def select(state: AdapterState, factors: set[str]) -> AdapterState:
 
 def weighted_average(states: list[AdapterState], weights: list[float]) -> AdapterState:
     """Example-weighted mean of same-keyed, same-shaped states (FedAvg on each tensor)."""
-    total = sum(weights)
-    out = {}
-    for key in states[0]:
-        acc = torch.zeros_like(states[0][key], dtype=torch.float64)
-        for s, w in zip(states, weights, strict=True):
-            acc += w * s[key].double()
-        out[key] = (acc / total).to(states[0][key].dtype)
-    return out
+    sums = WeightedSums()
+    for state, weight in zip(states, weights, strict=True):
+        sums.add(state, weight)
+    return sums.mean()

@@ -107,7 +107,7 @@ class FlexLoRA(HoldsReplies):
 
     def _start_streaming(self) -> None:
         self.streaming = StreamingSVD(self.scenario.max_rank)
-        self.heads, self.total = WeightedSums(), 0.0
+        self.heads = WeightedSums()  # the heads' mean; its total weighs the whole round
 
     def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
         """Fold ``weight * s_i * B_i A_i`` into each module's streaming SVD (or hold it)."""
@@ -118,7 +118,6 @@ class FlexLoRA(HoldsReplies):
             a = state[a_key]
             self.streaming.add(module, state[b_key], a, weight * self.scaling(a.shape[0]))
         self.heads.add(select(state, {"head"}), weight, node_id)
-        self.total += weight
 
     def finish_aggregation(self, server_round: int) -> None:
         """SVD of each module's weighted sum of products; the head is averaged."""
@@ -126,7 +125,7 @@ class FlexLoRA(HoldsReplies):
             super().finish_aggregation(server_round)
             return
         for module in self.streaming.modules:
-            self.svd[module] = self.streaming.top_svd(module, 1.0 / self.total)
+            self.svd[module] = self.streaming.top_svd(module, 1.0 / self.heads.total)
         count = self.svd_methods.get("streaming", 0) + len(self.streaming.modules)
         self.svd_methods["streaming"] = count
         if self.heads.sums:
