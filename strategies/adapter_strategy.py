@@ -33,7 +33,7 @@ from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, facto
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.lora import lora_alpha_for, lora_scaling
-from fedpeft.strategies.fold import WeightedSums, fold_replies
+from fedpeft.strategies.fold import WeightedSums, fold_replies, give_back_free_memory
 from fedpeft.strategies.lora_math import stack_factors
 
 ALL_FACTORS = "lora_A,lora_B,head"
@@ -295,7 +295,7 @@ class HoldsReplies(AdapterStrategy):
     def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
         """Hold the reply until the round's last."""
         states, weights, node_ids = self._held
-        states.append(state)
+        states.append(HeldState(state))
         weights.append(weight)
         node_ids.append(node_id)
 
@@ -314,6 +314,15 @@ class HoldsReplies(AdapterStrategy):
     ) -> None:
         """The rule, on the round's replies (each subclass implements it)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement aggregate_states")
+
+
+class HeldState(dict):
+    """A reply's adapter state that a strategy holds for itself until the round's end.
+
+    :func:`lora_factors` drops each module's factors from it once the rule has read them,
+    so a rule's result (FLoRA's stacked factors, FedEx-LoRA's residual) replaces the held
+    factors module by module instead of adding to them.
+    """
 
 
 def instruct(
@@ -337,7 +346,9 @@ def lora_factors(
 ) -> Iterator[tuple[str, str, str, list[torch.Tensor], list[torch.Tensor]]]:
     """Yield (module, A key, B key, every client's B, every client's A) per adapted module.
 
-    The factors come in float64, so the rules' sums are exact to double precision.
+    The factors come in float64, so the rules' sums are exact to double precision. States
+    the strategy holds for itself (:class:`HeldState`) lose each module's factors once the
+    caller has taken the next module (or stopped).
     """
     for module, (a_key, b_key) in lora_pairs(list(states[0])).items():
         yield (
@@ -347,6 +358,11 @@ def lora_factors(
             [s[b_key].double() for s in states],
             [s[a_key].double() for s in states],
         )
+        held = [state for state in states if isinstance(state, HeldState)]
+        for state in held:
+            del state[a_key], state[b_key]
+        if held:
+            give_back_free_memory()  # else the freed factors stay in the heap, unused
 
 
 def select(state: AdapterState, factors: set[str]) -> AdapterState:

@@ -33,10 +33,10 @@ class FedExLoRA(HoldsReplies):
     ) -> None:
         """Average every tensor; add this round's residual to the running base delta."""
         scaling = self.scaling(self.scenario.max_rank)
+        self.global_state = weighted_average(states, weights)  # before the factors go
         for module, _, _, bs, as_ in lora_factors(states):
             p, q = fedex_residual(bs, as_, weights, scaling)
             self.base_delta[module] = accumulate_factors(self.base_delta.get(module), p, q)
-        self.global_state = weighted_average(states, weights)
 
     def export(self) -> tuple[AdapterState, int, float]:
         """One LoRA adapter carrying the residuals and ``s B A`` (peft's scaling 1)."""

@@ -49,8 +49,7 @@ class WeightedSums:
                     f"node {node}: tensor '{key}' has shape {tuple(value.shape)}, "
                     f"the others {tuple(self.sums[key].shape)}"
                 )
-            term = value.to(torch.float64, copy=True)  # one temporary: weight * value
-            self.sums[key] += term.mul_(weight)
+            self.sums[key].add_(value, alpha=weight)  # in float64, no temporary
         self.total += weight
 
     def mean(self) -> dict[str, torch.Tensor]:

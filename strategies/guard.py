@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
 from fedpeft import records
+from fedpeft.codecs import array_values
 from fedpeft.strategies import AggregationError
 
 
@@ -45,11 +46,19 @@ def reply_weight(msg: Message, key: str) -> float:
 
 
 def check_finite(msg: Message) -> None:
-    """Raise :class:`AggregationError` naming the first tensor of ``msg`` with NaN or inf."""
+    """Raise :class:`AggregationError` naming the first tensor of ``msg`` with NaN or inf.
+
+    A sum is NaN or inf when any term is, so a finite sum clears a tensor in one pass; a sum
+    that overflowed is checked element by element.
+    """
     for record in msg.content.array_records.values():
         for key, array in record.items():
-            values = array.numpy()
-            if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            values = array_values(array)
+            if not np.issubdtype(values.dtype, np.inexact):
+                continue
+            with np.errstate(over="ignore", invalid="ignore"):
+                clear = bool(np.isfinite(values.sum()))
+            if not clear and not np.isfinite(values).all():
                 raise AggregationError(
                     f"node {msg.metadata.src_node_id}: tensor '{key}' holds NaN or inf"
                 )

@@ -275,11 +275,39 @@ NOISE_FLOOR = 1e-6
 def _split_off(basis: Tensor, columns: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``columns = basis P + Q R``: P in the orthonormal ``basis``, Q orthonormal to it."""
     p = basis.mT @ columns
-    rest = columns - basis @ p
-    again = basis.mT @ rest  # Gram-Schmidt twice: float32 keeps Q orthogonal to the basis
-    p, rest = p + again, rest - basis @ again
-    q, r = torch.linalg.qr(rest, mode="reduced")
-    return p, q, r
+    rest = torch.addmm(columns, basis, p, alpha=-1)
+    # "twice is enough" (Kahan, Parlett): a column that kept half its squared norm is
+    # orthogonal to the basis to rounding; otherwise project again
+    if bool((rest.square().sum(0) < 0.5 * columns.square().sum(0)).any()):
+        again = basis.mT @ rest
+        p, rest = p + again, torch.addmm(rest, basis, again, alpha=-1)
+    q, conditioning = _orthonormal(rest)
+    if conditioning > WELL_CONDITIONED:
+        q, _ = _orthonormal(q)  # rounding grows with it: a second pass restores orthogonality
+    return p, q, q.mT @ rest
+
+
+#: the condition number below which one :func:`_orthonormal` pass is orthogonal to about
+#: 1e-5 in float32 (its error is about the unit roundoff times the condition number)
+WELL_CONDITIONED = 100.0
+
+
+def _orthonormal(columns: Tensor) -> tuple[Tensor, float]:
+    """An orthonormal basis of the columns' span, from the eigenvectors of their Gram matrix.
+
+    The Gram matrix is formed in float64, so directions down to :data:`NOISE_FLOOR` of the
+    largest are resolved; weaker ones (float32 rounding, or columns already in the basis)
+    are dropped. Three to five times faster than a Householder QR of a tall float32 matrix
+    (4,096 x 64: 1.6 ms against 7.8 ms, measured), the streaming SVD's largest cost.
+    """
+    wide = columns.double()
+    values, vectors = torch.linalg.eigh(wide.mT @ wide)
+    keep = values > values[-1].clamp(min=0) * NOISE_FLOOR**2 if values.numel() else values > 0
+    if not bool(keep.any()):
+        return columns[:, :0], 1.0
+    values = values[keep].sqrt()
+    basis = columns @ (vectors[:, keep] / values).to(columns.dtype)
+    return basis, float(values[-1] / values[0])  # with the columns' condition number
 
 
 def svd_costs(d: int, k: int, m: int, rank: int) -> dict[str, float]:
@@ -477,19 +505,30 @@ def fedex_residual(
     return r_b, r_a
 
 
+#: :func:`accumulate_factors` re-factors a running sum whenever that costs at most this many
+#: flops (``2 (d + k) m^2``, about 50 ms in float64 here); MiniLM's always qualify
+REFACTOR_FLOPS = 2e9
+
+
 def accumulate_factors(
     previous: tuple[Tensor, Tensor] | None, P: Tensor, Q: Tensor, rtol: float = 1e-9
 ) -> tuple[Tensor, Tensor]:
-    """Add ``P @ Q`` to a running factored sum and re-factor it compactly.
+    """Add ``P @ Q`` to a running factored sum, re-factoring it compactly when worth it.
 
-    Stacks the old and new factors, takes their factored SVD and keeps the components
-    whose singular value exceeds ``rtol`` times the largest, so the running sum of many
-    rounds (FLoRA merges, FedEx-LoRA residuals) stays at its numerical rank
-    (``<= min(d, k)``) instead of growing by the stacked rank every round.
+    Stacks the old and new factors (exact). When the stacked rank ``m`` exceeds
+    ``min(d, k)``, or re-factoring costs at most :data:`REFACTOR_FLOPS`, it takes their
+    factored SVD and keeps the components whose singular value exceeds ``rtol`` times the
+    largest, so the running sum of many rounds (FLoRA merges, FedEx-LoRA residuals) stays
+    at its numerical rank (``<= min(d, k)``) instead of growing by the stacked rank every
+    round. Otherwise the stack is kept as it is: a QR of 100 7B-shaped clients' factors
+    (m = 1,600, d = 4,096) takes 6 s per module and would not shrink them.
     """
     if previous is not None:
         P = torch.cat([previous[0], P], dim=1)
         Q = torch.cat([previous[1], Q], dim=0)
+    (d, m), k = P.shape, Q.shape[1]
+    if m <= min(d, k) and 2.0 * (d + k) * m * m > REFACTOR_FLOPS:
+        return P, Q
     u, s, v = factored_svd(P, Q)
     keep = max(1, int((s > rtol * s.max()).sum().item())) if s.numel() and s.max() > 0 else 1
     root = s[:keep].sqrt()

@@ -11,9 +11,11 @@ import torch
 from flwr.app import ConfigRecord, Message
 from lora_helpers import product_sum
 
+from fedpeft.adapters import lora_pairs
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import load_scenario
 from fedpeft.strategies import STRATEGIES, AggregationError, build_strategy
+from fedpeft.strategies.adapter_strategy import HeldState, lora_factors
 from fedpeft.strategies.flexlora import FlexLoRA
 from fedpeft.strategies.lora_math import BATCH_FACTOR, KEEP_FACTOR, StreamingSVD
 from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
@@ -210,3 +212,30 @@ def test_flexlora_streams_when_the_round_would_not_fit_and_says_so(monkeypatch):
         gap = ((u * s) @ v.mT - want_product).norm() / want_product.norm()
         assert gap <= 1e-4, module  # the streaming SVD computes in float32
     assert got.keys() == want.keys()
+
+
+def test_held_replies_give_up_each_modules_factors_once_read():
+    """FLoRA's result replaces the held factors module by module (plain dicts are left)."""
+    held = [HeldState(_adapter(seed)) for seed in range(3)]
+    given = [_adapter(seed) for seed in range(3)]
+    modules = list(lora_pairs(list(held[0])))
+    for step, (module, a_key, b_key, bs, _) in enumerate(lora_factors(held)):
+        assert module == modules[step] and len(bs) == 3
+        assert all(a_key in s and b_key in s for s in held)  # still there while it is read
+        if step:  # the module read before is gone
+            previous = lora_pairs(list(given[0]))[modules[step - 1]]
+            assert not any(key in s for s in held for key in previous)
+    assert all(not s for s in held)  # only LoRA factors were held: nothing is left
+    list(lora_factors(given))
+    assert all(len(s) == 2 * len(modules) for s in given)
+
+
+def test_flora_holds_no_factor_after_the_round():
+    strategy = _strategy("flora", 4, "federation.clients_per_round=4")
+    states = [_adapter(seed) for seed in range(4)]
+    arrays, _ = strategy.aggregate_train(1, _replies(states, [1, 2, 3, 4]))
+    assert arrays is not None and not strategy._held[0]
+    merged = sum(t.nbytes for pair in strategy.base_delta.values() for t in pair) / 2**20
+    adapter = sum(t.nbytes for t in strategy.global_state.values()) / 2**20
+    assert merged > 0
+    assert _held_mib(strategy) <= merged + adapter + 0.01  # nothing of the replies is left

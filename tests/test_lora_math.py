@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 
 from fedpeft.lora import delta_weight, fold_into_weight, lora_alpha_for, lora_scaling
 from fedpeft.strategies.lora_math import (
+    accumulate_factors,
     factored_svd,
     fedex_residual,
     flexlora_aggregate,
@@ -308,3 +309,36 @@ def test_fold_into_a_conv1d_weight_matches_peft_lora_on_conv1d():
     # Assert
     assert layer.scaling["default"] == alpha / r
     assert rel_err(folded_out, lora_out) < 1e-12
+
+
+def _factors(seed: int, d: int, m: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(d, m, generator=g, dtype=torch.float64),
+        torch.randn(m, k, generator=g, dtype=torch.float64),
+    )
+
+
+def test_accumulate_factors_refactors_a_cheap_sum_to_its_numerical_rank():
+    p, q = _factors(0, 30, 4, 20)
+    b, a = accumulate_factors(accumulate_factors(None, p, q), 2 * p, q)  # 3 P Q, rank 4
+    assert b.shape == (30, 4) and a.shape == (4, 20)
+    torch.testing.assert_close(b @ a, 3 * p @ q, rtol=1e-10, atol=1e-12)
+
+
+def test_accumulate_factors_keeps_a_costly_stack_until_it_outgrows_min_d_k(monkeypatch):
+    monkeypatch.setattr("fedpeft.strategies.lora_math.REFACTOR_FLOPS", 0.0)
+    exact = torch.zeros(30, 20, dtype=torch.float64)
+    running = None
+    for step in range(6):  # stacked ranks 4, 8, ..., 24: beyond min(d, k) = 20 at the 5th
+        p, q = _factors(step, 30, 4, 20)
+        exact += p @ q
+        before = 0 if running is None else running[0].shape[1]
+        running = accumulate_factors(running, p, q)
+        stacked = before + 4
+        if stacked <= 20:  # kept as stacked: no QR at all
+            assert running[0].shape[1] == stacked
+            torch.testing.assert_close(running[0][:, before:], p, rtol=0, atol=0)
+        else:  # re-factored: at most min(d, k) columns again
+            assert running[0].shape[1] <= 20
+        torch.testing.assert_close(running[0] @ running[1], exact, rtol=1e-10, atol=1e-10)

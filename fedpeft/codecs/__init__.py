@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from io import BytesIO
 
 import numpy as np
 import torch
@@ -31,9 +32,48 @@ def state_to_arrayrecord(state: AdapterState) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(_to_numpy(v))) for k, v in state.items()})
 
 
+#: parsed ``.npy`` headers (the header's bytes -> shape, Fortran order, dtype); a round's
+#: replies repeat the same few, so each is parsed once
+_HEADERS: dict[bytes, tuple[tuple[int, ...], bool, np.dtype]] = {}
+_MAX_HEADERS = 4096
+
+
+def array_values(array: Array) -> np.ndarray:
+    """The values of a Flower ``Array``, read-only, without copying its bytes.
+
+    ``Array.numpy()`` runs ``np.load`` on a copy of the bytes and parses the ``.npy`` header
+    with ``ast`` every time: 70 ms per 7B-shaped reply. This parses each distinct header
+    once (pickled object arrays refused, as ``np.load(allow_pickle=False)`` does) and views
+    the data where it lies.
+    """
+    if array.stype != "numpy.ndarray":
+        raise TypeError(f"unsupported serialization type for numpy conversion: '{array.stype}'")
+    data = array.data
+    if data[:6] != b"\x93NUMPY" or len(data) < 10:
+        raise ValueError("the array's bytes are not in the .npy format")
+    width = 2 if data[6] == 1 else 4  # format 1.0: 2-byte header length; 2.0 and 3.0: 4
+    start = 8 + width + int.from_bytes(data[8 : 8 + width], "little")
+    header = bytes(data[:start])
+    parsed = _HEADERS.get(header)
+    if parsed is None:
+        stream = BytesIO(header)
+        version = np.lib.format.read_magic(stream)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else None
+        parsed = (read or np.lib.format.read_array_header_2_0)(stream)
+        if parsed[2].hasobject:
+            raise ValueError("the array holds Python objects, which are never unpickled")
+        if len(_HEADERS) >= _MAX_HEADERS:
+            _HEADERS.clear()
+        _HEADERS[header] = parsed
+    shape, fortran, dtype = parsed
+    count = int(np.prod(shape, dtype=np.int64))
+    values = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+    return values.reshape(shape, order="F" if fortran else "C")
+
+
 def arrayrecord_to_state(record: ArrayRecord) -> AdapterState:
-    """Unpack an ArrayRecord into CPU tensors."""
-    return {k: torch.from_numpy(np.array(arr.numpy(), copy=True)) for k, arr in record.items()}
+    """Unpack an ArrayRecord into CPU tensors (each a fresh, writable copy)."""
+    return {k: torch.from_numpy(array_values(arr).copy()) for k, arr in record.items()}
 
 
 def message_state(message: Message) -> AdapterState:
