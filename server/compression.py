@@ -17,7 +17,7 @@ weighed uncoded, for the compression ratios in ``summary.json``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from flwr.app import Error, Message, RecordDict
@@ -121,25 +121,33 @@ class CodecGrid(DelegatingGrid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Code every instruction, send, and decode every coded reply."""
+    ) -> Iterator[Message]:
+        """Code every instruction and send; decode each coded reply as it arrives."""
         exact: dict[int, AdapterState] = {}  # what each node was sent, uncoded
         views: dict[int, AdapterState] = {}  # what each node decoded
         coded_messages: dict[int, Message] = {}
         for msg in messages:
             node = msg.metadata.dst_node_id
             coded_messages[node], exact[node], views[node] = self._encode(msg)
-        replies = list(self._grid.send_and_receive(coded_messages.values(), timeout=timeout))
-        out = []
+        replies = self._grid.send_and_receive(coded_messages.values(), timeout=timeout)
+        return self._decoded(replies, exact, views, coded_messages)
+
+    def _decoded(
+        self,
+        replies: Iterable[Message],
+        exact: dict[int, AdapterState],
+        views: dict[int, AdapterState],
+        sent: dict[int, Message],
+    ) -> Iterator[Message]:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 # the node may not hold what we think it holds: send it everything next time
                 self.copies.delete(self._node_key(node))
-                out.append(reply)
-                continue
-            out.append(self._decode(reply, exact[node], views[node], coded_messages[node]))
-        return out
+                yield reply
+            else:
+                yield self._decode(reply, exact[node], views[node], sent[node])
+            del reply
 
     def _decode(
         self, reply: Message, exact: AdapterState, view: AdapterState, sent: Message

@@ -1,10 +1,17 @@
-"""A Grid wrapper that counts what really crosses the wire, per round."""
+"""The Grid layers at the bottom of the stack: polling for replies, and counting the bytes.
+
+Replies travel up the stack one at a time: each layer's ``send_and_receive`` sends at
+once and returns an iterator that hands each reply on as it arrives, so the strategy folds
+a reply while other clients still train, and no layer holds the round's replies
+(:mod:`fedpeft.strategies.fold`). A layer's bookkeeping for the round is complete once its
+replies have all been read.
+"""
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from flwr.app import Message, MessageType, MetricRecord, RecordDict
@@ -152,26 +159,35 @@ class PollingGrid(DelegatingGrid):
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Push ``messages``; pull replies until all are in or ``timeout`` seconds pass."""
+    ) -> Iterator[Message]:
+        """Push ``messages`` now; the replies as they are pulled.
+
+        Until all are in, or ``timeout`` seconds after the push.
+        """
         messages = list(messages)
         training = is_training(messages)
         server_round = records.round_of(messages[0]) if training else 0
         waiting = set(self._grid.push_messages(messages))
-        sampled, started = len(waiting), time.monotonic()
+        return self._pull(waiting, server_round if training else None, timeout)
+
+    def _pull(
+        self, waiting: set[str], server_round: int | None, timeout: float | None
+    ) -> Iterator[Message]:
+        """The replies to ``waiting``, pulled with growing pauses between empty pulls."""
+        sampled, answered, started = len(waiting), 0, time.monotonic()
         deadline = None if timeout is None else started + timeout
-        replies: list[Message] = []
         pause = self.first_s
         while waiting and (deadline is None or time.monotonic() < deadline):
             pulled = list(self._grid.pull_messages(waiting))
-            replies.extend(pulled)
+            answered += len(pulled)
             waiting.difference_update(m.metadata.reply_to_message_id for m in pulled)
-            if pulled and training and self.progress is not None:
-                self.progress(server_round, len(replies), sampled, time.monotonic() - started)
+            if pulled and server_round is not None and self.progress is not None:
+                self.progress(server_round, answered, sampled, time.monotonic() - started)
+            yield from pulled
+            del pulled
             if waiting:
                 time.sleep(pause)
                 pause = min(pause * 2, self.max_s)
-        return replies
 
 
 class CountingGrid(DelegatingGrid):
@@ -196,54 +212,73 @@ class CountingGrid(DelegatingGrid):
     # --- counted -----------------------------------------------------------------------
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        """Send, wait for replies (or the timeout), and count both directions."""
+    ) -> Iterator[Message]:
+        """Send, and count both directions: what is sent now, each reply as it passes.
+
+        The round's tally (failures, replies that never came) is complete once the
+        replies have all been read.
+        """
         messages = list(messages)
         tally = self.current
         for msg in messages:
             tally.bytes_down += payload_nbytes(msg.content)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        return self._counted(messages, replies, tally, timeout)
+
+    def _counted(
+        self,
+        messages: list[Message],
+        replies: Iterable[Message],
+        tally: RoundTraffic,
+        timeout: float | None,
+    ) -> Iterator[Message]:
         # a training exchange carries fedpeft's config; SecAgg+'s key stages do not (their
         # bytes count here, their failures where the protocol runs: server/secagg.py)
         train_type = is_training(messages)
         is_train = train_type and records.CONFIG in messages[0].content.config_records
         protocol = train_type and not is_train
-        ok = 0
+        ok, answered = 0, set()
         for reply in replies:
+            answered.add(reply.metadata.src_node_id)
             if reply.has_error():
                 if not protocol:
                     tally.failures.append(
                         f"node {reply.metadata.src_node_id}: {_short(reply.error.reason)}"
                     )
-                continue
-            ok += 1
-            tally.bytes_up += payload_nbytes(reply.content)
-            if not is_train and records.METRICS in reply.content.metric_records:
-                m = reply.content.metric_records[records.METRICS]
-                if records.PERSONAL_ACCURACY in m:
-                    tally.personal.append(
-                        (
-                            float(str(m[records.PERSONAL_ACCURACY])),
-                            float(str(m[records.PERSONAL_LOSS])),
-                            _weight(m),
-                        )
-                    )
-            if is_train and (entries := _tally_entries(reply.content)) is not None:
-                entry, loss = entries
-                tally.clients.append(entry)
-                if loss is not None:
-                    tally.losses.append(loss)
+            else:
+                ok += 1
+                tally.bytes_up += payload_nbytes(reply.content)
+                if not is_train:
+                    self._tally_personal(reply, tally)
+                elif (entries := _tally_entries(reply.content)) is not None:
+                    tally.clients.append(entries[0])
+                    if entries[1] is not None:
+                        tally.losses.append(entries[1])
+            yield reply
+            del reply
         if is_train:
             tally.clients_sampled += len(messages)
             tally.clients_failed += len(messages) - ok
-            answered = {r.metadata.src_node_id for r in replies}
             for msg in messages:
                 if msg.metadata.dst_node_id not in answered:
                     tally.failures.append(
                         f"node {msg.metadata.dst_node_id}: no reply within "
                         f"the round timeout ({timeout} s)"
                     )
-        return replies
+
+    @staticmethod
+    def _tally_personal(reply: Message, tally: RoundTraffic) -> None:
+        """An evaluation reply's personalised accuracy and loss, when it reports them."""
+        if records.METRICS in reply.content.metric_records:
+            m = reply.content.metric_records[records.METRICS]
+            if records.PERSONAL_ACCURACY in m:
+                tally.personal.append(
+                    (
+                        float(str(m[records.PERSONAL_ACCURACY])),
+                        float(str(m[records.PERSONAL_LOSS])),
+                        _weight(m),
+                    )
+                )
 
     def reject(self, reply: Message, reason: str) -> None:
         """Count a reply that arrived (its bytes stay counted) but will not be aggregated.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -77,9 +77,7 @@ class InProcessGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102
         ids = []
         for message in messages:
-            message_id = f"m{next(self._ids)}"
-            # Flower's own grids stamp these read-only fields the same way
-            message.metadata.__dict__.update(_message_id=message_id, _run_id=self._run_id)
+            message_id = self._stamp(message)
             self._replies[message_id] = self._deliver(message)
             ids.append(message_id)
         return ids
@@ -87,10 +85,22 @@ class InProcessGrid(Grid):
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102
         return [self._replies.pop(i) for i in message_ids if i in self._replies]
 
-    def send_and_receive(  # noqa: D102
+    def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
-    ) -> Iterable[Message]:
-        return self.pull_messages(list(self.push_messages(messages)))
+    ) -> Iterator[Message]:
+        """Each reply when it is asked for: the node trains as the server reads its reply.
+
+        As on a real engine, where clients train while the server folds the replies in.
+        """
+        for message in messages:
+            self._stamp(message)
+            yield self._deliver(message)
+
+    def _stamp(self, message: Message) -> str:
+        """Give a message its id and run, as Flower's own grids stamp these read-only fields."""
+        message_id = f"m{next(self._ids)}"
+        message.metadata.__dict__.update(_message_id=message_id, _run_id=self._run_id)
+        return message_id
 
     def _deliver(self, message: Message) -> Message:
         """Run the ClientApp on one message; an exception becomes an error reply, as in Flower."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flwr.app import Message
@@ -67,18 +67,32 @@ class PrivacyGrid(DelegatingGrid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Send; under central DP return clipped, noised training replies."""
+        """Send; under central DP return clipped, noised training replies.
+
+        Local DP's replies pass on as they arrive. Central DP holds the round's replies:
+        the noise's scale depends on every client's weight.
+        """
         messages = list(messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
         if not is_training(messages):
             return replies
+        if self.privacy.dp == "local":
+            return self._participating(replies)
+        return self._noised(messages, list(replies))
+
+    def _participating(self, replies: Iterable[Message]) -> Iterator[Message]:
+        """Count each valid reply's client as taking part (local DP's privacy books)."""
+        for reply in replies:
+            if not reply.has_error():
+                node = reply.metadata.src_node_id
+                self.participations[self.partitions.get(node, node)] += 1
+            yield reply
+            del reply
+
+    def _noised(self, messages: list[Message], replies: list[Message]) -> list[Message]:
+        """Clip every valid reply's update and add the round's Gaussian noise."""
         valid = [r for r in replies if not r.has_error()]
         if not valid:
-            return replies
-        if self.privacy.dp == "local":
-            self.participations.update(
-                self.partitions.get(r.metadata.src_node_id, r.metadata.src_node_id) for r in valid
-            )
             return replies
         sent = {m.metadata.dst_node_id: m for m in messages}
         weights = [

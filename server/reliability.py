@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from flwr.app import Error, Message, MessageType
@@ -186,14 +186,25 @@ class ValidatingGrid(DelegatingGrid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        """Send; return the replies, unsound training updates turned into errors."""
+        """Send; the replies as they come, unsound training updates turned into errors."""
         messages = list(messages)
         if not is_training(messages):
             return self._grid.send_and_receive(messages, timeout=timeout)
+        replies = self._grid.send_and_receive(messages, timeout=timeout)
+        return self._checked(messages, replies)
+
+    def _checked(self, messages: list[Message], replies: Iterable[Message]) -> Iterator[Message]:
+        """Vet each reply as it arrives.
+
+        Until ``federation.min_fit_clients`` valid replies are in, the valid ones wait here
+        (at most that many less one); if the round ends short of it they are dropped and
+        only the failures go on, so the strategy aggregates nothing.
+        """
         instructions = {m.metadata.dst_node_id: m for m in messages}
-        checked: list[Message] = []
+        tally = self.counting.current
+        waiting: list[Message] = []
         valid = 0
-        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+        for reply in replies:
             if not reply.has_error():
                 sent = instructions.get(reply.metadata.src_node_id)
                 reason = self._vet(reply, sent)
@@ -208,13 +219,17 @@ class ValidatingGrid(DelegatingGrid):
                     )
                 else:
                     valid += 1
-            checked.append(reply)
+                    if valid < self.min_replies:
+                        waiting.append(reply)
+                        continue
+                    yield from waiting
+                    waiting.clear()
+            yield reply
+            del reply
         if valid < self.min_replies:
             why = f"{valid} valid replies < federation.min_fit_clients={self.min_replies}"
             logger.warning("round not aggregated: %s; the global adapter stays", why)
-            self.counting.current.not_aggregated = why
-            return [r for r in checked if r.has_error()]
-        return checked
+            tally.not_aggregated = why
 
     def _vet(self, reply: Message, sent: Message | None) -> str | None:
         """Why ``reply`` must not be aggregated, or None; a sound one is clipped as asked.

@@ -5,15 +5,16 @@
 factors by its parity, server optimisers count steps). A resumed run must carry on from
 round k+1, so fedpeft makes the same calls as ``Strategy.start``, in the same order:
 ``configure_train``, ``send_and_receive``, ``aggregate_train``, ``configure_evaluate``,
-``send_and_receive``, ``aggregate_evaluate``, then the central ``evaluate_fn``.
+``send_and_receive``, ``aggregate_evaluate``, then the central ``evaluate_fn``. The
+training replies reach the strategy as they arrive: an iterator, not a list.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -21,7 +22,7 @@ from flwr.serverapp.strategy import Strategy
 EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 #: called after round k with (k, the global arrays after it); checkpoints hook in here
 RoundEnd = Callable[[int, ArrayRecord], None]
-#: called after round k's training replies are in, before they are aggregated
+#: called after round k's last training reply is read, before the strategy finishes with it
 RepliesIn = Callable[[int], None]
 
 
@@ -48,21 +49,40 @@ def run_rounds(
         evaluate_fn(0, arrays)
     for server_round in range(first_round, last_round + 1):
         log(INFO, "[ROUND %s/%s]", server_round, last_round)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, train_config, grid), timeout=timeout
+        replies = _arriving(
+            grid.send_and_receive(
+                strategy.configure_train(server_round, arrays, train_config, grid),
+                timeout=timeout,
+            ),
+            server_round,
+            replies_in,
         )
-        replies = list(replies)
-        if replies_in is not None:
-            replies_in(server_round)
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        for _ in replies:  # a strategy that stopped reading: the Grid's tallies need the rest
+            pass
         if new_arrays is not None:
             arrays = new_arrays
-        evaluate_replies = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, arrays, evaluate_config, grid),
-            timeout=timeout,
+        evaluate_replies = list(  # small, and the Grid's tallies are complete once read
+            grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, evaluate_config, grid),
+                timeout=timeout,
+            )
         )
         strategy.aggregate_evaluate(server_round, evaluate_replies)
         evaluate_fn(server_round, arrays)
         if round_end is not None:
             round_end(server_round, arrays)
     return arrays
+
+
+def _arriving(
+    replies: Iterable[Message], server_round: int, replies_in: RepliesIn | None
+) -> Iterator[Message]:
+    """The round's training replies as they arrive, then the ``replies_in`` hook.
+
+    The strategy folds each reply as it comes (:mod:`fedpeft.strategies.fold`), so the
+    hook runs after the last one is read and before the strategy finishes aggregating.
+    """
+    yield from replies
+    if replies_in is not None:
+        replies_in(server_round)

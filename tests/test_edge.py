@@ -290,7 +290,7 @@ def test_a_rejected_reply_leaves_the_tally_with_its_node_info() -> None:
     # a training instruction carries fedpeft's config (SecAgg+'s key stages do not)
     content = RecordDict({records.CONFIG: ConfigRecord({records.SERVER_ROUND: 1})})
     instruction = Message(content, dst_node_id=1, message_type=MessageType.TRAIN)
-    grid.send_and_receive([instruction])
+    list(grid.send_and_receive([instruction]))  # the tally is complete once read
     assert grid.current.clients == [
         {records.NUM_EXAMPLES: 4, records.INFO_DEVICE: "cuda:0 (GPU)", records.INFO_HOST: "edge-1"}
     ]

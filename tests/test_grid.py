@@ -1,12 +1,21 @@
-"""The byte-counting Grid: what it reports equals Flower's own serialization of the payloads."""
+"""The byte-counting Grid: what it reports equals Flower's own serialization of the payloads.
+
+And the stack passes replies on one at a time, as they arrive.
+"""
+
+import json
 
 import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
 
 from fedpeft import records
+from fedpeft.clients.app import app as client_app
 from fedpeft.codecs import payload_nbytes, state_to_arrayrecord
 from fedpeft.config import load_scenario
 from fedpeft.server.grid import CountingGrid
+from fedpeft.server.inprocess import InProcessGrid
+from fedpeft.server.run import run_federation
+from fedpeft.strategies.adapter_strategy import AdapterStrategy
 from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
 
 
@@ -129,4 +138,60 @@ def test_round_progress_is_silent_in_a_short_round_and_paced_in_a_long_one():
     assert lines == [
         "  round 1/3: 3/6 clients answered after 0:12, the rest in ~0:12",
         "  round 1/3: 5/6 clients answered after 0:23, the rest in ~0:05",
+    ]
+
+
+class _Watched(InProcessGrid):
+    """An in-process engine that notes when each node trains."""
+
+    def __init__(self, events: list[tuple[str, int]], nodes: int) -> None:
+        super().__init__(client_app, nodes)
+        self.events = events
+
+    def _deliver(self, message: Message) -> Message:
+        if message.metadata.message_type == MessageType.TRAIN:
+            self.events.append(("trained", message.metadata.dst_node_id))
+        return super()._deliver(message)
+
+
+def test_each_reply_is_folded_before_the_next_client_trains(tmp_path, monkeypatch):
+    """Through the whole stack (coding, validation, counting), the strategy folds a reply
+    while the rest are still to come: it never holds the round's replies. Validation holds
+    back the first valid reply until federation.min_fit_clients=2 are in."""
+    events: list[tuple[str, int]] = []
+    fold = AdapterStrategy.fold
+
+    def noted_fold(self, server_round, state, weight, node_id):  # type: ignore[no-untyped-def]
+        events.append(("folded", node_id))
+        fold(self, server_round, state, weight, node_id)
+
+    monkeypatch.setattr(AdapterStrategy, "fold", noted_fold)
+    compressed = ['compression.uplink=["topk","int8"]', "compression.error_feedback=true"]
+    scenario = load_scenario(
+        "smoke",
+        [
+            'strategy.name="fedit"',
+            "data.num_clients=4",
+            "federation.clients_per_round=4",
+            "federation.min_fit_clients=2",
+            "federation.rounds=1",
+            "train.local_steps=1",
+            "data.eval_examples=16",
+            *compressed,
+        ],
+    )
+    run_federation(_Watched(events, 4), scenario, tmp_path, "in-process")
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["clients_sampled"] == 4 and row["clients_failed"] == 0
+    nodes = [node for kind, node in events if kind == "trained"]
+    first, second, third, fourth = nodes
+    assert events == [
+        ("trained", first),
+        ("trained", second),  # the first valid reply waits for a second (min_fit_clients)
+        ("folded", first),
+        ("folded", second),
+        ("trained", third),
+        ("folded", third),
+        ("trained", fourth),
+        ("folded", fourth),
     ]
