@@ -9,7 +9,7 @@ matrix (``strategy.flexlora_svd``): exactly (QR + a small core SVD) while the st
 is small; by a seeded randomised range finder with power iterations when many clients make
 it large (:func:`fedpeft.strategies.lora_math.top_svd`); and, when the round's factors
 would not fit in ``HELD_FACTORS_BYTES``, by a streaming SVD folded as the replies
-arrive (:class:`fedpeft.strategies.lora_math.StreamingSVD`), so that the server's memory
+arrive (:class:`fedpeft.strategies.streaming_svd.StreamingSVD`), so that the server's memory
 no longer grows with the clients. The first two hold the round's factors and are exact to
 the sum; the streaming SVD is exact while the sum's rank is at most ``4 r_max``, and as
 close beyond as the spectrum decays.
@@ -31,7 +31,8 @@ from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
 from fedpeft.strategies.adapter_strategy import HoldsReplies, select
 from fedpeft.strategies.fold import WeightedSums
-from fedpeft.strategies.lora_math import StreamingSVD, svd_costs, top_svd, truncate_to_rank
+from fedpeft.strategies.lora_math import svd_costs, top_svd, truncate_to_rank
+from fedpeft.strategies.streaming_svd import StreamingSVD
 
 #: ``auto`` streams the replies when holding a round's factors (float64, as the exact
 #: and randomised paths hold them) would take more than this

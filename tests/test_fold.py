@@ -17,7 +17,7 @@ from fedpeft.config import load_scenario
 from fedpeft.strategies import STRATEGIES, AggregationError, build_strategy
 from fedpeft.strategies.adapter_strategy import HeldState, lora_factors
 from fedpeft.strategies.flexlora import FlexLoRA
-from fedpeft.strategies.lora_math import BATCH_FACTOR, KEEP_FACTOR, StreamingSVD
+from fedpeft.strategies.streaming_svd import BATCH_FACTOR, KEEP_FACTOR, StreamingSVD
 from fedpeft.strategies.testing import StaticGrid, ensure_task_identity, train_reply
 
 STREAMING = sorted(name for name, spec in STRATEGIES.items() if spec.streams_replies)
