@@ -4,11 +4,12 @@
 
 Runs one scenario with the same clients, data and rounds on Flower's Simulation Engine
 (``fedpeft run``: Ray workers that live for the whole run) and as deployments on 127.0.0.1
-(``fedpeft deploy local``: a SuperLink, SuperNodes, and a fresh ``flwr-clientapp`` process
-for every message, as Flower 1.42 runs them): with each node's long-lived trainer (the
-default), with the trainer and a 0.2 s wait between a node's empty pulls
-(``--poll-interval 0.2``; Flower's is a fixed 3 s), and with ``--no-trainer`` (the
-per-message process loads the model itself). It then times what a fresh process pays:
+(``fedpeft deploy local``: a SuperLink and SuperNodes): with each node's long-lived
+trainer running the node's tasks itself (the default: ``--isolation process``, no process
+per message), the same with a 0.2 s wait between a node's empty pulls
+(``--poll-interval 0.2``; Flower's is a fixed 3 s), with ``--forwarder`` (Flower starts a
+``flwr-clientapp`` process per message, which forwards it to the trainer), and with
+``--no-trainer`` (that process loads the model itself). It then times what a fresh process pays:
 the whole ClientApp's imports and loads, and the forwarder's own cost. Results go to
 ``benchmarks/results/deploy_latency.{json,md}``; the differences are measured within one
 invocation because absolute times drift on shared machines.
@@ -146,6 +147,7 @@ def main() -> None:
     variants = {
         "trainer": [],
         "trainer, --poll-interval 0.2": ["--poll-interval", "0.2"],
+        "trainer, --forwarder": ["--forwarder"],
         "--no-trainer": ["--no-trainer"],
     }
     with tempfile.TemporaryDirectory(prefix="fedpeft-latency-") as tmp:
@@ -258,17 +260,20 @@ def render(r: dict) -> str:
 | simulation (Ray) | {sim["round_seconds_after_first"]:.2f} | | | {sim["client_handler_seconds"]:.2f} | 1 | {sim["wall_seconds"]:.1f} |
 {deployed}
 
-With its trainer, a deployed round costs **{r["extra_seconds_per_round"]:.2f} s more** than a
-simulated one and each node loads its model **{r["model_loads_per_node"]}** time(s) per run.
-The forwarder adds {fwd["imports"]:.2f} s of imports (no torch, no transformers) to
-the {fwd["flower_imports"]:.2f} s that Flower's own `flwr-clientapp` process imports before
-it loads any app, and hands a message to the trainer and back in
-{fwd["exchange"] * 1000:.1f} ms. What remains per round is Flower's: a fresh
-`flwr-clientapp` process per message (its start, its imports, the FAB it unpacks, the
-task it pulls and pushes) and the SuperNode's waits: 3 s between empty pulls (1.5 s on
-average before a message is picked up; `--poll-interval` shortens it) and 0.5 s steps
-while it waits for a reply. Two nodes and the server share this machine's 2 cores, so
-the two nodes' per-message processes start at the same time and compete.
+With its trainer running the node's tasks, a deployed round costs
+**{r["extra_seconds_per_round"]:.2f} s more** than a simulated one and each node loads its
+model **{r["model_loads_per_node"]}** time(s) per run. No process starts per message: the
+trainer acquires each task from its SuperNode (`flower-supernode --isolation process`)
+and runs it in place. What remains is Flower's own waits: the SuperNode's 3 s between
+empty pulls (1.5 s on average before a message is picked up; `--poll-interval` shortens
+it) and its 0.5 s steps while it waits for a task's reply.
+
+With `--forwarder`, Flower starts a fresh `flwr-clientapp` process per message (its
+start, its imports, the FAB it unpacks, the task it pulls and pushes, and
+`flower-superexec`'s 1 s between polls); the forwarder adds {fwd["imports"]:.2f} s of
+imports (no torch, no transformers) to the {fwd["flower_imports"]:.2f} s that Flower's
+process imports before it loads any app, and hands a message to the trainer and back in
+{fwd["exchange"] * 1000:.1f} ms. Two nodes and the server share this machine's 2 cores.
 
 Without a trainer (`--no-trainer`), each fresh `flwr-clientapp` process pays this before
 it trains (seconds; one process, in order):

@@ -21,6 +21,7 @@ import time
 import traceback
 from pathlib import Path
 
+from flwr.app import Context, Message
 from google.protobuf.message import DecodeError
 
 from fedpeft import models, records
@@ -45,15 +46,17 @@ REQUEST_TIMEOUT_S = 60.0
 class Trainer:
     """Serves one message per connection on a private Unix socket."""
 
-    def __init__(self, socket_path: Path, idle_free_s: float) -> None:
-        self.server = listen(socket_path)
+    def __init__(self, socket_path: Path | None, idle_free_s: float) -> None:
+        self.server = listen(socket_path) if socket_path is not None else None
         self.idle_free_s = idle_free_s
+        self.last_message = time.monotonic()
         self.run_id: int | None = None  # the run whose models are loaded
         self.messages = 0
         self._stopped = threading.Event()
 
     def serve_forever(self) -> None:
         """Accept and answer messages until the process is stopped."""
+        assert self.server is not None, "a trainer made without a socket executes tasks"
         self.server.settimeout(self.idle_free_s)
         while not self._stopped.is_set():
             try:
@@ -74,6 +77,8 @@ class Trainer:
     def stop(self) -> None:
         """Stop serving (from another thread); the models stay cached until freed."""
         self._stopped.set()
+        if self.server is None:
+            return
         try:
             self.server.shutdown(socket.SHUT_RDWR)  # wakes a blocked accept() on Linux
         except OSError:
@@ -89,6 +94,16 @@ class Trainer:
         conn.settimeout(REQUEST_TIMEOUT_S)  # a stalled caller cannot hold the node
         message, context = decode_exchange(recv_frame(conn), recv_frame(conn))
         conn.settimeout(None)
+        try:
+            reply = self.answer(message, context)
+        except Exception as err:  # noqa: BLE001 - the forwarder turns it into Flower's error reply
+            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
+            send_frames(conn, FAILED, reason.encode())
+            return
+        send_frames(conn, OK, *encode_exchange(reply, context))
+
+    def answer(self, message: Message, context: Context) -> Message:
+        """Run one message through the full ClientApp; a new run frees the last run's models."""
         run_id = message.metadata.run_id
         if run_id != self.run_id:
             self._free(f"run {run_id} starts")
@@ -96,20 +111,26 @@ class Trainer:
         kind = message.metadata.message_type
         _say(f"run {run_id}: {kind} message (round {records.round_of(message)}) starts")
         started = time.perf_counter()
+        self.last_message = time.monotonic()
         try:
             reply = client_app(message, context)
-        except Exception as err:  # noqa: BLE001 - the forwarder turns it into Flower's error reply
-            reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
-            send_frames(conn, FAILED, reason.encode())
+        except Exception as err:
             _say(f"{kind} message failed: {type(err).__name__}: {err}")
-            return
+            raise
+        finally:
+            self.last_message = time.monotonic()
         self.messages += 1
-        send_frames(conn, OK, *encode_exchange(reply, context))
         _say(
             f"run {run_id}: {kind} message done in "
             f"{time.perf_counter() - started:.2f} s (model loads so far: "
             f"{models.LOADS['base_model']})"
         )
+        return reply
+
+    def free_when_idle(self) -> None:
+        """Free the models once no message came for ``idle_free_s`` (the run has ended)."""
+        if self.run_id is not None and time.monotonic() - self.last_message > self.idle_free_s:
+            self._free(f"idle for {self.idle_free_s:g} s")
 
     def _free(self, why: str) -> None:
         forget_data_and_processors()
@@ -138,9 +159,20 @@ def _say(text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m fedpeft.clients.trainer --socket PATH [--idle-free-s S]``."""
+    """``python -m fedpeft.clients.trainer (--socket PATH | --runtime-api ADDR --secret-file F)``.
+
+    With ``--socket`` it answers the node's per-message forwarders; with ``--runtime-api``
+    it is the node's SuperExec (:mod:`fedpeft.clients.executor`) and runs its tasks itself.
+    """
     parser = argparse.ArgumentParser(prog="python -m fedpeft.clients.trainer")
-    parser.add_argument("--socket", required=True, type=Path, help="the node's private socket")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--socket", type=Path, help="the node's private socket (forwarders)")
+    where.add_argument(
+        "--runtime-api", help="HOST:PORT of the node's Runtime API (flower-supernode --port)"
+    )
+    parser.add_argument(
+        "--secret-file", type=Path, help="the node's SuperExec secret (with --runtime-api)"
+    )
     parser.add_argument(
         "--idle-free-s",
         type=float,
@@ -155,8 +187,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.parent_pid is not None:
         _exit_with(args.parent_pid)
     trainer = Trainer(args.socket, args.idle_free_s)
-    print(f"{READY} {args.socket} (pid {os.getpid()})", flush=True)
-    trainer.serve_forever()
+    if args.runtime_api is None:
+        print(f"{READY} {args.socket} (pid {os.getpid()})", flush=True)
+        trainer.serve_forever()
+        return
+    if args.secret_file is None:
+        parser.error("--runtime-api needs --secret-file (the node's SuperExec secret)")
+    from fedpeft.clients.executor import TaskExecutor
+
+    executor = TaskExecutor(args.runtime_api, args.secret_file, trainer.answer)
+    print(f"{READY} {args.runtime_api} (pid {os.getpid()})", flush=True)
+    _say("runs the node's ClientApp tasks itself (flower-supernode --isolation process)")
+    executor.serve_forever(idle=trainer.free_when_idle)
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def _kill_trainer_in_round_one(log: Path, killed: list[int], done: threading.Eve
 def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_everything(
     tmp_path,
 ) -> None:
-    """Also: node 0's trainer is killed mid-round; the round counts it failed, then it is back."""
+    """Also: node 0's trainer is killed mid-task; the round counts it failed, then it is back."""
     out = tmp_path / "out"
     killed: list[int] = []
     done = threading.Event()
@@ -244,6 +244,8 @@ def test_deploy_local_runs_a_secure_federation_refuses_a_stranger_and_stops_ever
     assert [r["round"] for r in rows] == [1, 2]
     assert len(killed) == 1
     assert rows[0]["clients_failed"] == 1  # the node whose trainer died mid-message
+    # answered at once by the restarted trainer, not a minute later by Flower's heartbeats
+    assert "the node's trainer died during this task" in rows[0]["failures"][0]
     assert [c["partition-id"] for c in rows[0]["client_metrics"]] == [1]
     for row in rows[1:]:  # its trainer was restarted: both nodes train in round 2
         assert row["clients_sampled"] == 2 and row["clients_failed"] == 0

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -209,3 +210,98 @@ def test_a_node_with_a_trainer_names_its_socket_in_the_node_config():
     node_config = command[command.index("--node-config") + 1]
     assert 'trainer-socket="/tmp/fedpeft-trainer-x/trainer.sock"' in node_config.split()
     assert os.sep in node_config
+
+
+def test_the_trainer_runs_tasks_of_a_supernode_in_process_isolation(tmp_path) -> None:
+    """The command lines: the SuperNode starts no process per message and requires the
+    secret, which the supervisor makes 0600 and hands to the trainer."""
+    from fedpeft.tools.deploy.processes import Processes
+    from fedpeft.tools.deploy.trainer import TrainerSupervisor
+
+    folder = Path(tempfile.mkdtemp(prefix="fedpeft-test-"))
+    try:
+        supervisor = TrainerSupervisor(Processes({}, cwd=tmp_path), folder, tmp_path / "t.log",
+                                       runtime_port=9177)  # fmt: skip
+        assert stat.S_IMODE(supervisor.secret.stat().st_mode) == 0o600
+        assert len(supervisor.secret.read_bytes()) == 32
+        command = supervisor.command()
+        assert command[command.index("--runtime-api") + 1] == "127.0.0.1:9177"
+        assert command[command.index("--secret-file") + 1] == str(supervisor.secret)
+        assert "--socket" not in command
+        opts = SuperNodeOptions(
+            superlink="127.0.0.1:9092",
+            partition_id=0,
+            num_partitions=2,
+            insecure=True,
+            port=9177,
+            executor_secret=supervisor.secret,
+        )
+        node = supernode_command(opts)
+        assert node[node.index("--isolation") + 1] == "process"
+        assert node[node.index("--superexec-auth-secret-file") + 1] == str(supervisor.secret)
+        assert "trainer-socket" not in node[node.index("--node-config") + 1]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow(10)
+def test_a_supernode_hands_tasks_only_to_the_holder_of_its_secret(tmp_path) -> None:
+    """A real flower-supernode (no SuperLink: its Runtime API starts first): AcquireTask
+    unsigned is refused; signed with the node's secret it is answered (no task yet)."""
+    import httpx
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    from fedpeft.clients.executor import TaskExecutor
+    from fedpeft.tools.deploy.flower import flower_bin
+    from fedpeft.tools.deploy.processes import free_port
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(os.urandom(32))
+    port = free_port()
+    log = (tmp_path / "node.log").open("w")
+    node = subprocess.Popen(
+        [
+            flower_bin("flower-supernode"),
+            "--insecure",
+            "--superlink",
+            f"127.0.0.1:{free_port()}",  # nothing listens: it keeps retrying
+            "--port",
+            str(port),
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(secret),
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        stranger = RuntimeHttpClient.from_server_address(
+            f"127.0.0.1:{port}",
+            insecure=True,
+            root_certificates=None,
+            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
+        )
+        deadline = time.monotonic() + 60
+        while True:  # until the Runtime API is up: then it must refuse the stranger
+            try:
+                stranger.AcquireTask(request)
+                raise AssertionError("an unsigned AcquireTask was answered")
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+                time.sleep(0.2)
+            except httpx.HTTPStatusError as refused:
+                assert refused.response.status_code in (401, 403)
+                break
+        executor = TaskExecutor(f"127.0.0.1:{port}", secret, handle=lambda m, c: m)
+        answer = executor.client.AcquireTask(request)
+        assert not answer.HasField("task")  # answered: no message has come yet
+    finally:
+        os.killpg(node.pid, 15)  # the SuperNode this test started, and only it
+        node.wait(timeout=30)
+        log.close()

@@ -140,7 +140,7 @@ def cmd_deploy_supernode(args: argparse.Namespace) -> int:
         cmd = supernode_command(opts)
         print(f"fedpeft: {shlex.join(cmd)}", file=sys.stderr, flush=True)
         os.execve(cmd[0], cmd, deploy_env())  # the SuperNode takes this process (and its PID)
-    return run_supernode_with_trainer(opts, deploy_env())
+    return run_supernode_with_trainer(opts, deploy_env(), forwarder=args.forwarder)
 
 
 def _deploy_scenario(args: argparse.Namespace, extra: list[str] | None = None) -> Scenario:
@@ -174,6 +174,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         strangers=args.unregistered,
         trainer=not args.no_trainer,
         poll_interval=args.poll_interval,
+        forwarder=args.forwarder,
     )
     final = summary["final"].get("eval_accuracy", float("nan"))
     print(

@@ -258,11 +258,17 @@ def _add_deploy_local(dsub: SubParsers) -> None:
 
 
 def _add_node_options(parser: argparse.ArgumentParser) -> None:
-    """How a SuperNode serves its messages: ``--no-trainer`` and ``--poll-interval``."""
+    """How a SuperNode serves its messages: with or without its trainer, how often it polls."""
     parser.add_argument(
         "--no-trainer",
         action="store_true",
         help="no long-lived trainer: Flower's ClientApp process loads the model per message",
+    )
+    parser.add_argument(
+        "--forwarder",
+        action="store_true",
+        help="Flower starts a ClientApp process per message, which forwards it to the "
+        "trainer (default: the trainer runs the node's tasks itself)",
     )
     parser.add_argument(
         "--poll-interval",

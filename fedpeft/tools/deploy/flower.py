@@ -120,7 +120,9 @@ class SuperNodeOptions:
     rank: int | None = None  # this node's LoRA rank, for heterogeneous-rank strategies
     state_dir: Path | None = None  # per-client state (personal factors, codec residuals)
     data: Path | None = None  # this node's own csv/jsonl/parquet file, in place of a partition
-    trainer_socket: Path | None = None  # the node's trainer (None: a ClientApp per message)
+    trainer_socket: Path | None = None  # the trainer its per-message forwarders call
+    #: the node's SuperExec secret: its trainer runs the node's tasks (isolation "process")
+    executor_secret: Path | None = None
     poll_interval: float | None = None  # seconds between empty pulls (None: Flower's 3 s)
 
 
@@ -172,6 +174,8 @@ def supernode_command(opts: SuperNodeOptions) -> list[str]:
         "--node-config",
         node_config(opts),
     ]
+    if opts.executor_secret is not None:  # no flwr-clientapp per message: the trainer runs them
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(opts.executor_secret)]
     if opts.insecure:
         if opts.certs is not None or opts.key is not None:
             raise DeployError("--insecure takes no --certs or --key (plain text has no TLS)")

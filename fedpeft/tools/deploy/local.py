@@ -48,12 +48,15 @@ def deploy_local(
     wait_s: float = 90.0,
     trainer: bool = True,
     poll_interval: float | None = None,
+    forwarder: bool = False,
 ) -> dict[str, Any]:
     """Run ``scenario`` on a TLS, authenticated deployment of ``nodes`` SuperNodes here.
 
     ``strangers`` extra SuperNodes start with keys that were never registered; the
     SuperLink must refuse them while the run goes on. Each node has its trainer
-    (:mod:`fedpeft.tools.deploy.trainer`) unless ``trainer`` is False; ``poll_interval``
+    (:mod:`fedpeft.tools.deploy.trainer`), which runs the node's tasks itself (with
+    ``forwarder``: answers a ClientApp process per message), unless ``trainer`` is False;
+    ``poll_interval``
     shortens Flower's 3 s wait between a node's empty pulls. Returns the run's
     summary.json, after writing ``deploy/deployment.json`` (ports, PIDs, node ids,
     refusals, trainers, timings).
@@ -67,7 +70,9 @@ def deploy_local(
     # N nodes share this machine's cores: torch's default (every core per process) would
     # oversubscribe them when several ClientApps train at once
     env.setdefault("FEDPEFT_THREADS_PER_CLIENT", str(max(1, (os.cpu_count() or 1) // nodes)))
-    federation = _Federation(work, Processes(env, cwd=work), wait_s, trainer, poll_interval)
+    federation = _Federation(
+        work, Processes(env, cwd=work), wait_s, trainer, poll_interval, forwarder
+    )
     clock = time.perf_counter()
     with sigterm_as_interrupt():
         try:
@@ -93,6 +98,7 @@ class _Federation:
     wait_s: float  # how long a process may take to say it is up (or refused)
     trainer: bool  # a long-lived trainer per node (False: a ClientApp process per message)
     poll_interval: float | None  # the nodes' wait between empty pulls (None: Flower's 3 s)
+    forwarder: bool = False  # a ClientApp process per message forwards it to the trainer
     trainers: list[TrainerSupervisor] = field(default_factory=list)
     # what deploy/deployment.json says: ports, PIDs, node ids, refusals, timings
     record: dict[str, Any] = field(
@@ -131,19 +137,23 @@ class _Federation:
         keypairs = [make_node_key(self.work / "keys" / f"node-{i}") for i in range(nodes)]
         _register([pub for _, pub in keypairs], self.procs.env, self.work)
         _print(f"registered {nodes} node keys")
+        ports = [free_port() for _ in range(nodes)]
         if self.trainer:
-            self.start_trainers(nodes)
+            self.start_trainers(ports)
         starting = []
         for i, (private, _) in enumerate(keypairs):
+            trainer = self.trainers[i] if self.trainers else None
+            executes = trainer is not None and not self.forwarder
             opts = SuperNodeOptions(
                 superlink=address,
                 partition_id=i,
                 num_partitions=nodes,
                 certs=self.certs,
                 key=private,
-                port=free_port(),
+                port=ports[i],
                 state_dir=self.work / "nodes" / f"node-{i}",
-                trainer_socket=self.trainers[i].socket if self.trainers else None,
+                trainer_socket=trainer.socket if trainer and self.forwarder else None,
+                executor_secret=trainer.secret if trainer and executes else None,
                 poll_interval=self.poll_interval,
             )
             log = self.logs / f"supernode-{i}.log"
@@ -151,19 +161,28 @@ class _Federation:
             starting.append((i, proc, log, opts.port))
         return starting
 
-    def start_trainers(self, nodes: int) -> None:
-        """Start one trainer per node, each on a socket in a private folder of its own."""
-        for i in range(nodes):
+    def start_trainers(self, ports: list[int]) -> None:
+        """Start one trainer per node, each with a private folder of its own.
+
+        It runs the tasks of the node on ``ports[i]``, or with ``forwarder`` answers that
+        node's forwarders on a socket in its folder.
+        """
+        for i, port in enumerate(ports):
             # a short path: a Unix socket's path may not exceed about 100 bytes
             folder = Path(tempfile.mkdtemp(prefix="fedpeft-trainer-"))
             supervisor = TrainerSupervisor(
-                self.procs, folder, self.logs / f"trainer-{i}.log", name=f"trainer-{i}"
+                self.procs,
+                folder,
+                self.logs / f"trainer-{i}.log",
+                name=f"trainer-{i}",
+                runtime_port=None if self.forwarder else port,
             )
             supervisor.launch()
             self.trainers.append(supervisor)
         for supervisor in self.trainers:
             supervisor.wait_ready(self.wait_s)
-        _print(f"{nodes} node trainers up (the model loads once per node and run)")
+        how = "answers its forwarders" if self.forwarder else "runs its node's tasks"
+        _print(f"{len(ports)} node trainers up, each {how} (the model loads once per run)")
 
     def start_strangers(
         self, address: str, nodes: int, strangers: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -32,9 +33,23 @@ from fedpeft.tools.deploy.processes import Processes, last_line, wait_for_text
 class TrainerSupervisor:
     """Keeps one node's trainer running; every process it starts is in ``procs.started``."""
 
-    def __init__(self, procs: Processes, folder: Path, log: Path, name: str = "trainer") -> None:
+    def __init__(
+        self,
+        procs: Processes,
+        folder: Path,
+        log: Path,
+        name: str = "trainer",
+        runtime_port: int | None = None,
+    ) -> None:
         self.procs = procs
         self.socket = private_socket_path(folder)
+        #: the node's Runtime API port when the trainer runs the node's tasks itself
+        self.runtime_port = runtime_port
+        self.secret = folder / "superexec.secret"  # the node's SuperExec secret (0600)
+        if runtime_port is not None:
+            descriptor = os.open(self.secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as out:
+                out.write(secrets.token_bytes(32))
         self.log = log
         self.name = name
         self.restarts = 0
@@ -44,12 +59,16 @@ class TrainerSupervisor:
 
     def command(self) -> list[str]:
         """The trainer's command line (it exits by itself if this process dies)."""
+        if self.runtime_port is None:
+            serves = ["--socket", str(self.socket)]
+        else:
+            address = f"127.0.0.1:{self.runtime_port}"
+            serves = ["--runtime-api", address, "--secret-file", str(self.secret)]
         return [
             sys.executable,
             "-m",
             "fedpeft.clients.trainer",
-            "--socket",
-            str(self.socket),
+            *serves,
             "--parent-pid",
             str(os.getpid()),
         ]
@@ -115,8 +134,14 @@ class TrainerSupervisor:
             out.write(f"fedpeft trainer: {text}\n")
 
 
-def run_supernode_with_trainer(opts: SuperNodeOptions, env: dict[str, str]) -> int:
+def run_supernode_with_trainer(
+    opts: SuperNodeOptions, env: dict[str, str], forwarder: bool = False
+) -> int:
     """``fedpeft deploy supernode``: the node's trainer and ``flower-supernode``, as one.
+
+    The trainer runs the node's tasks itself (:mod:`fedpeft.clients.executor`); with
+    ``forwarder``, Flower starts a ClientApp process per message that forwards it to the
+    trainer over a private socket.
 
     Both stop when either this process is interrupted (Ctrl-C, SIGTERM) or the SuperNode
     exits; the trainer is restarted whenever it dies while the node is up. The trainer's
@@ -126,8 +151,12 @@ def run_supernode_with_trainer(opts: SuperNodeOptions, env: dict[str, str]) -> i
     folder = Path(tempfile.mkdtemp(prefix="fedpeft-trainer-"))  # 0700, and a short path
     log_dir = opts.state_dir if opts.state_dir is not None else Path.cwd()
     procs = Processes(env, cwd=Path.cwd())
-    supervisor = TrainerSupervisor(procs, folder, log_dir / "trainer.log")
-    opts = dataclasses.replace(opts, trainer_socket=supervisor.socket)
+    port = None if forwarder else opts.port
+    supervisor = TrainerSupervisor(procs, folder, log_dir / "trainer.log", runtime_port=port)
+    if forwarder:
+        opts = dataclasses.replace(opts, trainer_socket=supervisor.socket)
+    else:
+        opts = dataclasses.replace(opts, executor_secret=supervisor.secret)
     cmd = supernode_command(opts)
     with sigterm_as_interrupt():
         try:
