@@ -270,8 +270,16 @@ def _deploy_rows() -> list[Row]:
         latency = deploy.get("round_ratio")
         shown = f"{latency:.1f}x" if isinstance(latency, float) else "see below"
         return [("deployment round latency vs simulation", "reported", shown, "reported")]
-    without = deploy["deployments"].get("--no-trainer", {}).get("extra_seconds_per_round")
-    measured = f"+{extra:.2f} s" + (f" (+{without:.2f} s without the trainer)" if without else "")
+    variants = deploy["deployments"]
+    others = [
+        f"+{variants[name]['extra_seconds_per_round']:.2f} s {label}"
+        for name, label in (
+            ("trainer, --forwarder", "with --forwarder"),
+            ("--no-trainer", "without the trainer"),
+        )
+        if name in variants
+    ]
+    measured = f"+{extra:.2f} s" + (f" ({', '.join(others)})" if others else "")
     return [
         (
             "deployed round, extra seconds over simulation (MiniLM, 2 nodes)",
