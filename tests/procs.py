@@ -111,9 +111,16 @@ def _spawn(args: tuple[str, ...], cwd: Path, marker: str) -> subprocess.Popen:
 def run_fedpeft(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run the console script in a fresh process; stop only the processes it left behind."""
     marker = uuid.uuid4().hex
-    proc = subprocess.run(
-        _command(args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=_env(marker)
-    )
+    try:
+        proc = subprocess.run(
+            _command(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+            env=_env(marker),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        # the command was killed before it could stop its own children (a deployment's
+        # SuperLink has no parent to watch): stop every process it started, by PID
+        kill_pids(pids_marked(marker))
+        raise
     _assert_nothing_left(marker)
     return proc
 
