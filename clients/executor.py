@@ -21,8 +21,8 @@ installed fedpeft, not the FAB the run ships: a deployed node runs the fedpeft i
 from __future__ import annotations
 
 import os
+import socket
 import threading
-import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -84,14 +84,15 @@ class TaskExecutor:
 
     def serve_forever(self, idle: Callable[[], None] | None = None) -> None:
         """Run tasks as they come until :meth:`stop`; ``idle()`` runs between polls."""
+        self.wait_for_node()
         self.close_abandoned_task()
         while not self._stopped.is_set():
             try:
                 found = self.client.AcquireTask(
                     AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
                 )
-            except httpx.TransportError:  # the node is not up yet, or restarting
-                self._stopped.wait(1.0)
+            except httpx.TransportError:  # the node went away: wait for it to listen again
+                self.wait_for_node()
                 continue
             if found.HasField("task") and found.token:
                 self.run_task(found.token)
@@ -103,6 +104,21 @@ class TaskExecutor:
     def stop(self) -> None:
         """Stop after the task under way (from another thread)."""
         self._stopped.set()
+
+    def wait_for_node(self) -> None:
+        """Wait until the node's Runtime API accepts connections, checking every 0.1 s.
+
+        The trainer starts before its SuperNode; asking for tasks before the node listens
+        would leave the Runtime client in its retry back-off (up to seconds per try) when
+        the first message arrives.
+        """
+        host, _, port = self.address.rpartition(":")
+        while not self._stopped.is_set():
+            try:
+                with socket.create_connection((host, int(port)), timeout=1.0):
+                    return
+            except OSError:
+                self._stopped.wait(0.1)
 
     def close_abandoned_task(self) -> None:
         """End the task a killed trainer left under way: its node fails it now.
@@ -179,19 +195,3 @@ class TaskExecutor:
                 heartbeat.stop()
             client.close()
             self.under_way.unlink(missing_ok=True)
-
-
-def wait_for_runtime(address: str, timeout_s: float = 120.0) -> None:
-    """Wait until something listens on ``address`` (the SuperNode's Runtime API)."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with socket.create_connection((host, int(port)), timeout=1.0):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
