@@ -111,7 +111,6 @@ class Trainer:
         kind = message.metadata.message_type
         _say(f"run {run_id}: {kind} message (round {records.round_of(message)}) starts")
         started = time.perf_counter()
-        self.last_message = time.monotonic()
         try:
             reply = client_app(message, context)
         except Exception as err:

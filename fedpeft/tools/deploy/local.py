@@ -143,7 +143,6 @@ class _Federation:
         starting = []
         for i, (private, _) in enumerate(keypairs):
             trainer = self.trainers[i] if self.trainers else None
-            executes = trainer is not None and not self.forwarder
             opts = SuperNodeOptions(
                 superlink=address,
                 partition_id=i,
@@ -153,7 +152,7 @@ class _Federation:
                 port=ports[i],
                 state_dir=self.work / "nodes" / f"node-{i}",
                 trainer_socket=trainer.socket if trainer and self.forwarder else None,
-                executor_secret=trainer.secret if trainer and executes else None,
+                executor_secret=trainer.secret if trainer and not self.forwarder else None,
                 poll_interval=self.poll_interval,
             )
             log = self.logs / f"supernode-{i}.log"
