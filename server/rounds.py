@@ -24,6 +24,12 @@ EvaluateFn = Callable[[int, ArrayRecord], MetricRecord | None]
 RoundEnd = Callable[[int, ArrayRecord], None]
 #: called after round k's last training reply is read, before the strategy finishes with it
 RepliesIn = Callable[[int], None]
+#: called with the name of each part of a round as it ends (``PHASES``), to time it
+PhaseEnd = Callable[[str], None]
+#: the parts of a round, in order: the training exchange (replies folded as they arrive),
+#: what the strategy does after the last reply, the evaluation exchange, the central
+#: evaluation, and the checkpoint
+PHASES = ("train_replies", "aggregate", "evaluate_replies", "evaluate", "checkpoint")
 
 
 def run_rounds(
@@ -39,12 +45,14 @@ def run_rounds(
     evaluate_fn: EvaluateFn,
     round_end: RoundEnd | None = None,
     replies_in: RepliesIn | None = None,
+    phase_end: PhaseEnd | None = None,
 ) -> ArrayRecord:
     """Run rounds ``first_round..last_round`` and return the global arrays after the last.
 
     Round 0, the evaluation of the initial arrays, runs only when ``first_round`` is 1.
     A round whose strategy aggregates nothing keeps the arrays it started with.
     """
+    ended = phase_end or (lambda _: None)
     if first_round == 1:
         evaluate_fn(0, arrays)
     for server_round in range(first_round, last_round + 1):
@@ -56,12 +64,14 @@ def run_rounds(
             ),
             server_round,
             replies_in,
+            ended,
         )
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         for _ in replies:  # a strategy that stopped reading: the Grid's tallies need the rest
             pass
         if new_arrays is not None:
             arrays = new_arrays
+        ended("aggregate")
         evaluate_replies = list(  # small, and the Grid's tallies are complete once read
             grid.send_and_receive(
                 strategy.configure_evaluate(server_round, arrays, evaluate_config, grid),
@@ -69,14 +79,19 @@ def run_rounds(
             )
         )
         strategy.aggregate_evaluate(server_round, evaluate_replies)
-        evaluate_fn(server_round, arrays)
+        ended("evaluate_replies")
+        evaluate_fn(server_round, arrays)  # ends the "evaluate" phase itself, to log it
         if round_end is not None:
             round_end(server_round, arrays)
+        ended("checkpoint")
     return arrays
 
 
 def _arriving(
-    replies: Iterable[Message], server_round: int, replies_in: RepliesIn | None
+    replies: Iterable[Message],
+    server_round: int,
+    replies_in: RepliesIn | None,
+    ended: PhaseEnd,
 ) -> Iterator[Message]:
     """The round's training replies as they arrive, then the ``replies_in`` hook.
 
@@ -84,5 +99,6 @@ def _arriving(
     hook runs after the last one is read and before the strategy finishes aggregating.
     """
     yield from replies
+    ended("train_replies")
     if replies_in is not None:
         replies_in(server_round)

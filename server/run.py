@@ -53,7 +53,7 @@ from fedpeft.server.nodes import connect_nodes
 from fedpeft.server.outputs import ADAPTER_DIR, run_summary, save_final_adapter, write_outputs
 from fedpeft.server.privacy import PrivacyGrid
 from fedpeft.server.reliability import ExampleBound, FaultyGrid, ServerCrash, ValidatingGrid
-from fedpeft.server.rounds import run_rounds
+from fedpeft.server.rounds import PHASES, run_rounds
 from fedpeft.server.secagg import SecAggGrid
 from fedpeft.strategies import build_strategy
 from fedpeft.strategies.adapter_strategy import AdapterStrategy
@@ -251,7 +251,9 @@ class RoundRecorder:
         self.out_dir, self.scenario, self.server = out_dir, scenario, server
         self.stack, self.strategy, self.resumed = stack, strategy, checkpoint is not None
         self.started = started  #: when the command's run began (for wall_seconds)
-        self.round_started = time.perf_counter()
+        self.round_started = self.phase_started = time.perf_counter()
+        #: seconds of each rounds.PHASES since the last row (so a round's checkpoint is next's)
+        self.phases: dict[str, float] = {}
         self.trackers = (
             Trackers(scenario.report, out_dir, scenario.to_dict())
             if scenario.report.tensorboard or scenario.report.wandb != "off"
@@ -297,6 +299,7 @@ class RoundRecorder:
         """Evaluate the global arrays; after a training round, log its row."""
         base_delta = getattr(self.strategy, "base_delta", {})
         metrics = self.server.evaluate(self.scenario, arrays, base_delta)
+        self.phase_end("evaluate")
         if server_round == 0:
             self.initial_metrics.update(metrics)
             if self.trackers is not None:
@@ -310,6 +313,12 @@ class RoundRecorder:
             row = self.round_row(server_round, metrics)
             self.log.append({**row, "benchmarks": scores} if scores else row)
         return MetricRecord(dict(metrics.items()))
+
+    def phase_end(self, name: str) -> None:
+        """Add the seconds since the last phase ended to ``name``'s (rounds.PHASES)."""
+        now = time.perf_counter()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.phase_started
+        self.phase_started = now
 
     def benchmark_scores(self, server_round: int) -> dict[str, dict[str, Any]]:
         """``eval.benchmarks`` scored on the global model after this round, if they run now.
@@ -365,8 +374,14 @@ class RoundRecorder:
             "bytes_up_uncompressed": plain_up,
             "bytes_down_uncompressed": plain_down,
             "round_seconds": seconds,
+            "phase_seconds": self.take_phases(),
             "client_metrics": traffic.clients,
         }
+
+    def take_phases(self) -> dict[str, float]:
+        """The seconds of each phase since the last row (benchmark scoring in "evaluate")."""
+        self.phase_end("evaluate")  # the benchmarks scored after the central evaluation
+        return {name: round(self.phases.pop(name, 0.0), 3) for name in PHASES}
 
     def round_lr(self, server_round: int, clients: list[dict[str, float | str]]) -> float | None:
         """The learning rate of the round's first step.
@@ -445,7 +460,7 @@ def run_federation(
     if checkpoint is not None:
         recorder.done.resumed_after.append(recorder.done.round)
         set_rng_states(recorder.done.rng)  # last: nothing above may draw from them
-    recorder.round_started = rounds_started = time.perf_counter()
+    recorder.round_started = recorder.phase_started = rounds_started = time.perf_counter()
     final = run_rounds(
         strategy,
         stack.top,
@@ -458,6 +473,7 @@ def run_federation(
         evaluate_fn=recorder.evaluate,
         round_end=recorder.round_end,
         replies_in=recorder.replies_in,
+        phase_end=recorder.phase_end,
     )
     rounds_seconds = time.perf_counter() - rounds_started
     set_adapter_state(server.model, arrayrecord_to_state(final))

@@ -4,6 +4,7 @@ And the stack passes replies on one at a time, as they arrive.
 """
 
 import json
+import time
 
 import torch
 from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
@@ -195,3 +196,36 @@ def test_each_reply_is_folded_before_the_next_client_trains(tmp_path, monkeypatc
         ("trained", fourth),
         ("folded", fourth),
     ]
+
+
+class _Slow(InProcessGrid):
+    """An in-process engine whose clients each take ``pause`` seconds more to train."""
+
+    def __init__(self, nodes: int, pause: float) -> None:
+        super().__init__(client_app, nodes)
+        self.pause = pause
+
+    def _deliver(self, message: Message) -> Message:
+        if message.metadata.message_type == MessageType.TRAIN:
+            time.sleep(self.pause)
+        return super()._deliver(message)
+
+
+def test_each_row_says_where_its_round_went(tmp_path):
+    """phase_seconds splits round_seconds: the clients' training lands in train_replies."""
+    from fedpeft.server.rounds import PHASES
+
+    scenario = load_scenario(
+        "smoke", ["data.num_clients=2", "federation.rounds=2", "train.local_steps=1"]
+    )
+    run_federation(_Slow(2, pause=0.5), scenario, tmp_path, "in-process")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        phases = row["phase_seconds"]
+        assert list(phases) == list(PHASES) and min(phases.values()) >= 0
+        assert phases["train_replies"] >= 2 * 0.5  # two clients, each half a second slower
+        assert phases["evaluate"] > 0  # the central evaluation
+        # the phases cover the round, up to sampling and configuring (milliseconds)
+        assert row["round_seconds"] - 0.25 <= sum(phases.values()) <= row["round_seconds"] + 0.01
+    assert rows[0]["phase_seconds"]["checkpoint"] == 0  # round 1 follows no checkpoint
+    assert rows[1]["phase_seconds"]["checkpoint"] > 0
