@@ -35,6 +35,7 @@ from fedpeft.adapters import (
 from fedpeft.clients.compression import compression_mod, run_tag, state_dir
 from fedpeft.clients.faults import fault_mod
 from fedpeft.clients.instructions import Instructions
+from fedpeft.clients.packing import packing_mod
 from fedpeft.clients.privacy import local_dp_mod
 from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
@@ -61,10 +62,10 @@ from fedpeft.train import (
     train_steps,
 )
 
-# outermost first: SecAgg+ (its key stages never reach the other mods), then payloads are
-# decoded (and the reply coded last), local DP noises the reply, faults are injected (if
-# asked), then the handler
-app = ClientApp(mods=[secagg_mod, compression_mod, local_dp_mod, fault_mod])
+# outermost first: a deployment's packed records are unpacked (and the reply packed last),
+# SecAgg+ (its key stages never reach the other mods), then payloads are decoded (and the
+# reply coded last), local DP noises the reply, faults are injected (if asked), the handler
+app = ClientApp(mods=[packing_mod, secagg_mod, compression_mod, local_dp_mod, fault_mod])
 
 
 @dataclass

@@ -9,16 +9,21 @@ replies have all been read.
 
 from __future__ import annotations
 
+import copy
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import records
 from fedpeft.codecs import payload_nbytes
+from fedpeft.codecs.packing import PackingError, is_packed, pack, unpack
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -131,6 +136,65 @@ class DelegatingGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+class PackingGrid(DelegatingGrid):
+    """A deployment's wire: each ArrayRecord travels as one Array (:mod:`fedpeft.codecs.packing`).
+
+    Sits directly on Flower's Grid, so every layer above, the byte counts included, sees
+    the records as in simulation. A reply whose packing does not unpack becomes an error
+    reply (a failed client), with the reason.
+    """
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push each message with its records packed; each original gets the pushed ID."""
+        messages = list(messages)
+        packed = [_with_content(m, pack(m.content)) for m in messages]
+        ids = list(self._grid.push_messages(packed))
+        for original, sent in zip(messages, packed, strict=True):
+            original.metadata.__dict__["_message_id"] = sent.metadata.message_id
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterator[Message]:
+        """The replies to ``message_ids``, unpacked."""
+        for reply in self._grid.pull_messages(message_ids):
+            yield _unpacked(reply)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterator[Message]:
+        """Flower's exchange of the packed messages; the replies unpacked."""
+        packed = [_with_content(m, pack(m.content)) for m in messages]
+        for reply in self._grid.send_and_receive(packed, timeout=timeout):
+            yield _unpacked(reply)
+
+
+def _with_content(msg: Message, content: RecordDict) -> Message:
+    """A new instruction like ``msg``, carrying ``content``."""
+    meta = msg.metadata
+    return Message(
+        content,
+        dst_node_id=meta.dst_node_id,
+        message_type=meta.message_type,
+        ttl=meta.ttl,
+        group_id=meta.group_id,
+    )
+
+
+def _unpacked(reply: Message) -> Message:
+    """``reply`` with its records unpacked; an error reply when they do not unpack."""
+    if reply.has_error() or not is_packed(reply.content):
+        return reply
+    try:
+        reply.content = unpack(reply.content)
+    except PackingError as exc:
+        reason = f"malformed reply: {exc}"
+        logger.warning("node %s: %s", reply.metadata.src_node_id, reason)
+        # the reply's own metadata (sender, what it answers): Flower's constructor takes it
+        # as its internal ``metadata`` argument, which its typed overloads leave out
+        error = Error(code=0, reason=reason)
+        return Message(error, metadata=copy.copy(reply.metadata))  # type: ignore[call-overload]
+    return reply
 
 
 #: ``progress(server_round, answered, sampled, seconds)``: replies in so far, as they arrive

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft import records
 from fedpeft.config import Scenario, ScenarioError
 from fedpeft.report import RoundProgress, console, step
-from fedpeft.server.grid import CountingGrid, PollingGrid
+from fedpeft.server.grid import CountingGrid, PackingGrid, PollingGrid
 from fedpeft.strategies.adapter_strategy import AdapterStrategy
 
 logger = logging.getLogger(__name__)
@@ -36,8 +36,8 @@ def connect_nodes(grid: Grid, scenario: Scenario, engine: str, strategy: Strateg
         step("starting the client processes (each imports torch, then builds its model once)")
     elif engine == "deployment":
         wait_for_nodes(grid, scenario)
-        # replies in ~0.1 s instead of Flower's 3 s pull interval
-        grid = PollingGrid(grid, progress=progress)
+        # replies in ~0.1 s instead of Flower's 3 s pull interval; each ArrayRecord one object
+        grid = PollingGrid(PackingGrid(grid), progress=progress)
         step(f"asking the {len(list(grid.get_node_ids()))} SuperNodes which partition each serves")
     counting = CountingGrid(grid)
     discover_nodes(counting, scenario, strategy, guess)
