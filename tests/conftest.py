@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 
 import pytest
+from filelock import FileLock
+from procs import MINILM_RUN, run_fedpeft, session_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -24,6 +27,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return float(mark.args[0]) if mark is not None and mark.args else 0.0
 
     items.sort(key=seconds, reverse=True)
+
+
+@pytest.fixture(scope="session")
+def minilm_run(tmp_path_factory, worker_id):
+    """`smoke` on the real pretrained MiniLM, run from an unrelated folder.
+
+    Run once per session: under pytest-xdist the first worker that needs it runs it, in the
+    session's common folder, and the others wait for it and read what it left.
+    """
+    shared = session_folder(tmp_path_factory, worker_id)
+    with FileLock(str(shared / "minilm_run.lock")):
+        cwd = shared / "minilm-elsewhere"
+        if not (cwd / "returncode").exists():
+            cwd.mkdir()
+            done = run_fedpeft(*MINILM_RUN, "--out", str(cwd / "out"), cwd=cwd)
+            (cwd / "stdout").write_text(done.stdout)
+            (cwd / "stderr").write_text(done.stderr)
+            (cwd / "returncode").write_text(str(done.returncode))
+        args = ["fedpeft", "run", "smoke"]
+        code, stdout, stderr = (
+            (cwd / name).read_text() for name in ("returncode", "stdout", "stderr")
+        )
+    proc = subprocess.CompletedProcess(args, int(code), stdout, stderr)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "out", proc
 
 
 @pytest.fixture(autouse=True)

@@ -45,6 +45,16 @@ SUMMARY_KEYS = {
 }
 
 
+def session_folder(tmp_path_factory, worker_id: str) -> Path:
+    """The folder every pytest-xdist worker of this session shares (each has its own below)."""
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if worker_id != "master" else shared
+
+
+#: the session's one MiniLM run on Flower's Simulation Engine (the fixture below)
+MINILM_RUN = ("run", "smoke", "--set", "model.name=minilm")
+
+
 def pids_marked(marker: str) -> set[int]:
     """Processes whose environment carries ``marker``: exactly those a run started
     (Ray's daemons and workers inherit the environment of the command that started them)."""

@@ -7,40 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 from procs import CONTRACT_ROW_KEYS, SUMMARY_KEYS, interrupt_fedpeft, run_fedpeft
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="session")
-def minilm_run(tmp_path_factory, worker_id):
-    """`smoke` on the real pretrained MiniLM, run from an unrelated folder.
-
-    Run once per session: under pytest-xdist the first worker that needs it runs it, in the
-    session's common folder, and the others wait for it and read what it left.
-    """
-    shared = tmp_path_factory.getbasetemp()
-    if worker_id != "master":
-        shared = shared.parent  # the session's folder, above each worker's own
-    with FileLock(str(shared / "minilm_run.lock")):
-        cwd = shared / "minilm-elsewhere"
-        if not (cwd / "returncode").exists():
-            cwd.mkdir()
-            done = run_fedpeft(
-                "run", "smoke", "--set", "model.name=minilm", "--out", str(cwd / "out"), cwd=cwd
-            )
-            (cwd / "stdout").write_text(done.stdout)
-            (cwd / "stderr").write_text(done.stderr)
-            (cwd / "returncode").write_text(str(done.returncode))
-        args = ["fedpeft", "run", "smoke"]
-        code, stdout, stderr = (
-            (cwd / name).read_text() for name in ("returncode", "stdout", "stderr")
-        )
-    proc = subprocess.CompletedProcess(args, int(code), stdout, stderr)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd / "out", proc
 
 
 @pytest.mark.slow(45)  # runs the session's MiniLM run; the tests below read it
