@@ -260,3 +260,49 @@ def test_local_training_lowers_the_held_in_loss(model, task, targets, data_name,
     after = spec.evaluate(adapted, processor, rows, **kwargs)
     assert result.num_examples == steps * 16
     assert after["eval_loss"] < before["eval_loss"] - 0.5
+
+
+def test_seq_cls_scores_the_same_with_its_batches_kept_and_tokenises_once(monkeypatch):
+    """Held-out text is tokenised once per process; a new data set is tokenised afresh."""
+    from fedpeft.tasks import base
+
+    model_cfg = ModelSection(name="tiny-bert", task="seq-cls")
+    task = get_task("seq-cls")
+    tokenizer = load_processor(model_cfg)
+    torch.manual_seed(0)
+    model = load_base_model(model_cfg, num_labels=3)
+    rng = np.random.default_rng(0)
+    words = ["tree", "river", "a small stone", "the tall mountain", "sky"]
+    rows = {
+        "text": [" ".join(rng.choice(words, size=rng.integers(1, 6))) for _ in range(37)],
+        "label": [int(x) for x in rng.integers(0, 3, size=37)],
+    }
+    data = datasets.Dataset.from_dict(rows)
+    calls = []
+    real = task.make_collate
+
+    def counted(processor, max_length):
+        calls.append(max_length)
+        return real(processor, max_length)
+
+    monkeypatch.setattr(task, "make_collate", counted)
+    settings = {"batch_size": 8, "max_length": 16, "device": torch.device("cpu")}
+    first = task.evaluate(model, tokenizer, data, **settings)
+    again = task.evaluate(model, tokenizer, data, **settings)
+    assert first == again and calls == [16]  # the second evaluation tokenised nothing
+    # by hand: every example alone, no padding, no cache
+    model.eval()
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for text, label in zip(rows["text"], rows["label"], strict=True):
+            enc = tokenizer(text, truncation=True, max_length=16, return_tensors="pt")
+            logits = model(**enc).logits.float()
+            loss += float(torch.nn.functional.cross_entropy(logits, torch.tensor([label])))
+            correct += int(logits.argmax(-1).item() == label)
+    assert math.isclose(first["eval_loss"], loss / 37, rel_tol=1e-4)
+    assert first["eval_accuracy"] == correct / 37
+    task.evaluate(model, tokenizer, data, **{**settings, "max_length": 8})  # other settings
+    other = datasets.Dataset.from_dict({"text": rows["text"][:5], "label": rows["label"][:5]})
+    task.evaluate(model, tokenizer, other, **settings)  # another data set
+    assert calls == [16, 8, 16]
+    assert len(base._KEPT) <= base._KEPT_SETS

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import datasets
@@ -120,20 +121,49 @@ def last_positions(logits: torch.Tensor, length: int) -> torch.Tensor:
 
 @torch.no_grad()
 def classify(
-    model: torch.nn.Module,
-    data: datasets.Dataset,
-    order: Sequence[int],
-    collate: Collate,
-    batch_size: int,
-    device: torch.device,
+    model: torch.nn.Module, batches: Iterable[Batch], examples: int, device: torch.device
 ) -> dict[str, float]:
-    """Mean cross-entropy and accuracy of a classifier over ``data`` in ``order``."""
+    """Mean cross-entropy and accuracy of a classifier over ``batches`` (``examples`` in all)."""
     model.eval()
     loss_sum, correct = 0.0, 0
-    for idx in chunks(order, batch_size):
-        batch = to_device(collate(data[idx]), device)
+    for cpu_batch in batches:
+        batch = to_device(cpu_batch, device)
         logits = model(**batch).logits.float()
         loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         correct += int((logits.argmax(-1) == batch["labels"]).sum().item())
-    n = max(len(data), 1)
+    n = max(examples, 1)
     return {"eval_loss": loss_sum / n, "eval_accuracy": correct / n}
+
+
+def collated(
+    data: datasets.Dataset, order: Sequence[int], collate: Collate, size: int
+) -> Iterator[Batch]:
+    """``data`` in ``order``, collated ``size`` examples at a time."""
+    for idx in chunks(order, size):
+        yield collate(data[idx])
+
+
+#: evaluation batches kept, by the data set (held weakly: a new data set at the same
+#: address misses) and the batching's settings: the same held-out text is scored every
+#: round, and tokenising it again cost more than a small model's forward passes
+_KEPT: dict[tuple[int, tuple[Any, ...]], tuple[weakref.ref, list[Batch]]] = {}
+_KEPT_SETS = 8
+
+
+def kept_batches(
+    data: datasets.Dataset, settings: tuple[Any, ...], make: Callable[[], Iterable[Batch]]
+) -> list[Batch]:
+    """The batches ``make()`` gives for ``data`` under ``settings``, made once per process.
+
+    ``settings`` must name everything the batches depend on besides ``data`` (tokenizer,
+    maximum length, batch size). Meant for token ids, which are small; not for images.
+    """
+    key = (id(data), settings)
+    hit = _KEPT.get(key)
+    if hit is not None and hit[0]() is data:
+        return hit[1]
+    batches = list(make())
+    if len(_KEPT) >= _KEPT_SETS:
+        _KEPT.pop(next(iter(_KEPT)))
+    _KEPT[key] = (weakref.ref(data), batches)
+    return batches

@@ -14,7 +14,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Pr
 
 from fedpeft.config import ScenarioError
 from fedpeft.model_sources import ALIASES, model_source
-from fedpeft.tasks.base import Batch, Collate, Rows, Task, classify
+from fedpeft.tasks.base import Batch, Collate, Rows, Task, classify, collated
 
 
 @dataclass(frozen=True)
@@ -141,4 +141,5 @@ class ImageClassification(Task):
     ) -> dict[str, float]:
         """Mean cross-entropy and accuracy, in data order."""
         collate = self.make_collate(processor, max_length)
-        return classify(model, data, range(len(data)), collate, batch_size, device)
+        batches = collated(data, range(len(data)), collate, batch_size)
+        return classify(model, batches, len(data), device)

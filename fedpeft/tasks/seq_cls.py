@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import datasets
 import torch
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
-from fedpeft.tasks.base import Batch, Collate, Rows, TextTask, classify
+from fedpeft.tasks.base import (
+    Batch,
+    Collate,
+    Rows,
+    TextTask,
+    classify,
+    collated,
+    kept_batches,
+)
 
 
 class SequenceClassification(TextTask):
@@ -57,7 +66,12 @@ class SequenceClassification(TextTask):
 
         Examples are batched in order of length, which saves padding and changes no number.
         """
-        collate = self.make_collate(processor, max_length)
-        lengths = [len(t) for t in data["text"]]
-        order = sorted(range(len(data)), key=lengths.__getitem__)
-        return classify(model, data, order, collate, batch_size, device)
+
+        def batches() -> Iterator[Batch]:
+            lengths = [len(t) for t in data["text"]]
+            order = sorted(range(len(data)), key=lengths.__getitem__)
+            return collated(data, order, self.make_collate(processor, max_length), batch_size)
+
+        tokenizer = (type(processor).__name__, getattr(processor, "name_or_path", None))
+        settings = (self.name, tokenizer, id(processor), max_length, batch_size)
+        return classify(model, kept_batches(data, settings, batches), len(data), device)
