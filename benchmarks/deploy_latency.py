@@ -264,9 +264,12 @@ With its trainer running the node's tasks, a deployed round costs
 **{r["extra_seconds_per_round"]:.2f} s more** than a simulated one and each node loads its
 model **{r["model_loads_per_node"]}** time(s) per run. No process starts per message: the
 trainer acquires each task from its SuperNode (`flower-supernode --isolation process`)
-and runs it in place. What remains is Flower's own waits: the SuperNode's 3 s between
-empty pulls (1.5 s on average before a message is picked up; `--poll-interval` shortens
-it) and its 0.5 s steps while it waits for a task's reply.
+and runs it in place, and each message's adapter crosses every hop as one Array
+(`fedpeft/codecs/packing.py`) instead of an HTTP request per tensor. What remains is
+mostly Flower's own waits: the SuperNode's 3 s between empty pulls (1.5 s on average
+before a message is picked up, uniformly 0 to 3 s, so these few rounds scatter by about
+half a second; `--poll-interval` shortens it) and its 0.5 s steps while it waits for a
+task's reply.
 
 With `--forwarder`, Flower starts a fresh `flwr-clientapp` process per message (its
 start, its imports, the FAB it unpacks, the task it pulls and pushes, and
