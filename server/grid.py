@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 
 from fedpeft import records
 from fedpeft.codecs import payload_nbytes
-from fedpeft.codecs.packing import PackingError, is_packed, pack, unpack
+from fedpeft.codecs.packing import Memo, PackingError, is_packed, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,9 @@ class PackingGrid(DelegatingGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push each message with its records packed; each original gets the pushed ID."""
         messages = list(messages)
-        packed = [_with_content(m, pack(m.content)) for m in messages]
+        memo: Memo = {}  # the adapter every node is sent is packed once
+        packed = [_with_content(m, pack(m.content, memo)) for m in messages]
+        del memo
         ids = list(self._grid.push_messages(packed))
         for original, sent in zip(messages, packed, strict=True):
             original.metadata.__dict__["_message_id"] = sent.metadata.message_id
@@ -164,7 +166,10 @@ class PackingGrid(DelegatingGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         """Flower's exchange of the packed messages; the replies unpacked."""
-        packed = [_with_content(m, pack(m.content)) for m in messages]
+        messages = list(messages)  # alive while packing: the memo is keyed by their records' ids
+        memo: Memo = {}
+        packed = [_with_content(m, pack(m.content, memo)) for m in messages]
+        del memo, messages
         for reply in self._grid.send_and_receive(packed, timeout=timeout):
             yield _unpacked(reply)
 

@@ -173,3 +173,30 @@ def test_a_reply_that_does_not_unpack_fails_its_client_with_the_reason():
     assert len(replies) == 2 and all(r.has_error() for r in replies)
     assert all(r.error.reason.startswith("malformed reply: packed record") for r in replies)
     assert {r.metadata.src_node_id for r in replies} == set(grid.get_node_ids())
+
+
+def test_an_adapter_sent_to_every_node_is_packed_once():
+    """One exchange, one memo: the shared record is one packed buffer, not one per node."""
+    ensure_task_identity()
+    shared = mixed_content()
+    own = RecordDict(
+        {records.ARRAYS: ArrayRecord({"a": Array(np.ones(2)), "b": Array(np.ones(3))})}
+    )
+    memo = {}
+    first, second, third = (pack(c, memo) for c in (shared, shared, own))
+    assert first[records.ARRAYS] is second[records.ARRAYS]
+    assert first[INDEX_PREFIX + records.ARRAYS] is second[INDEX_PREFIX + records.ARRAYS]
+    assert third[records.ARRAYS] is not first[records.ARRAYS]
+    assert list(unpack(third)[records.ARRAYS].keys()) == ["a", "b"]
+    assert pack(shared)[records.ARRAYS] is not first[records.ARRAYS]  # no memo, no sharing
+
+    class Pushed(InProcessGrid):
+        def push_messages(self, messages):
+            messages = list(messages)
+            self.packed = [m.content[records.ARRAYS] for m in messages]
+            return super().push_messages(messages)
+
+    grid = Pushed(client_app, 2)
+    messages = train_messages(grid)
+    PackingGrid(grid).push_messages(messages)
+    assert grid.packed[0] is grid.packed[1]  # both nodes' messages share one packed buffer

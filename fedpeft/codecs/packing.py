@@ -35,39 +35,51 @@ def is_packed(content: RecordDict) -> bool:
     return any(name.startswith(INDEX_PREFIX) for name in content.config_records)
 
 
-def pack(content: RecordDict) -> RecordDict:
+#: a packing's memo: id of an ArrayRecord -> (its packed record, its index)
+Memo = dict[int, tuple[ArrayRecord, ConfigRecord]]
+
+
+def pack(content: RecordDict, memo: Memo | None = None) -> RecordDict:
     """``content`` with each ArrayRecord of two or more arrays as one Array (and its index).
 
-    The other records are the same objects, in the same order.
+    The other records are the same objects, in the same order. Give the messages of one
+    exchange one ``memo``: a record they share (the global adapter, sent to every node)
+    is then packed once and shared, not copied once per node. The records must outlive
+    the memo (their ids are its keys).
     """
     if is_packed(content):
         raise PackingError(f"the content already holds a record named {INDEX_PREFIX}*")
+    memo = {} if memo is None else memo
     out = RecordDict()
     for name, record in content.items():
         if not isinstance(record, ArrayRecord) or len(record) < 2:
             out[name] = record
             continue
-        arrays = list(record.values())
-        out[name] = ArrayRecord(
-            {
-                PACKED_KEY: Array(
-                    dtype="uint8",
-                    shape=(sum(len(a.data) for a in arrays),),
-                    stype=PACKED_STYPE,
-                    data=b"".join(a.data for a in arrays),
-                )
-            }
-        )
-        out[INDEX_PREFIX + name] = ConfigRecord(
-            {
-                "keys": list(record.keys()),
-                "dtypes": [a.dtype for a in arrays],
-                "stypes": [a.stype for a in arrays],
-                "shapes": json.dumps([list(a.shape) for a in arrays]),
-                "sizes": [len(a.data) for a in arrays],
-            }
-        )
+        if id(record) not in memo:
+            memo[id(record)] = _packed(record)
+        out[name], out[INDEX_PREFIX + name] = memo[id(record)]
     return out
+
+
+def _packed(record: ArrayRecord) -> tuple[ArrayRecord, ConfigRecord]:
+    """``record``'s arrays end to end in one Array, and the index that splits them again."""
+    arrays = list(record.values())
+    packed = Array(
+        dtype="uint8",
+        shape=(sum(len(a.data) for a in arrays),),
+        stype=PACKED_STYPE,
+        data=b"".join(a.data for a in arrays),
+    )
+    index = ConfigRecord(
+        {
+            "keys": list(record.keys()),
+            "dtypes": [a.dtype for a in arrays],
+            "stypes": [a.stype for a in arrays],
+            "shapes": json.dumps([list(a.shape) for a in arrays]),
+            "sizes": [len(a.data) for a in arrays],
+        }
+    )
+    return ArrayRecord({PACKED_KEY: packed}), index
 
 
 def unpack(content: RecordDict) -> RecordDict:
