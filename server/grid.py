@@ -149,9 +149,7 @@ class PackingGrid(DelegatingGrid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Push each message with its records packed; each original gets the pushed ID."""
         messages = list(messages)
-        memo: Memo = {}  # the adapter every node is sent is packed once
-        packed = [_with_content(m, pack(m.content, memo)) for m in messages]
-        del memo
+        packed = _packed(messages)
         ids = list(self._grid.push_messages(packed))
         for original, sent in zip(messages, packed, strict=True):
             original.metadata.__dict__["_message_id"] = sent.metadata.message_id
@@ -166,12 +164,19 @@ class PackingGrid(DelegatingGrid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterator[Message]:
         """Flower's exchange of the packed messages; the replies unpacked."""
-        messages = list(messages)  # alive while packing: the memo is keyed by their records' ids
-        memo: Memo = {}
-        packed = [_with_content(m, pack(m.content, memo)) for m in messages]
-        del memo, messages
+        packed = _packed(list(messages))
         for reply in self._grid.send_and_receive(packed, timeout=timeout):
             yield _unpacked(reply)
+
+
+def _packed(messages: list[Message]) -> list[Message]:
+    """Each message with its records packed; a record they share is packed once.
+
+    That record is the adapter every node is sent. ``messages`` keeps the records alive,
+    so their ids, the memo's keys, stay theirs.
+    """
+    memo: Memo = {}
+    return [_with_content(m, pack(m.content, memo)) for m in messages]
 
 
 def _with_content(msg: Message, content: RecordDict) -> Message:
