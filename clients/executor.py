@@ -31,12 +31,22 @@ import httpx
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.app.message import remove_content_from_message
 from flwr.common.constant import ErrorCode, SubStatus
-from flwr.common.serde import message_from_proto, message_to_proto
+from flwr.common.serde import context_from_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -45,12 +55,16 @@ from flwr.supercore.interceptors import (
 from flwr.supercore.protobuf.client import ProtobufClientInterceptor
 from flwr.supercore.retry import make_simple_http_retry_invoker
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 #: the Runtime API call that the SuperExec secret signs (as flower-superexec's)
 ACQUIRE = "/flwr.proto.Runtime/AcquireTask"
 #: seconds between asking for a task while none is waiting (flower-superexec: 1 s)
 POLL_S = 0.05
+
+#: the longest wait between two tries at a message's objects (see :func:`pull_task_input`)
+PULL_BACKOFF_CAP_S = 1.0
 
 #: what runs one message: the trainer's ClientApp call, timed and logged
 Handler = Callable[[Message, Context], Message]
@@ -176,7 +190,7 @@ class TaskExecutor:
         context: Context | None = None
         status, details = SubStatus.FAILED, "ClientApp task failed"
         try:
-            message, context, _, _ = pull_task_input(client)
+            message, context = pull_task_input(client, self.poll_s)
             header = message_to_proto(remove_content_from_message(message)).SerializeToString()
             with self.under_way.open("a") as out:  # what a restarted trainer answers
                 out.write("\n" + header.hex())
@@ -195,3 +209,36 @@ class TaskExecutor:
                 heartbeat.stop()
             client.close()
             self.under_way.unlink(missing_ok=True)
+
+
+def pull_task_input(client: RuntimeHttpClient, first_retry_s: float) -> tuple[Message, Context]:
+    """A task's message and context, as Flower's ``pull_task_input`` gets them, sooner.
+
+    The SuperNode creates a task as soon as a message's header has arrived, then pulls the
+    message's objects from the SuperLink, so the trainer (polling every :data:`POLL_S`)
+    usually asks for objects that are not there yet. Flower's ``flwr-clientapp`` does the
+    same and retries after 1 s, then 2 s (``flwr.supercore.constant.PULL_INITIAL_BACKOFF``):
+    about a second lost per message (measured in benchmarks/deploy_latency.py). The trainer
+    retries after ``first_retry_s``, doubling up to :data:`PULL_BACKOFF_CAP_S`.
+    """
+    task_input = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = task_input.task_id
+    TaskIdentity.run_id = task_input.run.run_id
+    TaskIdentity.node_id = task_input.context.node_id
+    context = context_from_proto(task_input.context)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node, tree = Node(node_id=context.node_id), pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(
+            client.ConfirmMessageReceived, node, context.run_id
+        ),
+        return_type=Message,
+        initial_backoff=first_retry_s,
+        backoff_cap=PULL_BACKOFF_CAP_S,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # as Flower's does
+    return message, context

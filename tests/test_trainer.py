@@ -305,3 +305,74 @@ def test_a_supernode_hands_tasks_only_to_the_holder_of_its_secret(tmp_path) -> N
         os.killpg(node.pid, 15)  # the SuperNode this test started, and only it
         node.wait(timeout=30)
         log.close()
+
+
+class _NodeStillPulling:
+    """The parts of a SuperNode's Runtime API a task's pull uses, serving one message
+    whose objects each become available only after ``unavailable`` tries, as on a node
+    still pulling them from the SuperLink. It records when each object was asked for."""
+
+    def __init__(self, message: Message, context: Context, unavailable: int) -> None:
+        from flwr.common.serde import context_to_proto, message_to_proto
+        from flwr.supercore.inflatable.inflatable_object import (
+            get_all_nested_objects,
+            get_object_tree,
+        )
+
+        self.tree = get_object_tree(message)
+        self.contents = {k: v.deflate() for k, v in get_all_nested_objects(message).items()}
+        self.header = message_to_proto(message)
+        self.context = context_to_proto(context)
+        self.unavailable, self.confirmed = unavailable, []
+        self.asked: dict[str, list[float]] = {}
+
+    def PullTaskInput(self, request):  # noqa: N802 - the Runtime API's names
+        from flwr.proto.run_pb2 import Run
+        from flwr.proto.runtime_pb2 import PullTaskInputResponse
+
+        run = Run(run_id=self.context.run_id)
+        return PullTaskInputResponse(task_id=3, run=run, context=self.context)
+
+    def PullMessages(self, request):  # noqa: N802
+        from flwr.proto.runtime_pb2 import PullAppMessagesResponse
+
+        return PullAppMessagesResponse(
+            messages_list=[self.header], message_object_trees=[self.tree]
+        )
+
+    def PullObject(self, request):  # noqa: N802
+        from flwr.proto.message_pb2 import PullObjectResponse
+
+        tries = self.asked.setdefault(request.object_id, [])
+        tries.append(time.monotonic())
+        ready = len(tries) > self.unavailable
+        content = self.contents[request.object_id] if ready else b""
+        return PullObjectResponse(object_found=True, object_available=ready, object_content=content)
+
+    def ConfirmMessageReceived(self, request):  # noqa: N802
+        from flwr.proto.message_pb2 import ConfirmMessageReceivedResponse
+
+        self.confirmed.append(request.message_object_id)
+        return ConfirmMessageReceivedResponse()
+
+
+def test_the_trainer_pulls_a_message_whose_objects_are_still_arriving_without_waiting_1s():
+    """Flower's flwr-clientapp retries unavailable objects after 1 s, then 2 s; the trainer
+    retries after its poll interval, so a message that arrives a moment later is not late."""
+    from fedpeft.clients.executor import POLL_S, pull_task_input
+
+    message = _train_message()
+    message.metadata.__dict__["_message_id"] = message.object_id
+    node = _NodeStillPulling(message, _context(), unavailable=3)
+    pulled, context = pull_task_input(node, POLL_S)  # type: ignore[arg-type]
+    assert pulled.object_id == message.object_id == pulled.metadata.message_id
+    assert _arrays(pulled).keys() == _arrays(message).keys()
+    for key, value in _arrays(pulled).items():
+        np.testing.assert_array_equal(value, _arrays(message)[key])
+    assert context.run_id == 1 and context.node_id == 7
+    assert node.confirmed == [message.object_id]
+    assert node.asked.keys() == node.contents.keys()
+    for tries in node.asked.values():
+        assert len(tries) == 4
+        # retries after 0.05, 0.1 and 0.2 s (+-20%); Flower's schedule takes 1 + 2 + 4 s
+        assert tries[-1] - tries[0] < 1.0, tries
