@@ -264,12 +264,15 @@ With its trainer running the node's tasks, a deployed round costs
 **{r["extra_seconds_per_round"]:.2f} s more** than a simulated one and each node loads its
 model **{r["model_loads_per_node"]}** time(s) per run. No process starts per message: the
 trainer acquires each task from its SuperNode (`flower-supernode --isolation process`)
-and runs it in place, and each message's adapter crosses every hop as one Array
-(`fedpeft/codecs/packing.py`) instead of an HTTP request per tensor. What remains is
-mostly Flower's own waits: the SuperNode's 3 s between empty pulls (1.5 s on average
-before a message is picked up, uniformly 0 to 3 s, so these few rounds scatter by about
-half a second; `--poll-interval` shortens it) and its 0.5 s steps while it waits for a
-task's reply.
+and runs it in place. It asks for the task's message while the node is still fetching
+the message's objects, and retries after 0.05 s where Flower's own pull waits 1 s (that
+wait cost about a second per message). Each message's adapter crosses every hop as one
+Array (`fedpeft/codecs/packing.py`) instead of an HTTP request per tensor. What remains is
+mostly Flower's own waits. A SuperNode pulls again as soon as it has pushed its reply,
+finds nothing (the server is still aggregating and evaluating) and sleeps a fixed 3 s,
+so the next message waits out the rest of that sleep (`--poll-interval` shortens it; its
+row is one invocation, and rounds scatter by about half a second). The node also waits
+for a task's reply in 0.5 s steps.
 
 With `--forwarder`, Flower starts a fresh `flwr-clientapp` process per message (its
 start, its imports, the FAB it unpacks, the task it pulls and pushes, and

@@ -1,8 +1,9 @@
 """``flower-supernode`` with a shorter wait between empty pulls (``--poll-interval``).
 
 Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) sleeps a fixed
-3 s whenever the SuperLink had no message for it, so a message waits 1.5 s on average
-before any work starts. ``fedpeft deploy supernode --poll-interval S`` runs the node
+3 s whenever the SuperLink had no message for it. A node pulls as soon as it has pushed a
+reply, usually before the server's next message exists, so that message waits out the
+rest of the 3 s before any work starts. ``fedpeft deploy supernode --poll-interval S`` runs the node
 through this module, which replaces that one wait (and no other) with ``S`` seconds and
 says so at the top of the node's log. Everything else is Flower's own ``flower-supernode``.
 
