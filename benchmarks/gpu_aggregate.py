@@ -38,6 +38,18 @@ def _flexlora(
     return flexlora_aggregate(bs, as_, w, None, [r], [s])[0]
 
 
+def _flexlora_streaming(
+    bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
+) -> Factors:
+    from fedpeft.strategies.streaming_svd import StreamingSVD
+
+    streaming = StreamingSVD(r, bs[0].device)  # where the strategy's server_device puts it
+    for b, a, weight in zip(bs, as_, w, strict=True):
+        streaming.add("m", b, a, weight * s)
+    u, singular, v = streaming.top_svd("m", 1.0 / sum(w))  # back on the CPU
+    return u * singular, v.mT
+
+
 def _hetlora(
     bs: list[torch.Tensor], as_: list[torch.Tensor], w: list[float], r: int, s: float
 ) -> Factors:
@@ -59,6 +71,7 @@ RULES: dict[str, Rule] = {
     "fedit (fedavg)": _fedit,
     "flora (stack)": _flora,
     "flexlora (factored SVD)": _flexlora,
+    "flexlora (streaming SVD)": _flexlora_streaming,
     "hetlora (norm-weighted)": _hetlora,
     "fedex_lora (residual)": _fedex,
 }

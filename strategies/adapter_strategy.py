@@ -33,7 +33,12 @@ from fedpeft.adapters import AdapterState, BaseDelta, base_delta_to_state, facto
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.lora import lora_alpha_for, lora_scaling
-from fedpeft.strategies.fold import WeightedSums, fold_replies, give_back_free_memory
+from fedpeft.strategies.fold import (
+    WeightedSums,
+    aggregation_device,
+    fold_replies,
+    give_back_free_memory,
+)
 from fedpeft.strategies.lora_math import stack_factors
 
 ALL_FACTORS = "lora_A,lora_B,head"
@@ -56,6 +61,7 @@ class AdapterStrategy(FedAvg):
             }
         super().__init__(**sampling)
         self.scenario = scenario
+        aggregation_device(scenario)  # a CUDA server that has no CUDA: one line, now
         self.global_state: AdapterState = {}
         self.node_ranks: dict[int, int] = {}  # learned from replies ("rank" metric)
         #: factored change of the frozen base weights, sent to every node (FLoRA, FedEx)
@@ -71,9 +77,14 @@ class AdapterStrategy(FedAvg):
         """ConfigRecord entries telling the client what to train, send and keep."""
         return instruct(ALL_FACTORS)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this server aggregates (``federation.server_device``)."""
+        return aggregation_device(self.scenario)
+
     def start_aggregation(self, server_round: int) -> None:
-        """Before a round's first reply (default: empty running sums)."""
-        self._sums = WeightedSums()
+        """Before a round's first reply (default: empty running sums, on :attr:`device`)."""
+        self._sums = WeightedSums(self.device)
 
     def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
         """Take in one valid reply, which is dropped after this call.

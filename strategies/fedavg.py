@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr
 from flwr.serverapp.strategy import Strategy
@@ -19,7 +20,7 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
-from fedpeft.strategies.fold import WeightedSums, fold_replies
+from fedpeft.strategies.fold import CPU, WeightedSums, aggregation_device, fold_replies
 from fedpeft.strategies.guard import GuardedReplies
 
 
@@ -30,11 +31,15 @@ class FoldedMean(flwr.FedAvg):
     :class:`GuardedReplies`; the mean is accumulated in float64 and divided once.
     """
 
+    def __init__(self, *args: Any, device: torch.device = CPU, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.device = device  # where the sums live (federation.server_device)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The example-weighted mean of the replies' arrays, and of their metrics."""
-        sums = WeightedSums()
+        sums = WeightedSums(getattr(self, "device", CPU))  # a checkpoint may predate it
 
         def fold(msg: Message, weight: float) -> None:
             for record in msg.content.array_records.values():
@@ -71,12 +76,14 @@ class FedTrimmedAvg(GuardedReplies, flwr.FedTrimmedAvg):
 
 def build_fedavg(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
     """Weighted average of the clients' adapter tensors."""
-    return FedAvg(**sampling)
+    return FedAvg(device=aggregation_device(scenario), **sampling)
 
 
 def build_fedprox(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
     """FedAvg on the server; clients add ``mu/2 ||w - w_global||^2`` (sent as proximal-mu)."""
-    return FedProx(proximal_mu=scenario.strategy.proximal_mu, **sampling)
+    return FedProx(
+        proximal_mu=scenario.strategy.proximal_mu, device=aggregation_device(scenario), **sampling
+    )
 
 
 def build_fedavgm(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

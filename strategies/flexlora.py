@@ -107,8 +107,8 @@ class FlexLoRA(HoldsReplies):
             super().start_aggregation(server_round)
 
     def _start_streaming(self) -> None:
-        self.streaming = StreamingSVD(self.scenario.max_rank)
-        self.heads = WeightedSums()  # the heads' mean; its total weighs the whole round
+        self.streaming = StreamingSVD(self.scenario.max_rank, self.device)
+        self.heads = WeightedSums(self.device)  # the heads' mean; its total weighs the round
 
     def fold(self, server_round: int, state: AdapterState, weight: float, node_id: int) -> None:
         """Fold ``weight * s_i * B_i A_i`` into each module's streaming SVD (or hold it)."""
@@ -152,11 +152,12 @@ class FlexLoRA(HoldsReplies):
                 self.fold(server_round, state, weight, node_id)
             self.finish_aggregation(server_round)
             return
-        seed = self.scenario.seed + server_round
+        seed, device = self.scenario.seed + server_round, self.device
         for module, stacked_b, stacked_a in self.product_sums(states, weights):
-            self.svd[module], used = top_svd(
-                stacked_b, stacked_a, self.scenario.max_rank, method, seed
+            svd, used = top_svd(
+                stacked_b.to(device), stacked_a.to(device), self.scenario.max_rank, method, seed
             )
+            self.svd[module] = (svd[0].cpu(), svd[1].cpu(), svd[2].cpu())
             self.svd_methods[used] = self.svd_methods.get(used, 0) + 1
         self.average_heads(states, weights)
         self.truncations = {}

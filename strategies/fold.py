@@ -26,14 +26,44 @@ from flwr.common.logger import log
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from fedpeft import records
+from fedpeft.config import Scenario, ScenarioError
 from fedpeft.strategies import AggregationError
 from fedpeft.strategies.guard import check_finite, reply_weight
 
+CPU = torch.device("cpu")
+
+
+def aggregation_device(scenario: Scenario) -> torch.device:
+    """Where the server folds and decomposes updates (``federation.server_device``).
+
+    ``model`` is the device of the server's model (``model.device``); ``auto``, there or
+    here, is the first CUDA device where there is one, else the CPU. A model on MPS
+    aggregates on the CPU: MPS has no float64, which the exact sums need. Asking for CUDA
+    on a server without it is a one-line :class:`ScenarioError`.
+    """
+    name = scenario.federation.server_device
+    if name == "model":
+        name = scenario.model.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        setting = scenario.federation.server_device
+        raise ScenarioError(
+            f"federation.server_device = {setting!r} means {name}, and this server has no "
+            "CUDA device: set federation.server_device = 'cpu' (or 'auto')"
+        )
+    return device if device.type == "cuda" else CPU
+
 
 class WeightedSums:
-    """Running example-weighted sums of same-keyed tensors; :meth:`mean` divides at the end."""
+    """Running example-weighted sums of same-keyed tensors; :meth:`mean` divides at the end.
 
-    def __init__(self) -> None:
+    The sums live on ``device`` (:func:`aggregation_device`); the mean comes back on the CPU.
+    """
+
+    def __init__(self, device: torch.device = CPU) -> None:
+        self.device = device
         self.sums: dict[str, torch.Tensor] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         self.total = 0.0
@@ -42,21 +72,21 @@ class WeightedSums:
         """Add ``weight * state`` (in float64); a tensor of another shape is refused."""
         for key, value in state.items():
             if key not in self.sums:
-                self.sums[key] = torch.zeros(value.shape, dtype=torch.float64)
+                self.sums[key] = torch.zeros(value.shape, dtype=torch.float64, device=self.device)
                 self.dtypes[key] = value.dtype
             elif self.sums[key].shape != value.shape:
                 raise AggregationError(
                     f"node {node}: tensor '{key}' has shape {tuple(value.shape)}, "
                     f"the others {tuple(self.sums[key].shape)}"
                 )
-            self.sums[key].add_(value, alpha=weight)  # in float64, no temporary
+            self.sums[key].add_(value.to(self.device), alpha=weight)  # float64, in place
         self.total += weight
 
     def mean(self) -> dict[str, torch.Tensor]:
         """The weighted mean of everything added, in each tensor's first dtype."""
         if self.total <= 0:
             raise AggregationError(f"the replies weigh nothing: their weights sum to {self.total}")
-        return {k: (s / self.total).to(self.dtypes[k]) for k, s in self.sums.items()}
+        return {k: (s / self.total).to(CPU, self.dtypes[k]) for k, s in self.sums.items()}
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

@@ -38,8 +38,8 @@ class StreamingSVD:
     float32 (the clients' precision), with Gram-Schmidt done twice where it must be.
     """
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
+    def __init__(self, rank: int, device: torch.device | None = None) -> None:
+        self.rank, self.device = rank, device or torch.device("cpu")  # where the work is
         self.keep, self.batch = KEEP_FACTOR * rank, BATCH_FACTOR * rank
         #: module -> (U, S, V) so far (None before the first cut), and the new (c B, A)
         self.parts: dict[str, tuple[Svd | None, list[Tensor], list[Tensor]]] = {}
@@ -53,19 +53,19 @@ class StreamingSVD:
         """Fold ``c * B @ A`` (d x r times r x k, any r) into the module's running sum."""
         _check_factors(B, A)
         svd, lefts, rights = self.parts.setdefault(module, (None, [], []))
-        lefts.append(c * B.float())
-        rights.append(A.float())
+        lefts.append(c * B.to(self.device, torch.float32))
+        rights.append(A.to(self.device, torch.float32))
         if sum(b.shape[1] for b in lefts) >= self.batch:
             self.parts[module] = (_cut(svd, lefts, rights, self.keep), [], [])
 
     def top_svd(self, module: str, scale: float = 1.0) -> Svd:
-        """``(U, S, V)`` in float64: the top ``rank`` components of ``scale`` times the sum."""
+        """``(U, S, V)``, float64 on the CPU: the top ``rank`` components of ``scale`` x sum."""
         svd, lefts, rights = self.parts[module]
         if lefts or svd is None:
             u, s, v = _cut(svd, lefts, rights, self.rank)
         else:
             u, s, v = (factor[..., : self.rank] for factor in svd)
-        return u.double(), scale * s.double(), v.double()
+        return u.cpu().double(), scale * s.cpu().double(), v.cpu().double()
 
 
 def _cut(svd: Svd | None, lefts: list[Tensor], rights: list[Tensor], keep: int) -> Svd:

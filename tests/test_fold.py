@@ -239,3 +239,37 @@ def test_flora_holds_no_factor_after_the_round():
     adapter = sum(t.nbytes for t in strategy.global_state.values()) / 2**20
     assert merged > 0
     assert _held_mib(strategy) <= merged + adapter + 0.01  # nothing of the replies is left
+
+
+def test_the_server_aggregates_where_federation_server_device_says():
+    """``model`` follows model.device, ``auto`` takes CUDA where there is one; a CUDA server
+    without CUDA is one line at build time; the sums come back on the CPU either way."""
+    from fedpeft.config import ScenarioError
+    from fedpeft.strategies.fold import WeightedSums, aggregation_device
+
+    def device(*sets: str) -> torch.device:
+        return aggregation_device(load_scenario("smoke", list(sets)))
+
+    cuda = torch.cuda.is_available()
+    here = torch.device("cuda") if cuda else torch.device("cpu")
+    assert device('federation.server_device="cpu"') == torch.device("cpu")
+    assert device('model.device="cpu"') == torch.device("cpu")  # the default follows the model
+    assert device('model.device="mps"') == torch.device("cpu")  # MPS has no float64 sums
+    assert device('federation.server_device="auto"', 'model.device="cpu"') == here
+    assert device() == here  # model.device = auto
+    with pytest.raises(ScenarioError, match=r"federation.server_device.*model, auto, cpu, cuda"):
+        load_scenario("smoke", ['federation.server_device="tpu"'])
+    asked = ['federation.server_device="cuda:0"']
+    for name in ("fedavg", "fedit", "flexlora"):
+        if cuda:
+            assert device(*asked) == torch.device("cuda:0")
+        else:
+            with pytest.raises(ScenarioError, match="'cuda:0' means cuda:0, and this server"):
+                _strategy(name, 4, *asked)
+
+    sums = WeightedSums(here)
+    sums.add({"w": torch.tensor([1.0, 2.0])}, 1.0)
+    sums.add({"w": torch.tensor([4.0, 8.0])}, 3.0)
+    mean = sums.mean()["w"]
+    assert mean.device == torch.device("cpu") and mean.dtype == torch.float32
+    assert mean.tolist() == [(1.0 + 12.0) / 4, (2.0 + 24.0) / 4]

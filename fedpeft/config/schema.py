@@ -201,6 +201,20 @@ class FederationSection(Section, table="federation"):
         ge=0,
         note="0 = train.local_steps x train.grad_accum_steps x train.batch_size",
     )
+    server_device: str = setting(
+        "model",
+        "where the server aggregates: model (as model.device), auto, cpu, cuda or cuda:N",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        need(
+            self.server_device in {"model", "auto"}
+            or self.server_device.split(":")[0] in {"cpu", "cuda"},
+            "federation.server_device",
+            "model, auto, cpu, cuda or cuda:N",
+            self.server_device,
+        )
 
 
 @dataclass
