@@ -237,6 +237,7 @@ def pull_task_input(client: RuntimeHttpClient, first_retry_s: float) -> tuple[Me
             client.ConfirmMessageReceived, node, context.run_id
         ),
         return_type=Message,
+        max_tries_per_object=None,  # bounded by Flower's max_time (2 h), as its own pull
         initial_backoff=first_retry_s,
         backoff_cap=PULL_BACKOFF_CAP_S,
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp import strategy as flwr
 from flwr.serverapp.strategy import Strategy
@@ -31,15 +30,18 @@ class FoldedMean(flwr.FedAvg):
     :class:`GuardedReplies`; the mean is accumulated in float64 and divided once.
     """
 
-    def __init__(self, *args: Any, device: torch.device = CPU, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, scenario: Scenario | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.device = device  # where the sums live (federation.server_device)
+        self.scenario = scenario  # its federation.server_device says where the sums live
+        if scenario is not None:
+            aggregation_device(scenario)  # a CUDA server that has no CUDA: one line, now
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The example-weighted mean of the replies' arrays, and of their metrics."""
-        sums = WeightedSums(getattr(self, "device", CPU))  # a checkpoint may predate it
+        scenario = getattr(self, "scenario", None)  # a checkpoint may predate it
+        sums = WeightedSums(CPU if scenario is None else aggregation_device(scenario))
 
         def fold(msg: Message, weight: float) -> None:
             for record in msg.content.array_records.values():
@@ -76,14 +78,12 @@ class FedTrimmedAvg(GuardedReplies, flwr.FedTrimmedAvg):
 
 def build_fedavg(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
     """Weighted average of the clients' adapter tensors."""
-    return FedAvg(device=aggregation_device(scenario), **sampling)
+    return FedAvg(scenario=scenario, **sampling)
 
 
 def build_fedprox(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:
     """FedAvg on the server; clients add ``mu/2 ||w - w_global||^2`` (sent as proximal-mu)."""
-    return FedProx(
-        proximal_mu=scenario.strategy.proximal_mu, device=aggregation_device(scenario), **sampling
-    )
+    return FedProx(proximal_mu=scenario.strategy.proximal_mu, scenario=scenario, **sampling)
 
 
 def build_fedavgm(scenario: Scenario, sampling: dict[str, Any]) -> Strategy:

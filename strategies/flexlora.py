@@ -131,7 +131,7 @@ class FlexLoRA(HoldsReplies):
         self.svd_methods["streaming"] = count
         if self.heads.sums:
             self.global_state.update(self.heads.mean())
-        self.streaming, self.truncations = None, {}
+        self.streaming, self.heads, self.truncations = None, WeightedSums(), {}  # let go
 
     def aggregate_states(
         self,
