@@ -34,6 +34,7 @@ from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.lora import lora_alpha_for, lora_scaling
 from fedpeft.strategies.fold import (
+    OnServerDevice,
     WeightedSums,
     aggregation_device,
     fold_replies,
@@ -44,7 +45,7 @@ from fedpeft.strategies.lora_math import stack_factors
 ALL_FACTORS = "lora_A,lora_B,head"
 
 
-class AdapterStrategy(FedAvg):
+class AdapterStrategy(OnServerDevice, FedAvg):
     """FedAvg's sampling and bookkeeping, with per-node payloads and a pluggable rule."""
 
     #: can aggregate clients that train different LoRA ranks
@@ -76,11 +77,6 @@ class AdapterStrategy(FedAvg):
     def instructions(self, server_round: int, node_id: int) -> dict[str, str | int | float]:
         """ConfigRecord entries telling the client what to train, send and keep."""
         return instruct(ALL_FACTORS)
-
-    @property
-    def device(self) -> torch.device:
-        """Where this server aggregates (``federation.server_device``)."""
-        return aggregation_device(self.scenario)
 
     def start_aggregation(self, server_round: int) -> None:
         """Before a round's first reply (default: empty running sums, on :attr:`device`)."""

@@ -19,11 +19,16 @@ from flwr.serverapp.strategy import Strategy
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import Scenario
 from fedpeft.strategies import register_strategy
-from fedpeft.strategies.fold import CPU, WeightedSums, aggregation_device, fold_replies
+from fedpeft.strategies.fold import (
+    OnServerDevice,
+    WeightedSums,
+    aggregation_device,
+    fold_replies,
+)
 from fedpeft.strategies.guard import GuardedReplies
 
 
-class FoldedMean(flwr.FedAvg):
+class FoldedMean(OnServerDevice, flwr.FedAvg):
     """Flower's FedAvg rule, each reply folded into exact running sums as it arrives.
 
     Put it first among the bases. Unusable replies raise AggregationError, as in
@@ -40,8 +45,7 @@ class FoldedMean(flwr.FedAvg):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The example-weighted mean of the replies' arrays, and of their metrics."""
-        scenario = getattr(self, "scenario", None)  # a checkpoint may predate it
-        sums = WeightedSums(CPU if scenario is None else aggregation_device(scenario))
+        sums = WeightedSums(self.device)
 
         def fold(msg: Message, weight: float) -> None:
             for record in msg.content.array_records.values():

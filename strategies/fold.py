@@ -56,6 +56,16 @@ def aggregation_device(scenario: Scenario) -> torch.device:
     return device if device.type == "cuda" else CPU
 
 
+class OnServerDevice:
+    """A strategy that aggregates on its ``scenario``'s ``federation.server_device``."""
+
+    @property
+    def device(self) -> torch.device:
+        """Where this server aggregates (:func:`aggregation_device`; the CPU without one)."""
+        scenario = getattr(self, "scenario", None)  # a checkpoint may predate it
+        return CPU if scenario is None else aggregation_device(scenario)
+
+
 class WeightedSums:
     """Running example-weighted sums of same-keyed tensors; :meth:`mean` divides at the end.
 

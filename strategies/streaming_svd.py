@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fedpeft.strategies.fold import CPU
 from fedpeft.strategies.lora_math import _check_factors, factored_svd
 
 #: the streaming SVD keeps ``KEEP_FACTOR * rank`` components of the running sum, and re-cuts
@@ -38,8 +39,8 @@ class StreamingSVD:
     float32 (the clients' precision), with Gram-Schmidt done twice where it must be.
     """
 
-    def __init__(self, rank: int, device: torch.device | None = None) -> None:
-        self.rank, self.device = rank, device or torch.device("cpu")  # where the work is
+    def __init__(self, rank: int, device: torch.device = CPU) -> None:
+        self.rank, self.device = rank, device  # where the work is
         self.keep, self.batch = KEEP_FACTOR * rank, BATCH_FACTOR * rank
         #: module -> (U, S, V) so far (None before the first cut), and the new (c B, A)
         self.parts: dict[str, tuple[Svd | None, list[Tensor], list[Tensor]]] = {}
