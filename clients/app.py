@@ -40,7 +40,13 @@ from fedpeft.clients.privacy import local_dp_mod
 from fedpeft.clients.secagg import secagg_mod
 from fedpeft.codecs import arrayrecord_to_state, state_to_arrayrecord
 from fedpeft.config import PeftSection, Scenario
-from fedpeft.data import client_split, forget_loaded_data, load_task_data, node_split
+from fedpeft.data import (
+    client_split,
+    forget_loaded_data,
+    load_task_data,
+    node_split,
+    personal_eval_split,
+)
 from fedpeft.lora import lora_alpha_for, lora_scaling
 from fedpeft.methods import before_round
 from fedpeft.models import (
@@ -359,7 +365,7 @@ def evaluate_personal(msg: Message, context: Context) -> Message:
     """Evaluate this client's model (global part + its own part) on its local held-out part."""
     job = _prepare(msg, context)
     scenario = job.scenario
-    _, holdout = local_data(job, context)
+    holdout = personal_eval_split(local_data(job, context)[1], scenario.data)
     result = evaluate(job.model, scenario, holdout, device=job.device)
     metrics = MetricRecord(
         {

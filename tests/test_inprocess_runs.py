@@ -23,6 +23,7 @@ from fedpeft import records
 from fedpeft.clients.app import app as client_app
 from fedpeft.codecs import arrayrecord_to_state
 from fedpeft.config import Scenario, load_scenario
+from fedpeft.data import client_split, client_train_size
 from fedpeft.server.grid import DelegatingGrid
 from fedpeft.server.inprocess import InProcessGrid
 from fedpeft.server.run import run_federation
@@ -154,6 +155,40 @@ def test_every_peft_aware_strategy_runs_a_federation(name, tmp_path):
     adapter = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     assert adapter and all(torch.isfinite(t).all() for t in adapter.values())
     assert grid.replies[2], "no client trained in round 2"
+
+
+class PersonalCounts(DelegatingGrid):
+    """The example counts of the personalised evaluation replies, by partition."""
+
+    def __init__(self, grid: InProcessGrid) -> None:
+        super().__init__(grid)
+        self.examples: dict[int, list[int]] = {}
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        for reply in self._grid.send_and_receive(messages, timeout=timeout):
+            metrics = reply.content.metric_records.get(records.METRICS, {})
+            if records.PERSONAL_ACCURACY in metrics:
+                partition = int(str(metrics[records.PARTITION_ID]))
+                count = int(str(metrics[records.NUM_EXAMPLES]))
+                self.examples.setdefault(partition, []).append(count)
+            yield reply
+
+
+@pytest.mark.parametrize("cap", [0, 30])
+def test_personal_evaluation_reads_the_first_client_eval_examples_of_the_holdout(cap, tmp_path):
+    """``data.client_eval_examples`` cuts the evaluation, not the held-out share or training."""
+    sets = ['strategy.name="fedsa_lora"', "data.client_holdout=0.002", "federation.rounds=1"]
+    scenario = load_scenario("smoke", [*sets, f"data.client_eval_examples={cap}"])
+    grid = PersonalCounts(InProcessGrid(client_app, scenario.data.num_clients))
+    run_federation(grid, scenario, tmp_path, "in-process")
+    holdouts = {p: len(client_split(scenario.data, scenario.seed, p)[1]) for p in (0, 1)}
+    assert all(n > 30 for n in holdouts.values()), holdouts  # the cap has something to cut
+    expected = {p: [min(n, cap or n)] for p, n in holdouts.items()}
+    assert grid.examples == expected
+    trained = sum(client_train_size(scenario.data, scenario.seed, p) for p in (0, 1))
+    assert trained == 80115 - sum(holdouts.values())
 
 
 def test_a_cosine_schedule_runs_across_rounds_and_each_round_logs_its_rate(tmp_path):

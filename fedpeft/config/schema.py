@@ -165,6 +165,9 @@ class DataSection(Section, table="data"):
     client_holdout: float = setting(
         0.1, "share of each client's data kept for its personalised evaluation", ge=0, lt=1
     )
+    client_eval_examples: int = setting(
+        0, "personalised evaluation on each client's first N held-out examples; 0 = all", ge=0
+    )
 
     def __post_init__(self) -> None:
         need(bool(self.name), "data.name", "a data set name or path", self.name)

@@ -305,6 +305,16 @@ def eval_split(cfg: DataSection) -> datasets.Dataset:
     return test
 
 
+def personal_eval_split(holdout: datasets.Dataset, cfg: DataSection) -> datasets.Dataset:
+    """A client's held-out share as evaluated: all of it, or its first ``client_eval_examples``.
+
+    Only the evaluation is cut: the share itself, and so what the client trains on, stays.
+    """
+    if cfg.client_eval_examples and cfg.client_eval_examples < len(holdout):
+        holdout = holdout.select(range(cfg.client_eval_examples))
+    return holdout
+
+
 def build_partitioner(cfg: DataSection, seed: int) -> Partitioner:
     """Divide the training split among ``cfg.num_clients`` clients, deterministically."""
     # imported here: flwr-datasets pulls in its plotting helpers, ~0.7 s a fresh process
