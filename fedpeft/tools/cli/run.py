@@ -42,10 +42,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"fedpeft: interrupted; rounds finished so far are in {out_dir}",
         on_interrupt=None if args.verbose else _quiet_flower,
     )
-    if scenario.simulation.ray_address:  # fail now, not after Ray's minutes of retries
-        from fedpeft.tools.simulation import reachable
-
-        reachable(scenario.simulation.ray_address)
     _preflight(scenario)
     if not _simulate(args, scenario, out_dir):
         return 1
@@ -58,11 +54,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _scenario_and_folder(args: argparse.Namespace) -> tuple[Scenario, Path] | None:
     """The scenario to run and its output folder; None when a resumed run has no round left."""
-    from fedpeft.server.run import default_out_dir
-
     if not args.resume:
         joins = [f"simulation.ray_address={json.dumps(args.ray_address)}"] * bool(args.ray_address)
         scenario = load_scenario(args.scenario or "quickstart", [*args.set, *joins])
+        _cluster_answers(scenario)  # before the server's slow imports
+        from fedpeft.server.run import default_out_dir
+
         return scenario, Path(args.out) if args.out else default_out_dir(scenario)
     if args.scenario or args.set or args.out:
         raise ScenarioError(
@@ -76,7 +73,16 @@ def _scenario_and_folder(args: argparse.Namespace) -> tuple[Scenario, Path] | No
     if args.ray_address:  # where it runs is not part of the checkpointed maths
         where = dataclasses.replace(resumed.simulation, ray_address=args.ray_address)
         resumed = dataclasses.replace(resumed, simulation=where)
+    _cluster_answers(resumed)
     return resumed, out_dir
+
+
+def _cluster_answers(scenario: Scenario) -> None:
+    """Fail now, in one line, where no Ray cluster listens (not after Ray's minutes of retries)."""
+    if scenario.simulation.ray_address:
+        from fedpeft.tools.simulation import reachable
+
+        reachable(scenario.simulation.ray_address)
 
 
 def _simulate(args: argparse.Namespace, scenario: Scenario, out_dir: Path) -> bool:
