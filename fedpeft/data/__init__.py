@@ -299,10 +299,7 @@ def load_task_data(cfg: DataSection) -> TaskData:
 
 def eval_split(cfg: DataSection) -> datasets.Dataset:
     """The held-out split evaluated centrally: all of it, or its first ``eval_examples``."""
-    test = load_task_data(cfg).test
-    if cfg.eval_examples and cfg.eval_examples < len(test):
-        test = test.select(range(cfg.eval_examples))
-    return test
+    return _first(load_task_data(cfg).test, cfg.eval_examples)
 
 
 def personal_eval_split(holdout: datasets.Dataset, cfg: DataSection) -> datasets.Dataset:
@@ -310,9 +307,12 @@ def personal_eval_split(holdout: datasets.Dataset, cfg: DataSection) -> datasets
 
     Only the evaluation is cut: the share itself, and so what the client trains on, stays.
     """
-    if cfg.client_eval_examples and cfg.client_eval_examples < len(holdout):
-        holdout = holdout.select(range(cfg.client_eval_examples))
-    return holdout
+    return _first(holdout, cfg.client_eval_examples)
+
+
+def _first(data: datasets.Dataset, n: int) -> datasets.Dataset:
+    """``data``'s first ``n`` examples; all of them where ``n`` is 0 or at least its size."""
+    return data.select(range(n)) if 0 < n < len(data) else data
 
 
 def build_partitioner(cfg: DataSection, seed: int) -> Partitioner:
